@@ -1,0 +1,213 @@
+//! Kafka: the producer ingest writes through, the topic, and the consumer the
+//! processor reads from. Delivery is at-least-once: offsets are committed only after
+//! the sinks acknowledged what they cover (see `pipeline::worker`).
+
+pub mod record;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tracing::{info, warn};
+
+use crate::config::KafkaConfig;
+use record::IngestRecord;
+
+/// Errors at the Kafka boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("Kafka did not acknowledge the record: {0}")]
+    Unavailable(KafkaError),
+    #[error("record of {0} bytes is larger than Kafka accepts")]
+    TooLarge(usize),
+    #[error("Kafka client error: {0}")]
+    Client(#[from] KafkaError),
+}
+
+/// Largest record the producer sends; topics weir creates accept it too.
+pub const MAX_RECORD_BYTES: usize = 8 * 1024 * 1024;
+
+fn client_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers);
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// The ingest side: writes one record per accepted request, acks=all.
+#[derive(Clone)]
+pub struct Producer {
+    inner: FutureProducer,
+    topic: Arc<str>,
+    timeout: Duration,
+}
+
+impl Producer {
+    pub fn new(cfg: &KafkaConfig) -> Result<Self, BusError> {
+        let timeout = Duration::from_millis(cfg.produce_timeout_ms);
+        let inner: FutureProducer = client_config(cfg)
+            .set("acks", "all")
+            .set("message.timeout.ms", cfg.produce_timeout_ms.to_string())
+            .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
+            .set("linger.ms", "2")
+            .set("reconnect.backoff.max.ms", "1000")
+            .create()?;
+        Ok(Self {
+            inner,
+            topic: cfg.topic.as_str().into(),
+            timeout,
+        })
+    }
+
+    /// Writes one record and waits until Kafka acknowledged it (or the produce timeout
+    /// passed). Returns the partition and offset.
+    pub async fn send(&self, record: &IngestRecord, key: &str) -> Result<(i32, i64), BusError> {
+        let payload = record.encode();
+        if payload.len() > MAX_RECORD_BYTES {
+            return Err(BusError::TooLarge(payload.len()));
+        }
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "weir-format",
+            value: Some("1"),
+        });
+        let fut = FutureRecord::to(&self.topic)
+            .payload(&payload)
+            .key(key)
+            .headers(headers);
+        match self.inner.send(fut, Timeout::After(self.timeout)).await {
+            Ok(delivery) => Ok((delivery.partition, delivery.offset)),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
+                Err(BusError::TooLarge(payload.len()))
+            }
+            Err((e, _)) => Err(BusError::Unavailable(e)),
+        }
+    }
+
+    /// True when the broker answers a metadata request for the topic within `timeout`.
+    pub async fn is_ready(&self, timeout: Duration) -> bool {
+        let producer = self.inner.clone();
+        let topic = self.topic.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&topic), timeout)
+                .map(|m| m.topics().iter().any(|t| t.error().is_none()))
+                .unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Waits until queued records are delivered (used at shutdown).
+    pub fn flush(&self, timeout: Duration) {
+        if let Err(e) = self.inner.flush(timeout) {
+            warn!(error = %e, "records still queued for Kafka at shutdown");
+        }
+    }
+}
+
+/// Creates the events topic if it does not exist yet.
+pub async fn ensure_topic(cfg: &KafkaConfig) -> Result<(), BusError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(cfg).create()?;
+    let max_bytes = MAX_RECORD_BYTES.to_string();
+    let topic = NewTopic::new(
+        &cfg.topic,
+        cfg.partitions,
+        TopicReplication::Fixed(cfg.replication_factor),
+    )
+    .set("max.message.bytes", &max_bytes);
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin.create_topics([&topic], &opts).await?;
+    for result in results {
+        match result {
+            Ok(name) => info!(topic = %name, partitions = cfg.partitions, "created Kafka topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(BusError::Client(KafkaError::AdminOp(code))).inspect_err(|_| {
+                    warn!(topic = %name, %code, "cannot create Kafka topic");
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Tracks partitions revoked by a rebalance, so the processor can drop what it
+/// buffered from them: their new owner re-reads it from the committed offset.
+#[derive(Default)]
+pub struct GroupContext {
+    revoked: Mutex<HashSet<i32>>,
+}
+
+impl GroupContext {
+    /// Partitions revoked since the last call.
+    pub fn take_revoked(&self) -> HashSet<i32> {
+        std::mem::take(&mut *self.revoked.lock().expect("revoked lock"))
+    }
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(list) => {
+                let parts: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+                info!(partitions = ?parts, "partitions revoked");
+                self.revoked.lock().expect("revoked lock").extend(parts);
+            }
+            Rebalance::Assign(list) => {
+                let parts: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
+                info!(partitions = ?parts, "partitions assigned");
+            }
+            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+pub type Consumer = StreamConsumer<GroupContext>;
+
+/// A consumer in the processor group, subscribed to the events topic. Offsets are
+/// never committed automatically: see [`commit`].
+pub fn consumer(cfg: &KafkaConfig) -> Result<Consumer, BusError> {
+    let consumer: Consumer = client_config(cfg)
+        .set("group.id", &cfg.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
+        .set("fetch.max.bytes", (4 * MAX_RECORD_BYTES).to_string())
+        .set("max.partition.fetch.bytes", MAX_RECORD_BYTES.to_string())
+        .set("reconnect.backoff.max.ms", "1000")
+        .create_with_context(GroupContext::default())?;
+    rdkafka::consumer::Consumer::subscribe(&consumer, &[&cfg.topic])?;
+    Ok(consumer)
+}
+
+/// Commits, synchronously, `next offset` per partition of the topic.
+pub fn commit(
+    consumer: &Consumer,
+    topic: &str,
+    offsets: impl IntoIterator<Item = (i32, i64)>,
+) -> Result<(), BusError> {
+    let mut list = TopicPartitionList::new();
+    for (partition, next) in offsets {
+        list.add_partition_offset(topic, partition, Offset::Offset(next))?;
+    }
+    if list.count() == 0 {
+        return Ok(());
+    }
+    rdkafka::consumer::Consumer::commit(consumer, &list, rdkafka::consumer::CommitMode::Sync)?;
+    Ok(())
+}

@@ -1,0 +1,446 @@
+//! weir's configuration file (TOML).
+//!
+//! Every struct here is the user documentation of its section: the doc comments are
+//! what `weir serve --config FILE` accepts. Unknown keys are errors, so a typo never
+//! silently falls back to a default. [`Config::load`] parses and then validates, so
+//! nothing starts on a configuration that cannot work.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The write key and admin token of the development configuration. weir prints them at
+/// start and refuses to listen on a non-loopback address while any of them is in use.
+pub const DEV_WRITE_KEY: &str = "wk_dev_0000000000000000";
+
+/// Errors found while loading or validating a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The HTTP ingest endpoint.
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    /// Apps and their write keys. At least one app is required to accept events.
+    #[serde(default, rename = "app")]
+    pub apps: Vec<AppConfig>,
+    /// The Kafka cluster that makes events durable.
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    /// The ClickHouse server that receives processed events and dead letters.
+    #[serde(default)]
+    pub clickhouse: ClickHouseConfig,
+    /// The processor: batching and flushing.
+    #[serde(default)]
+    pub processor: ProcessorConfig,
+    /// The pipeline every event runs through.
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+}
+
+/// `[ingest]`: the HTTP endpoint apps post events to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Address to listen on. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Largest request body accepted, in bytes (413 beyond). Default 1 MiB.
+    pub max_body_bytes: usize,
+    /// Largest single event, in bytes of its JSON text (400 beyond). Default 32 KiB.
+    pub max_event_bytes: usize,
+    /// Most events in one request (400 beyond). Default 1000.
+    pub max_events_per_request: usize,
+    /// Deepest nesting of objects and arrays inside one event (400 beyond). Default 32.
+    pub max_depth: usize,
+    /// Origins allowed to post from a browser (CORS), e.g. `["https://app.example.com"]`;
+    /// `["*"]` allows any. Default: none.
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 1024 * 1024,
+            max_event_bytes: 32 * 1024,
+            max_events_per_request: 1000,
+            max_depth: 32,
+            cors_origins: Vec::new(),
+        }
+    }
+}
+
+/// `[[app]]`: one app (tenant) and the write keys that post on its behalf.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppConfig {
+    /// The app's name, recorded with each of its events (`app` column).
+    pub name: String,
+    /// Write keys: public, ingest-only credentials (`Authorization: Bearer <key>`).
+    pub write_keys: Vec<String>,
+}
+
+/// `[kafka]`: brokers, topic and consumer group.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma separated. Default `127.0.0.1:9092`.
+    pub brokers: String,
+    /// Topic holding accepted events. Default `weir.events`.
+    pub topic: String,
+    /// Partitions of the topic when weir creates it. Default 4.
+    pub partitions: i32,
+    /// Replication factor when weir creates the topic. Default 1.
+    pub replication_factor: i32,
+    /// Consumer group of the processors. Default `weir-processor`.
+    pub group: String,
+    /// How long ingest waits for Kafka to acknowledge a request's events before it
+    /// answers 503, in milliseconds. Default 5000.
+    pub produce_timeout_ms: u64,
+    /// Consumer session timeout in milliseconds. Default 10000.
+    pub session_timeout_ms: u64,
+    /// Extra librdkafka properties for both producer and consumer, e.g.
+    /// `{ "security.protocol" = "ssl" }`.
+    pub properties: HashMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            topic: "weir.events".into(),
+            partitions: 4,
+            replication_factor: 1,
+            group: "weir-processor".into(),
+            produce_timeout_ms: 5000,
+            session_timeout_ms: 10_000,
+            properties: HashMap::new(),
+        }
+    }
+}
+
+/// `[clickhouse]`: where processed events and dead letters are written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouseConfig {
+    /// HTTP URL of the server. Default `http://127.0.0.1:8123`.
+    pub url: String,
+    /// Database; weir creates it and its tables. Default `weir`.
+    pub database: String,
+    /// User. Default `default`.
+    pub user: String,
+    /// Password. Default empty.
+    pub password: String,
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:8123".into(),
+            database: "weir".into(),
+            user: "default".into(),
+            password: String::new(),
+        }
+    }
+}
+
+/// `[processor]`: how consumed events are batched into ClickHouse.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessorConfig {
+    /// Run the processor (consume, plugins, sinks) in this instance. Default true.
+    pub enabled: bool,
+    /// Flush when this many events are buffered. Default 10000.
+    pub flush_max_events: usize,
+    /// Flush at least this often while events are buffered, in milliseconds. Default 1000.
+    pub flush_interval_ms: u64,
+    /// Events per plugin call. Default 256.
+    pub plugin_batch_size: usize,
+    /// Delay before retrying a failed ClickHouse insert, in milliseconds (doubles up to
+    /// 30 s). The batch is retried until it succeeds; offsets do not move meanwhile.
+    /// Default 500.
+    pub retry_backoff_ms: u64,
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            flush_max_events: 10_000,
+            flush_interval_ms: 1000,
+            plugin_batch_size: 256,
+            retry_backoff_ms: 500,
+        }
+    }
+}
+
+/// `[pipeline]`: the plugin chain every event runs through, in order.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Name of the pipeline, recorded with each row (`pipeline` column). Default `default`.
+    pub name: String,
+    /// The plugins, in the order they run.
+    #[serde(rename = "plugin")]
+    pub plugins: Vec<PluginConfig>,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            name: "default".into(),
+            plugins: Vec::new(),
+        }
+    }
+}
+
+/// `[[pipeline.plugin]]`: one plugin of the chain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Name, used in logs, metrics and dead letters.
+    pub name: String,
+    /// Path of the component (`.wasm`), relative to the config file.
+    pub path: PathBuf,
+    /// The plugin's own configuration, handed to it as JSON. Default `{}`.
+    #[serde(default)]
+    pub config: Option<toml::Table>,
+    /// Wall-clock budget of one batch call, in milliseconds. Default 100.
+    #[serde(default = "default_deadline_ms")]
+    pub deadline_ms: u64,
+    /// Linear memory cap of an instance, in MiB. Default 64.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: usize,
+}
+
+fn default_deadline_ms() -> u64 {
+    100
+}
+
+fn default_memory_mib() -> usize {
+    64
+}
+
+impl PluginConfig {
+    /// The plugin's configuration as JSON text.
+    pub fn config_json(&self) -> String {
+        match &self.config {
+            Some(table) => serde_json::to_string(table).unwrap_or_else(|_| "{}".into()),
+            None => "{}".into(),
+        }
+    }
+
+    pub fn deadline(&self) -> Duration {
+        Duration::from_millis(self.deadline_ms)
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file. Plugin paths are resolved
+    /// against the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            other => other,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for plugin in &mut config.pipeline.plugins {
+            if plugin.path.is_relative() {
+                plugin.path = base.join(&plugin.path);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let ingest = &self.ingest;
+        if ingest.max_body_bytes == 0 || ingest.max_event_bytes == 0 {
+            return Err(invalid("ingest size limits must be positive"));
+        }
+        if ingest.max_event_bytes > ingest.max_body_bytes {
+            return Err(invalid(
+                "ingest.max_event_bytes cannot exceed ingest.max_body_bytes",
+            ));
+        }
+        if ingest.max_events_per_request == 0 || ingest.max_depth == 0 {
+            return Err(invalid(
+                "ingest.max_events_per_request and ingest.max_depth must be positive",
+            ));
+        }
+        let mut seen = HashMap::new();
+        for app in &self.apps {
+            if app.name.is_empty() {
+                return Err(invalid("an [[app]] has an empty name"));
+            }
+            for key in &app.write_keys {
+                if key.len() < 16 {
+                    return Err(invalid(format!(
+                        "write key of app {:?} is shorter than 16 characters",
+                        app.name
+                    )));
+                }
+                if let Some(other) = seen.insert(key.as_str(), app.name.as_str()) {
+                    return Err(invalid(format!(
+                        "a write key is shared by apps {other:?} and {:?}",
+                        app.name
+                    )));
+                }
+            }
+        }
+        if !ingest.listen.ip().is_loopback() && seen.contains_key(DEV_WRITE_KEY) {
+            return Err(invalid(format!(
+                "ingest listens on {} (not loopback) with the development write key; set your own write keys",
+                ingest.listen
+            )));
+        }
+        if self.kafka.topic.is_empty() || self.kafka.group.is_empty() {
+            return Err(invalid("kafka.topic and kafka.group must not be empty"));
+        }
+        if self.kafka.partitions < 1 || self.kafka.replication_factor < 1 {
+            return Err(invalid(
+                "kafka.partitions and kafka.replication_factor must be at least 1",
+            ));
+        }
+        let p = &self.processor;
+        if p.flush_max_events == 0 || p.flush_interval_ms == 0 || p.plugin_batch_size == 0 {
+            return Err(invalid(
+                "processor.flush_max_events, flush_interval_ms and plugin_batch_size must be positive",
+            ));
+        }
+        if !is_identifier(&self.clickhouse.database) {
+            return Err(invalid(format!(
+                "clickhouse.database {:?} must match [A-Za-z_][A-Za-z0-9_]*",
+                self.clickhouse.database
+            )));
+        }
+        let mut names = std::collections::HashSet::new();
+        for plugin in &self.pipeline.plugins {
+            if !names.insert(plugin.name.as_str()) {
+                return Err(invalid(format!(
+                    "plugin {:?} appears twice in the pipeline",
+                    plugin.name
+                )));
+            }
+            if plugin.deadline_ms == 0 || plugin.memory_mib == 0 {
+                return Err(invalid(format!(
+                    "plugin {:?}: deadline_ms and memory_mib must be positive",
+                    plugin.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Write key -> app name.
+    pub fn write_keys(&self) -> HashMap<String, String> {
+        self.apps
+            .iter()
+            .flat_map(|app| {
+                app.write_keys
+                    .iter()
+                    .map(move |key| (key.clone(), app.name.clone()))
+            })
+            .collect()
+    }
+}
+
+/// True for a plain SQL identifier (safe to interpolate into DDL).
+pub fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_has_documented_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.ingest.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.ingest.max_body_bytes, 1 << 20);
+        assert_eq!(c.ingest.max_event_bytes, 32 << 10);
+        assert_eq!(c.ingest.max_events_per_request, 1000);
+        assert_eq!(c.ingest.max_depth, 32);
+        assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(c.clickhouse.database, "weir");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = Config::parse("[ingest]\nlisten_addr = \"x\"").unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn dev_key_refused_off_loopback() {
+        let text = format!(
+            "[ingest]\nlisten = \"0.0.0.0:8080\"\n[[app]]\nname = \"demo\"\nwrite_keys = [\"{DEV_WRITE_KEY}\"]\n"
+        );
+        let err = Config::parse(&text).unwrap_err();
+        assert!(err.to_string().contains("development write key"), "{err}");
+    }
+
+    #[test]
+    fn shared_keys_and_bad_database_are_rejected() {
+        let text = "[[app]]\nname = \"a\"\nwrite_keys = [\"k123456789012345678\"]\n[[app]]\nname = \"b\"\nwrite_keys = [\"k123456789012345678\"]\n";
+        assert!(
+            Config::parse(text)
+                .unwrap_err()
+                .to_string()
+                .contains("shared")
+        );
+        let err = Config::parse("[clickhouse]\ndatabase = \"weir; DROP\"").unwrap_err();
+        assert!(err.to_string().contains("clickhouse.database"), "{err}");
+    }
+
+    #[test]
+    fn plugin_config_becomes_json() {
+        let text = "[[pipeline.plugin]]\nname = \"p\"\npath = \"p.wasm\"\nconfig = { a = 1, b = [\"x\"] }\n";
+        let c = Config::parse(text).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&c.pipeline.plugins[0].config_json()).unwrap();
+        assert_eq!(json, serde_json::json!({"a": 1, "b": ["x"]}));
+    }
+}

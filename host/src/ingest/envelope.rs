@@ -1,0 +1,541 @@
+//! Envelope checks: turn a request body into normalised events, or say precisely
+//! what is wrong with it. Only the envelope is checked here (types, sizes, names);
+//! what an event means is for JSON Schemas and plugins, later in the pipeline.
+
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::bus::record::WireEvent;
+
+/// The fields an event may have. Anything else is refused, naming the field.
+pub const EVENT_FIELDS: [&str; 6] = [
+    "name",
+    "user_id",
+    "event_id",
+    "timestamp",
+    "properties",
+    "context",
+];
+
+/// Longest `user_id` and `event_id`, in bytes.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// Latest accepted epoch-millisecond timestamp (9999-12-31T23:59:59.999Z).
+const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
+
+/// How the body is framed, from its `Content-Type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// One JSON event or a JSON array of events.
+    Json,
+    /// One JSON event per line.
+    Ndjson,
+}
+
+/// Limits applied to each request (see `[ingest]` in the config).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_event_bytes: usize,
+    pub max_events: usize,
+    pub max_depth: usize,
+}
+
+/// A refused request: always a 400, with a stable code and the place of the problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvelopeError {
+    pub code: &'static str,
+    pub message: String,
+    /// Position of the offending event in the request (0-based), if any.
+    pub index: Option<usize>,
+    /// The offending field, if any.
+    pub field: Option<String>,
+}
+
+impl EnvelopeError {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            index: None,
+            field: None,
+        }
+    }
+
+    fn at(mut self, index: usize) -> Self {
+        self.index = Some(index);
+        self
+    }
+
+    fn field(code: &'static str, field: &str, message: impl Into<String>) -> Self {
+        Self {
+            field: Some(field.to_owned()),
+            ..Self::new(code, message)
+        }
+    }
+}
+
+/// Parses and checks a request body. `now_ms` is the receive time, the default
+/// timestamp; `new_id` makes an event id when the client sent none.
+pub fn parse_body(
+    body: &[u8],
+    format: BodyFormat,
+    limits: &Limits,
+    now_ms: i64,
+    mut new_id: impl FnMut() -> String,
+) -> Result<Vec<WireEvent>, EnvelopeError> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        EnvelopeError::new(
+            "invalid_utf8",
+            format!(
+                "request body is not valid UTF-8 (first bad byte at offset {})",
+                e.valid_up_to()
+            ),
+        )
+    })?;
+    let raws = split_events(text, format, limits.max_events)?;
+    if raws.is_empty() {
+        return Err(EnvelopeError::new(
+            "empty_batch",
+            "request contains no events",
+        ));
+    }
+    raws.into_iter()
+        .enumerate()
+        .map(|(i, raw)| check_event(raw, limits, now_ms, &mut new_id).map_err(|e| e.at(i)))
+        .collect()
+}
+
+/// Splits the body into the raw JSON text of each event.
+fn split_events(
+    text: &str,
+    format: BodyFormat,
+    max_events: usize,
+) -> Result<Vec<&str>, EnvelopeError> {
+    let too_many = || {
+        EnvelopeError::new(
+            "too_many_events",
+            format!("request holds more than {max_events} events"),
+        )
+    };
+    match format {
+        BodyFormat::Json => {
+            let trimmed = text.trim_start();
+            if trimmed.starts_with('[') {
+                let items: Vec<&RawValue> = serde_json::from_str(text).map_err(json_error)?;
+                if items.len() > max_events {
+                    return Err(too_many());
+                }
+                Ok(items.into_iter().map(RawValue::get).collect())
+            } else {
+                let item: &RawValue = serde_json::from_str(text).map_err(json_error)?;
+                Ok(vec![item.get()])
+            }
+        }
+        BodyFormat::Ndjson => {
+            let mut out = Vec::new();
+            for line in text.lines() {
+                let line = line.trim();
+                if line.is_empty() {
+                    continue;
+                }
+                if out.len() == max_events {
+                    return Err(too_many());
+                }
+                let item: &RawValue =
+                    serde_json::from_str(line).map_err(|e| json_error(e).at(out.len()))?;
+                out.push(item.get());
+            }
+            Ok(out)
+        }
+    }
+}
+
+fn json_error(e: serde_json::Error) -> EnvelopeError {
+    if e.to_string().starts_with("recursion limit exceeded") {
+        return EnvelopeError::new("too_deep", "JSON nesting is deeper than allowed");
+    }
+    EnvelopeError::new(
+        "malformed_json",
+        format!(
+            "malformed JSON at line {} column {}: {e}",
+            e.line(),
+            e.column()
+        ),
+    )
+}
+
+fn check_event(
+    raw: &str,
+    limits: &Limits,
+    now_ms: i64,
+    new_id: &mut impl FnMut() -> String,
+) -> Result<WireEvent, EnvelopeError> {
+    if raw.len() > limits.max_event_bytes {
+        return Err(EnvelopeError::new(
+            "event_too_large",
+            format!(
+                "event is {} bytes; the limit is {}",
+                raw.len(),
+                limits.max_event_bytes
+            ),
+        ));
+    }
+    let value: Value = serde_json::from_str(raw).map_err(json_error)?;
+    let Value::Object(mut obj) = value else {
+        return Err(EnvelopeError::new(
+            "invalid_event",
+            format!("an event must be a JSON object, not {}", kind(&value)),
+        ));
+    };
+    if let Some(key) = obj.keys().find(|k| !EVENT_FIELDS.contains(&k.as_str())) {
+        return Err(EnvelopeError::field(
+            "unknown_field",
+            key,
+            format!(
+                "unknown field {key:?}; an event has only {}",
+                EVENT_FIELDS.join(", ")
+            ),
+        ));
+    }
+    let depth = depth(&obj);
+    if depth > limits.max_depth {
+        return Err(EnvelopeError::new(
+            "too_deep",
+            format!(
+                "event nests {depth} levels deep; the limit is {}",
+                limits.max_depth
+            ),
+        ));
+    }
+
+    let name = match obj.remove("name") {
+        None | Some(Value::Null) => {
+            return Err(EnvelopeError::field(
+                "missing_field",
+                "name",
+                "field \"name\" is required",
+            ));
+        }
+        Some(Value::String(s)) => s,
+        Some(other) => return Err(wrong_type("name", "a string", &other)),
+    };
+    if let Err(why) = check_name(&name) {
+        return Err(EnvelopeError::field("invalid_field", "name", why));
+    }
+    let user_id = optional_id(&mut obj, "user_id")?;
+    let event_id = match optional_id(&mut obj, "event_id")? {
+        Some(id) => id,
+        None => new_id(),
+    };
+    let timestamp_ms = match obj.remove("timestamp") {
+        None | Some(Value::Null) => now_ms,
+        Some(v) => parse_timestamp(&v)?,
+    };
+    let properties = json_object(&mut obj, "properties")?;
+    let context = json_object(&mut obj, "context")?;
+    Ok(WireEvent {
+        event_id,
+        name,
+        user_id,
+        timestamp_ms,
+        properties,
+        context,
+    })
+}
+
+/// Checks an event name: 1-128 characters of `[A-Za-z0-9_.:-]`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 128 {
+        return Err(format!(
+            "\"name\" must be 1-128 characters long, not {}",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')))
+    {
+        return Err(format!(
+            "\"name\" may only hold A-Z a-z 0-9 _ . : -, not {c:?}"
+        ));
+    }
+    Ok(())
+}
+
+fn optional_id(obj: &mut Map<String, Value>, field: &str) -> Result<Option<String>, EnvelopeError> {
+    match obj.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() || s.len() > MAX_ID_BYTES => {
+            Err(EnvelopeError::field(
+                "invalid_field",
+                field,
+                format!("{field:?} must be 1-{MAX_ID_BYTES} bytes long"),
+            ))
+        }
+        Some(Value::String(s)) if s.chars().any(char::is_control) => Err(EnvelopeError::field(
+            "invalid_field",
+            field,
+            format!("{field:?} must not contain control characters"),
+        )),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(wrong_type(field, "a string", &other)),
+    }
+}
+
+fn parse_timestamp(v: &Value) -> Result<i64, EnvelopeError> {
+    let out_of_range = || {
+        EnvelopeError::field(
+            "invalid_field",
+            "timestamp",
+            "\"timestamp\" must lie between 1970-01-01 and 9999-12-31",
+        )
+    };
+    match v {
+        Value::Number(n) => {
+            let ms = n.as_i64().ok_or_else(|| {
+                EnvelopeError::field(
+                    "invalid_field",
+                    "timestamp",
+                    "a numeric \"timestamp\" must be whole milliseconds since the Unix epoch",
+                )
+            })?;
+            if !(0..=MAX_TIMESTAMP_MS).contains(&ms) {
+                return Err(out_of_range());
+            }
+            Ok(ms)
+        }
+        Value::String(s) => {
+            let t = OffsetDateTime::parse(s, &Rfc3339).map_err(|e| {
+                EnvelopeError::field(
+                    "invalid_field",
+                    "timestamp",
+                    format!("\"timestamp\" {s:?} is not RFC 3339: {e}"),
+                )
+            })?;
+            let ms = (t.unix_timestamp_nanos() / 1_000_000) as i64;
+            if !(0..=MAX_TIMESTAMP_MS).contains(&ms) {
+                return Err(out_of_range());
+            }
+            Ok(ms)
+        }
+        other => Err(wrong_type(
+            "timestamp",
+            "an RFC 3339 string or epoch milliseconds",
+            other,
+        )),
+    }
+}
+
+fn json_object(obj: &mut Map<String, Value>, field: &str) -> Result<Box<RawValue>, EnvelopeError> {
+    let text = match obj.remove(field) {
+        None | Some(Value::Null) => "{}".to_owned(),
+        Some(v @ Value::Object(_)) => v.to_string(),
+        Some(other) => return Err(wrong_type(field, "an object", &other)),
+    };
+    Ok(RawValue::from_string(text).expect("a serialised object is valid JSON"))
+}
+
+fn wrong_type(field: &str, expected: &str, got: &Value) -> EnvelopeError {
+    EnvelopeError::field(
+        "invalid_field",
+        field,
+        format!("{field:?} must be {expected}, not {}", kind(got)),
+    )
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Nesting depth of an event object (the event itself is depth 1), without recursion.
+fn depth(obj: &Map<String, Value>) -> usize {
+    let mut max = 1;
+    let mut stack: Vec<(&Value, usize)> = obj.values().map(|v| (v, 2)).collect();
+    while let Some((v, d)) = stack.pop() {
+        match v {
+            Value::Object(m) => {
+                max = max.max(d);
+                stack.extend(m.values().map(|v| (v, d + 1)));
+            }
+            Value::Array(a) => {
+                max = max.max(d);
+                stack.extend(a.iter().map(|v| (v, d + 1)));
+            }
+            _ => {}
+        }
+    }
+    max
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_event_bytes: 32 * 1024,
+        max_events: 1000,
+        max_depth: 32,
+    };
+
+    fn parse(body: &str, format: BodyFormat) -> Result<Vec<WireEvent>, EnvelopeError> {
+        let mut n = 0;
+        parse_body(body.as_bytes(), format, &LIMITS, 1_000, || {
+            n += 1;
+            format!("gen-{n}")
+        })
+    }
+
+    fn err(body: &str) -> EnvelopeError {
+        parse(body, BodyFormat::Json).unwrap_err()
+    }
+
+    #[test]
+    fn single_array_and_ndjson() {
+        let one = parse(r#"{"name":"a"}"#, BodyFormat::Json).unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].event_id, "gen-1");
+        assert_eq!(one[0].timestamp_ms, 1_000);
+        assert_eq!(one[0].properties.get(), "{}");
+        let many = parse(
+            r#"[{"name":"a"},{"name":"b","user_id":"u"}]"#,
+            BodyFormat::Json,
+        )
+        .unwrap();
+        assert_eq!(many[1].user_id.as_deref(), Some("u"));
+        let nd = parse("{\"name\":\"a\"}\n\n{\"name\":\"b\"}\n", BodyFormat::Ndjson).unwrap();
+        assert_eq!(nd.len(), 2);
+    }
+
+    #[test]
+    fn fields_are_normalised() {
+        let e = &parse(
+            r#"{"name":"post_liked","event_id":"e-1","timestamp":"2026-11-23T10:00:00.250Z","properties":{"post":"p"},"context":{"ip":"x"}}"#,
+            BodyFormat::Json,
+        )
+        .unwrap()[0];
+        assert_eq!(e.event_id, "e-1");
+        assert_eq!(e.timestamp_ms, 1_795_428_000_250);
+        assert_eq!(e.properties.get(), r#"{"post":"p"}"#);
+        let e = &parse(
+            r#"{"name":"x","timestamp":1700000000123}"#,
+            BodyFormat::Json,
+        )
+        .unwrap()[0];
+        assert_eq!(e.timestamp_ms, 1_700_000_000_123);
+    }
+
+    #[test]
+    fn each_problem_has_its_code_field_and_index() {
+        let e = err(r#"[{"name":"ok"},{"nam":"typo"}]"#);
+        assert_eq!(
+            (e.code, e.index, e.field.as_deref()),
+            ("unknown_field", Some(1), Some("nam"))
+        );
+        let e = err(r#"{"user_id":"u"}"#);
+        assert_eq!(
+            (e.code, e.field.as_deref()),
+            ("missing_field", Some("name"))
+        );
+        let e = err(r#"{"name":42}"#);
+        assert_eq!(
+            (e.code, e.field.as_deref()),
+            ("invalid_field", Some("name"))
+        );
+        assert!(e.message.contains("not a number"), "{}", e.message);
+        let e = err(r#"{"name":"has space"}"#);
+        assert_eq!(e.field.as_deref(), Some("name"));
+        assert_eq!(
+            err(&format!(r#"{{"name":"{}"}}"#, "a".repeat(129))).code,
+            "invalid_field"
+        );
+        assert_eq!(
+            err(r#"{"name":"a","timestamp":"yesterday"}"#)
+                .field
+                .as_deref(),
+            Some("timestamp")
+        );
+        assert_eq!(
+            err(r#"{"name":"a","timestamp":1.5}"#).field.as_deref(),
+            Some("timestamp")
+        );
+        assert_eq!(
+            err(r#"{"name":"a","timestamp":-1}"#).field.as_deref(),
+            Some("timestamp")
+        );
+        assert_eq!(
+            err(r#"{"name":"a","properties":[1]}"#).field.as_deref(),
+            Some("properties")
+        );
+        assert_eq!(
+            err(r#"{"name":"a","user_id":7}"#).field.as_deref(),
+            Some("user_id")
+        );
+        assert_eq!(
+            err(r#"{"name":"a","event_id":""}"#).field.as_deref(),
+            Some("event_id")
+        );
+        assert_eq!(err("[1]").code, "invalid_event");
+        assert_eq!(err("[]").code, "empty_batch");
+        assert_eq!(err(r#"{"name":"a""#).code, "malformed_json");
+        let e = parse("{\"name\":\"a\"}\n{oops}\n", BodyFormat::Ndjson).unwrap_err();
+        assert_eq!((e.code, e.index), ("malformed_json", Some(1)));
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let deep = format!(
+            r#"{{"name":"a","properties":{}1{}}}"#,
+            "{\"k\":".repeat(40),
+            "}".repeat(40)
+        );
+        assert_eq!(err(&deep).code, "too_deep");
+        let very_deep = format!(
+            r#"{{"name":"a","properties":{}1{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert_eq!(err(&very_deep).code, "too_deep");
+        let big = format!(
+            r#"{{"name":"a","properties":{{"s":"{}"}}}}"#,
+            "x".repeat(40_000)
+        );
+        assert_eq!(err(&big).code, "event_too_large");
+        let many = format!("[{}]", vec![r#"{"name":"a"}"#; 1001].join(","));
+        assert_eq!(err(&many).code, "too_many_events");
+        let e = parse_body(
+            b"{\"name\":\"\xff\"}",
+            BodyFormat::Json,
+            &LIMITS,
+            0,
+            String::new,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, "invalid_utf8");
+    }
+
+    #[test]
+    fn depth_counts_the_event_itself() {
+        // event (1) > properties (2) > 30 arrays (3..=32)
+        let ok = format!(
+            r#"{{"name":"a","properties":{{"k":{}1{}}}}}"#,
+            "[".repeat(30),
+            "]".repeat(30)
+        );
+        assert!(parse(&ok, BodyFormat::Json).is_ok());
+        let over = format!(
+            r#"{{"name":"a","properties":{{"k":{}1{}}}}}"#,
+            "[".repeat(31),
+            "]".repeat(31)
+        );
+        assert_eq!(err(&over).code, "too_deep");
+    }
+}

@@ -1,0 +1,300 @@
+//! The HTTP ingest endpoint: `POST /v1/events`.
+//!
+//! It checks the envelope only (see [`envelope`]), writes the whole request to Kafka
+//! as one record, and answers 202 only once Kafka acknowledged it. It never waits on
+//! the processor.
+
+pub mod envelope;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tracing::warn;
+
+use crate::bus::record::{IngestRecord, RECORD_VERSION};
+use crate::bus::{BusError, Producer};
+use crate::config::IngestConfig;
+use envelope::{BodyFormat, EnvelopeError, Limits};
+
+/// Where ingest writes accepted requests. [`Producer`] in production; tests of the
+/// HTTP layer alone may use another implementation.
+pub trait Sink: Send + Sync + 'static {
+    fn send(
+        &self,
+        record: IngestRecord,
+        key: String,
+    ) -> impl Future<Output = Result<(), BusError>> + Send;
+    fn is_ready(&self) -> impl Future<Output = bool> + Send;
+}
+
+impl Sink for Producer {
+    async fn send(&self, record: IngestRecord, key: String) -> Result<(), BusError> {
+        Producer::send(self, &record, &key).await.map(|_| ())
+    }
+
+    async fn is_ready(&self) -> bool {
+        Producer::is_ready(self, Duration::from_secs(1)).await
+    }
+}
+
+/// Shared state of the ingest endpoint.
+pub struct Ingest<S> {
+    sink: S,
+    keys: HashMap<String, String>,
+    limits: Limits,
+    max_body_bytes: usize,
+}
+
+impl<S: Sink> Ingest<S> {
+    pub fn new(cfg: &IngestConfig, keys: HashMap<String, String>, sink: S) -> Self {
+        Self {
+            sink,
+            keys,
+            limits: Limits {
+                max_event_bytes: cfg.max_event_bytes,
+                max_events: cfg.max_events_per_request,
+                max_depth: cfg.max_depth,
+            },
+            max_body_bytes: cfg.max_body_bytes,
+        }
+    }
+}
+
+/// The ingest router: `/v1/events`, `/healthz`, `/readyz`.
+pub fn app<S: Sink>(state: Arc<Ingest<S>>, cors_origins: &[String]) -> Router {
+    let router = Router::new()
+        .route("/v1/events", post(post_events::<S>))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz::<S>))
+        // The handler enforces the body limit itself, to answer in JSON.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state);
+    if cors_origins.is_empty() {
+        return router;
+    }
+    let origins = if cors_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            cors_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    router.layer(
+        CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .max_age(Duration::from_secs(3600)),
+    )
+}
+
+/// An error answer: `{"error": {"code", "message", "index"?, "field"?}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    index: Option<usize>,
+    field: Option<String>,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            index: None,
+            field: None,
+            retry_after: None,
+        }
+    }
+}
+
+impl From<EnvelopeError> for ApiError {
+    fn from(e: EnvelopeError) -> Self {
+        Self {
+            index: e.index,
+            field: e.field,
+            ..Self::new(StatusCode::BAD_REQUEST, e.code, e.message)
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut error = json!({ "code": self.code, "message": self.message });
+        if let Some(i) = self.index {
+            error["index"] = json!(i);
+        }
+        if let Some(f) = self.field {
+            error["field"] = json!(f);
+        }
+        let mut resp = (self.status, axum::Json(json!({ "error": error }))).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+fn authenticate<'a, S>(state: &'a Ingest<S>, headers: &HeaderMap) -> Result<&'a str, ApiError> {
+    let unauthorized = |msg: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", msg);
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| unauthorized("missing Authorization: Bearer <write key>"))?;
+    let key = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| unauthorized("Authorization must be \"Bearer <write key>\""))?;
+    state
+        .keys
+        .get(key.trim())
+        .map(String::as_str)
+        .ok_or_else(|| unauthorized("unknown write key"))
+}
+
+fn body_format(headers: &HeaderMap) -> Result<BodyFormat, ApiError> {
+    let unsupported = |what: &str| {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "{what}; use application/json (an event or an array) or application/x-ndjson (one event per line)"
+            ),
+        )
+    };
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Err(unsupported("missing Content-Type"));
+    };
+    let value = value.to_str().unwrap_or_default();
+    let mime = value
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    match mime.as_str() {
+        // text/plain: what navigator.sendBeacon sends without a preflight.
+        "application/json" | "text/plain" => Ok(BodyFormat::Json),
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => {
+            Ok(BodyFormat::Ndjson)
+        }
+        _ => Err(unsupported(&format!(
+            "Content-Type {value:?} is not supported"
+        ))),
+    }
+}
+
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<bytes::Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body is larger than {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let is_limit = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if is_limit || e.to_string().contains("length limit") {
+            too_large()
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "body_read_failed",
+                format!("cannot read request body: {e}"),
+            )
+        }
+    })
+}
+
+async fn post_events<S: Sink>(
+    State(state): State<Arc<Ingest<S>>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let app = authenticate(&state, &headers)?.to_owned();
+    let format = body_format(&headers)?;
+    let bytes = read_body(body, &headers, state.max_body_bytes).await?;
+    let now_ms = crate::now_ms();
+    let events = envelope::parse_body(&bytes, format, &state.limits, now_ms, || {
+        uuid::Uuid::now_v7().to_string()
+    })?;
+    let event_ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+    // Key by the first event's user (or id): a user's single-event requests stay in order.
+    let key = events[0]
+        .user_id
+        .clone()
+        .unwrap_or_else(|| events[0].event_id.clone());
+    let record = IngestRecord {
+        v: RECORD_VERSION,
+        app: app.clone(),
+        received_ms: now_ms,
+        events,
+    };
+    match state.sink.send(record, key).await {
+        Ok(()) => Ok((
+            StatusCode::ACCEPTED,
+            axum::Json(json!({ "accepted": event_ids.len(), "event_ids": event_ids })),
+        )
+            .into_response()),
+        Err(BusError::TooLarge(n)) => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the request's events encode to {n} bytes, more than Kafka accepts"),
+        )),
+        Err(e) => {
+            warn!(%app, events = event_ids.len(), error = %e, "ingest refused: Kafka unavailable");
+            Err(ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "kafka_unavailable",
+                    "events could not be made durable; none were accepted, retry later",
+                )
+            })
+        }
+    }
+}
+
+async fn readyz<S: Sink>(State(state): State<Arc<Ingest<S>>>) -> Response {
+    if state.sink.is_ready().await {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "kafka_unavailable",
+                "Kafka does not answer",
+            )
+        }
+        .into_response()
+    }
+}

@@ -1,0 +1,23 @@
+//! weir: a WebAssembly-plugin event processor.
+//!
+//! Follow one event through the modules, top to bottom:
+//! [`ingest`] (HTTP, envelope checks) → [`bus`] (Kafka) → [`pipeline`] (decode, plugin
+//! chain, outcomes) → [`runtime`] (the Wasm sandbox) → [`sinks`] (ClickHouse).
+//! [`config`] is the TOML configuration; [`serve`] wires everything together.
+
+pub mod bus;
+pub mod cli;
+pub mod config;
+pub mod ingest;
+pub mod pipeline;
+pub mod runtime;
+pub mod serve;
+pub mod sinks;
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,436 @@
+//! The WebAssembly runtime: the one wasmtime [`Engine`], the one `bindgen!`, and the
+//! sandbox every plugin call runs in.
+//!
+//! Plugins are hostile until proven otherwise. Every call runs under a wall-clock
+//! deadline (epoch interruption), a linear-memory cap and a stack cap, with WASI
+//! linked but granting nothing: no preopened directories, no environment, no network.
+//! A trap poisons only the instance it happened in: [`PluginInstance::process`]
+//! replaces the instance and bisects the batch, so the offending events fail with the
+//! trap message and every other event is processed.
+//!
+//! This module knows nothing of Kafka or sinks.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tracing::{debug, error, info, trace, warn};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        world: "plugin",
+        path: "../wit",
+    });
+}
+
+pub use bindings::weir::plugin::host::Level;
+pub use bindings::weir::plugin::types::{Event, Outcome};
+
+/// How often the epoch advances: the granularity of call deadlines.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// Wasm stack cap of every instance.
+pub const MAX_WASM_STACK: usize = 512 * 1024;
+/// Most distinct counters one instance may create.
+const MAX_COUNTERS: usize = 256;
+/// Longest log line a plugin may write; the rest is cut.
+const MAX_LOG_LINE: usize = 4096;
+
+/// Errors while preparing a plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot set up the WebAssembly engine: {0}")]
+    Setup(String),
+    #[error("plugin {name}: not a valid weir plugin component: {reason}")]
+    Invalid { name: String, reason: String },
+    #[error("plugin {name}: cannot instantiate: {reason}")]
+    Instantiate { name: String, reason: String },
+}
+
+/// Per-plugin limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Wall-clock budget of one batch call.
+    pub deadline: Duration,
+    /// Linear memory cap, in bytes.
+    pub memory_bytes: usize,
+}
+
+/// The shared engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    engine: Engine,
+    linker: Arc<Linker<HostState>>,
+}
+
+impl Runtime {
+    /// Creates the engine and starts its epoch ticker (a thread that ends with the
+    /// last clone of the engine).
+    pub fn new() -> Result<Self, RuntimeError> {
+        let setup = |e: wasmtime::Error| RuntimeError::Setup(format!("{e:#}"));
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.max_wasm_stack(MAX_WASM_STACK);
+        let engine = Engine::new(&config).map_err(setup)?;
+
+        let mut linker = Linker::<HostState>::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(setup)?;
+        bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(setup)?;
+
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("weir-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = weak.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .map_err(|e| RuntimeError::Setup(format!("cannot start the epoch thread: {e}")))?;
+        Ok(Self {
+            engine,
+            linker: Arc::new(linker),
+        })
+    }
+
+    /// Compiles a component and checks it against the weir world. Compilation is the
+    /// slow part (tens of ms to seconds): do it once per version, off the hot path.
+    pub fn load(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        config_json: String,
+        limits: Limits,
+    ) -> Result<Plugin, RuntimeError> {
+        let invalid = |reason: String| RuntimeError::Invalid {
+            name: name.to_owned(),
+            reason,
+        };
+        let component =
+            Component::new(&self.engine, bytes).map_err(|e| invalid(format!("{e:#}")))?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| invalid(format!("{e:#}")))?;
+        let pre = bindings::PluginPre::new(pre).map_err(|e| invalid(format!("{e:#}")))?;
+        let version = hex::encode(&Sha256::digest(bytes)[..6]);
+        let plugin = Plugin {
+            inner: Arc::new(PluginInner {
+                name: name.to_owned(),
+                version,
+                config: config_json,
+                limits,
+                engine: self.engine.clone(),
+                pre,
+            }),
+        };
+        // Instantiate once now, so a plugin that cannot start fails at load, not mid-stream.
+        plugin.instantiate()?;
+        info!(plugin = %name, version = %plugin.version(), size = bytes.len(), "plugin loaded");
+        Ok(plugin)
+    }
+}
+
+/// A compiled, pre-instantiated plugin version. Cheap to clone; instances are made
+/// from it with [`Plugin::instantiate`].
+#[derive(Clone)]
+pub struct Plugin {
+    inner: Arc<PluginInner>,
+}
+
+struct PluginInner {
+    name: String,
+    version: String,
+    config: String,
+    limits: Limits,
+    engine: Engine,
+    pre: bindings::PluginPre<HostState>,
+}
+
+impl Plugin {
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Content address of the component: the first 12 hex digits of its sha256.
+    pub fn version(&self) -> &str {
+        &self.inner.version
+    }
+
+    /// Makes a fresh instance in its own store.
+    pub fn instantiate(&self) -> Result<PluginInstance, RuntimeError> {
+        let p = &self.inner;
+        let state = HostState {
+            wasi: WasiCtx::builder()
+                .allow_tcp(false)
+                .allow_udp(false)
+                .allow_ip_name_lookup(false)
+                .build(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(p.limits.memory_bytes)
+                .instances(16)
+                .build(),
+            plugin: p.name.clone(),
+            version: p.version.clone(),
+            config: p.config.clone(),
+            counters: BTreeMap::new(),
+        };
+        let mut store = Store::new(&p.engine, state);
+        store.limiter(|s| &mut s.limits);
+        // A generous deadline for start-up code; calls set their own.
+        store.set_epoch_deadline(ticks(p.limits.deadline).max(200));
+        store.epoch_deadline_trap();
+        let bindings = p
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| RuntimeError::Instantiate {
+                name: p.name.clone(),
+                reason: format!("{e:#}"),
+            })?;
+        Ok(PluginInstance {
+            plugin: self.clone(),
+            store,
+            bindings,
+        })
+    }
+}
+
+fn ticks(d: Duration) -> u64 {
+    (d.as_micros() as u64)
+        .div_ceil(EPOCH_TICK.as_micros() as u64)
+        .max(1)
+}
+
+/// What became of one event in one plugin.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    Keep(Event),
+    Drop(String),
+    Reject(String),
+    /// The plugin failed on this event: a trap (deadline, memory, stack, panic) or an
+    /// invalid result. The reason names the limit or the problem.
+    Failed(String),
+}
+
+/// One live instance. Not shared between threads; the processor owns one per plugin.
+pub struct PluginInstance {
+    plugin: Plugin,
+    store: Store<HostState>,
+    bindings: bindings::Plugin,
+}
+
+/// Why one batch call did not produce outcomes.
+enum CallFailure {
+    /// The instance trapped: it must not be used again.
+    Trap(String),
+    /// The plugin answered with the wrong number of outcomes.
+    Mismatch(String),
+}
+
+impl PluginInstance {
+    pub fn plugin(&self) -> &Plugin {
+        &self.plugin
+    }
+
+    /// Counters the plugin reported through `counter-add`.
+    pub fn counters(&self) -> &BTreeMap<String, u64> {
+        &self.store.data().counters
+    }
+
+    /// Runs a batch. Returns one verdict per event. Never fails as a whole: a trap
+    /// fails only the events that cause it (found by bisection on fresh instances).
+    pub fn process(&mut self, events: &[Event]) -> Vec<Verdict> {
+        let mut out = Vec::with_capacity(events.len());
+        if !events.is_empty() {
+            self.process_into(events, &mut out);
+        }
+        out
+    }
+
+    fn process_into(&mut self, events: &[Event], out: &mut Vec<Verdict>) {
+        match self.call(events) {
+            Ok(outcomes) => out.extend(
+                outcomes
+                    .into_iter()
+                    .zip(events)
+                    .map(|(o, original)| check_outcome(o, original)),
+            ),
+            Err(CallFailure::Mismatch(reason)) => {
+                out.extend(events.iter().map(|_| Verdict::Failed(reason.clone())));
+            }
+            Err(CallFailure::Trap(reason)) => {
+                warn!(
+                    plugin = %self.plugin.name(),
+                    version = %self.plugin.version(),
+                    events = events.len(),
+                    reason = %reason,
+                    "plugin trapped; isolating the offending events"
+                );
+                if !self.replace() || events.len() == 1 {
+                    out.extend(events.iter().map(|_| Verdict::Failed(reason.clone())));
+                    return;
+                }
+                let (left, right) = events.split_at(events.len() / 2);
+                self.process_into(left, out);
+                self.process_into(right, out);
+            }
+        }
+    }
+
+    /// Replaces a trapped instance with a fresh one. False if that failed too.
+    fn replace(&mut self) -> bool {
+        match self.plugin.instantiate() {
+            Ok(fresh) => {
+                *self = fresh;
+                true
+            }
+            Err(e) => {
+                error!(plugin = %self.plugin.name(), error = %e, "cannot re-instantiate plugin");
+                false
+            }
+        }
+    }
+
+    fn call(&mut self, events: &[Event]) -> Result<Vec<Outcome>, CallFailure> {
+        let limits = self.plugin.inner.limits;
+        self.store.set_epoch_deadline(ticks(limits.deadline));
+        match self.bindings.call_process(&mut self.store, events) {
+            Ok(outcomes) if outcomes.len() == events.len() => Ok(outcomes),
+            Ok(outcomes) => Err(CallFailure::Mismatch(format!(
+                "plugin returned {} outcomes for {} events",
+                outcomes.len(),
+                events.len()
+            ))),
+            Err(e) => Err(CallFailure::Trap(describe_trap(&e, limits))),
+        }
+    }
+}
+
+/// A trap message that names the limit that fired, when one did.
+fn describe_trap(e: &wasmtime::Error, limits: Limits) -> String {
+    let detail = format!("{e:#}");
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => format!(
+            "deadline exceeded: the call ran longer than {} ms",
+            limits.deadline.as_millis()
+        ),
+        Some(wasmtime::Trap::StackOverflow) => {
+            format!(
+                "stack overflow: the wasm stack cap is {} KiB",
+                MAX_WASM_STACK / 1024
+            )
+        }
+        Some(trap) => {
+            // An out-of-memory abort shows up as `unreachable` after a failed grow.
+            format!(
+                "trap: {trap} (memory cap {} MiB): {}",
+                limits.memory_bytes >> 20,
+                first_line(&detail)
+            )
+        }
+        None => format!("plugin failed: {}", first_line(&detail)),
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+/// Checks what a plugin returned for one event.
+fn check_outcome(outcome: Outcome, original: &Event) -> Verdict {
+    match outcome {
+        Outcome::Keep(mut event) => {
+            if event.name != original.name
+                && let Err(why) = crate::ingest::envelope::check_name(&event.name)
+            {
+                return Verdict::Failed(format!("plugin renamed the event badly: {why}"));
+            }
+            for (field, text) in [
+                ("properties", &event.properties),
+                ("context", &event.context),
+            ] {
+                let unchanged = match field {
+                    "properties" => *text == original.properties,
+                    _ => *text == original.context,
+                };
+                if !unchanged && !is_json_object(text) {
+                    return Verdict::Failed(format!(
+                        "plugin returned {field} that is not a JSON object"
+                    ));
+                }
+            }
+            // The app and event id are the host's: a plugin cannot reassign them.
+            event.app.clone_from(&original.app);
+            event.event_id.clone_from(&original.event_id);
+            Verdict::Keep(event)
+        }
+        Outcome::Drop(reason) => Verdict::Drop(reason),
+        Outcome::Reject(reason) => Verdict::Reject(reason),
+    }
+}
+
+fn is_json_object(text: &str) -> bool {
+    text.trim_start().starts_with('{')
+        && serde_json::from_str::<&serde_json::value::RawValue>(text).is_ok()
+}
+
+/// The state of one store: WASI (granting nothing), limits, and the host imports.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    plugin: String,
+    version: String,
+    config: String,
+    counters: BTreeMap<String, u64>,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl bindings::weir::plugin::types::Host for HostState {}
+
+impl bindings::weir::plugin::host::Host for HostState {
+    fn log(&mut self, level: Level, mut message: String) {
+        if message.len() > MAX_LOG_LINE {
+            let mut cut = MAX_LOG_LINE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        let (plugin, version) = (&self.plugin, &self.version);
+        match level {
+            Level::Trace => trace!(%plugin, %version, "{message}"),
+            Level::Debug => debug!(%plugin, %version, "{message}"),
+            Level::Info => info!(%plugin, %version, "{message}"),
+            Level::Warn => warn!(%plugin, %version, "{message}"),
+            Level::Error => error!(%plugin, %version, "{message}"),
+        }
+    }
+
+    fn config(&mut self) -> String {
+        self.config.clone()
+    }
+
+    fn counter_add(&mut self, name: String, delta: u64) {
+        if !self.counters.contains_key(&name) && self.counters.len() >= MAX_COUNTERS {
+            warn!(plugin = %self.plugin, counter = %name, "plugin exceeds {MAX_COUNTERS} counters; ignored");
+            return;
+        }
+        let slot = self.counters.entry(name).or_insert(0);
+        *slot = slot.saturating_add(delta);
+    }
+}

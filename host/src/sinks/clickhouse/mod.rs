@@ -1,0 +1,228 @@
+//! The ClickHouse sink: the `events` and `dead_letters` tables.
+//!
+//! weir creates its database and tables itself. The SQL runs on ClickHouse 18.16
+//! (Debian 12's package) and on current releases: plain `DateTime` (no DateTime64),
+//! `String` JSON text (no JSON type), and `RowBinary` inserts without the server-side
+//! type header (`with_validation(false)`), which 18.16 lacks.
+
+use clickhouse::{Client, Row};
+use serde::Serialize;
+use tracing::info;
+
+use crate::config::ClickHouseConfig;
+use crate::pipeline::{DeadLetter, Kept};
+
+/// Errors talking to ClickHouse.
+#[derive(Debug, thiserror::Error)]
+pub enum ClickHouseError {
+    #[error("ClickHouse {what} failed: {source}")]
+    Query {
+        what: String,
+        source: clickhouse::error::Error,
+    },
+}
+
+fn query_err(what: impl Into<String>) -> impl FnOnce(clickhouse::error::Error) -> ClickHouseError {
+    let what = what.into();
+    move |source| ClickHouseError::Query { what, source }
+}
+
+/// DDL of the tables weir writes, for a database name. Idempotent.
+pub fn schema(db: &str) -> Vec<String> {
+    vec![
+        format!("CREATE DATABASE IF NOT EXISTS {db}"),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {db}.events (
+                event_id String,
+                app String,
+                name String,
+                user_id Nullable(String),
+                timestamp DateTime,
+                timestamp_ms Int64,
+                received_at DateTime,
+                properties String,
+                context String,
+                pipeline String,
+                plugins String,
+                kafka_partition UInt32,
+                kafka_offset UInt64,
+                kafka_index UInt32
+            ) ENGINE = MergeTree()
+            PARTITION BY toYYYYMM(timestamp)
+            ORDER BY (app, name, timestamp, event_id)"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {db}.dead_letters (
+                event_id String,
+                app String,
+                name String,
+                stage String,
+                plugin String,
+                plugin_version String,
+                reason String,
+                raw String,
+                failed_at DateTime,
+                pipeline String,
+                kafka_partition UInt32,
+                kafka_offset UInt64,
+                kafka_index UInt32
+            ) ENGINE = MergeTree()
+            PARTITION BY toYYYYMM(failed_at)
+            ORDER BY (stage, failed_at)"
+        ),
+    ]
+}
+
+#[derive(Row, Serialize)]
+struct EventRow<'a> {
+    event_id: &'a str,
+    app: &'a str,
+    name: &'a str,
+    user_id: Option<&'a str>,
+    timestamp: u32,
+    timestamp_ms: i64,
+    received_at: u32,
+    properties: &'a str,
+    context: &'a str,
+    pipeline: &'a str,
+    plugins: &'a str,
+    kafka_partition: u32,
+    kafka_offset: u64,
+    kafka_index: u32,
+}
+
+#[derive(Row, Serialize)]
+struct DeadLetterRow<'a> {
+    event_id: &'a str,
+    app: &'a str,
+    name: &'a str,
+    stage: &'a str,
+    plugin: &'a str,
+    plugin_version: &'a str,
+    reason: &'a str,
+    raw: &'a str,
+    failed_at: u32,
+    pipeline: &'a str,
+    kafka_partition: u32,
+    kafka_offset: u64,
+    kafka_index: u32,
+}
+
+/// Seconds since the epoch for a `DateTime` column (clamped to its range).
+fn datetime(ms: i64) -> u32 {
+    (ms.div_euclid(1000)).clamp(0, u32::MAX as i64) as u32
+}
+
+/// Writes processed batches to ClickHouse.
+#[derive(Clone)]
+pub struct ClickHouseSink {
+    /// For DDL: no default database (it may not exist yet); names are qualified.
+    admin: Client,
+    /// For inserts: the configured database is the default one.
+    client: Client,
+    database: String,
+}
+
+impl ClickHouseSink {
+    pub fn new(cfg: &ClickHouseConfig) -> Self {
+        let client = Client::default()
+            .with_url(&cfg.url)
+            .with_user(&cfg.user)
+            .with_password(&cfg.password)
+            .with_validation(false);
+        Self {
+            admin: client.clone(),
+            client: client.with_database(&cfg.database),
+            database: cfg.database.clone(),
+        }
+    }
+
+    /// Creates the database and tables if missing.
+    pub async fn ensure_schema(&self) -> Result<(), ClickHouseError> {
+        for ddl in schema(&self.database) {
+            self.admin
+                .query(&ddl)
+                .execute()
+                .await
+                .map_err(query_err("schema creation"))?;
+        }
+        info!(database = %self.database, "ClickHouse tables ready");
+        Ok(())
+    }
+
+    /// Inserts one batch: one INSERT per table. Returns when ClickHouse acknowledged.
+    pub async fn write(
+        &self,
+        kept: &[Kept],
+        dead: &[DeadLetter],
+        pipeline: &str,
+        plugins: &str,
+    ) -> Result<(), ClickHouseError> {
+        if !kept.is_empty() {
+            let mut insert = self
+                .client
+                .insert::<EventRow<'_>>("events")
+                .await
+                .map_err(query_err("insert into events"))?;
+            for k in kept {
+                let e = &k.event;
+                insert
+                    .write(&EventRow {
+                        event_id: &e.event_id,
+                        app: &e.app,
+                        name: &e.name,
+                        user_id: e.user_id.as_deref(),
+                        timestamp: datetime(e.timestamp_ms),
+                        timestamp_ms: e.timestamp_ms,
+                        received_at: datetime(k.origin.received_ms),
+                        properties: &e.properties,
+                        context: &e.context,
+                        pipeline,
+                        plugins,
+                        kafka_partition: k.origin.partition as u32,
+                        kafka_offset: k.origin.offset as u64,
+                        kafka_index: k.origin.index,
+                    })
+                    .await
+                    .map_err(query_err("insert into events"))?;
+            }
+            insert
+                .end()
+                .await
+                .map_err(query_err("insert into events"))?;
+        }
+        if !dead.is_empty() {
+            let mut insert = self
+                .client
+                .insert::<DeadLetterRow<'_>>("dead_letters")
+                .await
+                .map_err(query_err("insert into dead_letters"))?;
+            let now = datetime(crate::now_ms());
+            for d in dead {
+                insert
+                    .write(&DeadLetterRow {
+                        event_id: &d.event_id,
+                        app: &d.app,
+                        name: &d.name,
+                        stage: d.stage,
+                        plugin: &d.plugin,
+                        plugin_version: &d.plugin_version,
+                        reason: &d.reason,
+                        raw: &d.raw,
+                        failed_at: now,
+                        pipeline,
+                        kafka_partition: d.origin.partition as u32,
+                        kafka_offset: d.origin.offset as u64,
+                        kafka_index: d.origin.index,
+                    })
+                    .await
+                    .map_err(query_err("insert into dead_letters"))?;
+            }
+            insert
+                .end()
+                .await
+                .map_err(query_err("insert into dead_letters"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,4 @@
+//! Sinks: where processed events go. Each sink lives in its own folder with the same
+//! shape; sinks know nothing of plugins or Kafka.
+
+pub mod clickhouse;

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# weir's demo: brings up the local stack (Tansu, ClickHouse, Redis), builds weir and the
+# example plugin, starts `weir serve`, sends sample traffic and shows the ClickHouse rows.
+# weir keeps running afterwards; `scripts/demo.sh stop` stops it and the stack.
+#
+# Usage: scripts/demo.sh [stop]
+# Environment: CARGO_TARGET_DIR (default ~/.cache/weir/target), WEIR_PROFILE (dev | release,
+# default dev: it shares the test build), WEIR_DEMO_EVENTS (generated events, default 2000).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/weir/target}"
+STACK_DIR="${WEIR_STACK_DIR:-$ROOT/.stack}"
+PROFILE="${WEIR_PROFILE:-dev}"
+EVENTS="${WEIR_DEMO_EVENTS:-2000}"
+CONFIG="$ROOT/examples/demo/weir.toml"
+INGEST="http://127.0.0.1:8080"
+CLICKHOUSE="http://127.0.0.1:8123"
+WRITE_KEY="wk_dev_0000000000000000"
+PIDFILE="$STACK_DIR/weir.pid"
+LOG="$STACK_DIR/weir.log"
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+die() { printf 'demo: error: %s\n' "$*" >&2; exit 1; }
+
+weir_running() { [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
+
+stop_weir() {
+  if weir_running; then
+    local pid; pid="$(cat "$PIDFILE")"
+    kill -TERM "$pid"
+    for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+    echo "weir stopped"
+  fi
+  rm -f "$PIDFILE"
+}
+
+if [ "${1:-}" = "stop" ]; then
+  stop_weir
+  scripts/stack.sh down
+  exit 0
+fi
+
+say "Installing what is missing and starting the stack"
+scripts/stack.sh install
+scripts/stack.sh up
+
+say "Building weir ($PROFILE) and the example plugin (wasm32-wasip2)"
+cargo build --profile "$PROFILE" -p weir
+cargo build --profile plugin --target wasm32-wasip2 -p weir-plugin-enrich
+mkdir -p examples/demo/plugins
+cp "$CARGO_TARGET_DIR/wasm32-wasip2/plugin/weir_plugin_enrich.wasm" examples/demo/plugins/enrich.wasm
+profile_dir="$PROFILE"; [ "$PROFILE" = dev ] && profile_dir=debug
+WEIR="$CARGO_TARGET_DIR/$profile_dir/weir"
+
+say "Starting weir"
+stop_weir
+mkdir -p "$STACK_DIR"
+setsid "$WEIR" serve --config "$CONFIG" >"$LOG" 2>&1 < /dev/null &
+echo $! >"$PIDFILE"
+for _ in $(seq 1 300); do
+  curl -sf "$INGEST/healthz" >/dev/null 2>&1 && break
+  weir_running || { tail -n 30 "$LOG"; die "weir exited at start (log: $LOG)"; }
+  sleep 0.1
+done
+curl -sf "$INGEST/healthz" >/dev/null || { tail -n 30 "$LOG"; die "weir does not answer on $INGEST"; }
+echo "weir is running (pid $(cat "$PIDFILE"), log $LOG)"
+echo "  ingest:    $INGEST/v1/events"
+echo "  write key: $WRITE_KEY   (development only)"
+
+post() { # content-type body
+  curl -sS -X POST "$INGEST/v1/events" -H "Authorization: Bearer $WRITE_KEY" \
+    -H "Content-Type: $1" --data-binary "$2"
+  echo
+}
+
+say "Sending sample traffic"
+started=$(date +%s)
+echo "-- one event:"
+post application/json '{"name":"profile_viewed","user_id":"alice","properties":{"profile_id":"bob"}}'
+echo "-- a batch (the second is rejected by the plugin, the third dropped as test traffic):"
+post application/json '[{"name":"post_liked","user_id":"bob","properties":{"post_id":"p1"}},
+  {"name":"post_liked","properties":{"post_id":"p2"}},
+  {"name":"app_opened","properties":{"is_test":true}}]'
+echo "-- a bad request (unknown field), refused with a JSON error:"
+post application/json '{"name":"app_opened","colour":"red"}'
+echo "-- $EVENTS generated events as NDJSON, in batches of 500:"
+python3 - "$EVENTS" >"$STACK_DIR/demo-events.ndjson" <<'PY'
+import json, random, sys
+random.seed(7)
+names = ["profile_viewed", "post_liked", "signup_step_completed", "app_opened"]
+for i in range(int(sys.argv[1])):
+    name = names[i % 4]
+    user = f"user{random.randrange(200)}"
+    props = {"profile_id": f"user{random.randrange(200)}"} if name == "profile_viewed" else {"step": i % 5}
+    print(json.dumps({"name": name, "user_id": user, "properties": props}))
+PY
+split -l 500 "$STACK_DIR/demo-events.ndjson" "$STACK_DIR/demo-batch-"
+accepted=0
+for f in "$STACK_DIR"/demo-batch-*; do
+  n=$(curl -sS -X POST "$INGEST/v1/events" -H "Authorization: Bearer $WRITE_KEY" \
+      -H "Content-Type: application/x-ndjson" --data-binary "@$f" | python3 -c 'import json,sys; print(json.load(sys.stdin)["accepted"])')
+  accepted=$((accepted + n))
+  rm -f "$f"
+done
+echo "accepted $accepted generated events"
+
+say "Waiting for the rows in ClickHouse"
+want=$((EVENTS + 2))
+for _ in $(seq 1 600); do
+  have=$(curl -sf "$CLICKHOUSE/" --data-binary "SELECT count() FROM weir.events WHERE received_at >= $started" || echo 0)
+  [ "${have:-0}" -ge "$want" ] && break
+  sleep 0.1
+done
+[ "${have:-0}" -ge "$want" ] || { tail -n 30 "$LOG"; die "only ${have:-0} of $want events reached ClickHouse (log: $LOG)"; }
+
+q() { curl -sS "$CLICKHOUSE/" --data-binary "$1 FORMAT PrettyCompactMonoBlock"; }
+say "weir.events by name"
+q "SELECT name, count() AS events, uniqExact(user_id) AS users FROM weir.events GROUP BY name ORDER BY name"
+say "The newest rows (the plugin added enriched_by and self_view)"
+q "SELECT event_id, name, user_id, timestamp, properties, plugins FROM weir.events ORDER BY received_at DESC, kafka_offset DESC LIMIT 5"
+say "weir.dead_letters"
+q "SELECT name, stage, plugin, reason, raw FROM weir.dead_letters ORDER BY failed_at DESC LIMIT 5"
+
+cat <<EOT
+
+weir is still running. Try:
+  curl -X POST $INGEST/v1/events -H 'Authorization: Bearer $WRITE_KEY' \\
+       -H 'Content-Type: application/json' -d '{"name":"post_liked","user_id":"me"}'
+  clickhouse-client --query 'SELECT count() FROM weir.events'
+Stop everything with: scripts/demo.sh stop
+EOT

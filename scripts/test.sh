@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs every check and test of weir, installing what is missing first:
+#   formatting, clippy, unit tests, integration and end-to-end tests against real
+#   servers (each test starts its own Tansu/ClickHouse on free loopback ports), and
+#   the demo (scripts/demo.sh) on the default ports.
+# Usage: scripts/test.sh
+# Environment: CARGO_TARGET_DIR (default ~/.cache/weir/target: reused between runs).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/weir/target}"
+command -v cargo >/dev/null 2>&1 || export PATH="$HOME/.cargo/bin:$PATH"
+export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
+
+step() { printf '\n==> %s\n' "$*"; }
+started=$(date +%s)
+
+step "Installing what is missing (apt packages, Tansu, wasm32-wasip2)"
+scripts/stack.sh install
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test (unit, integration and end-to-end tests)"
+cargo test --workspace
+
+step "The demo (scripts/demo.sh), then stop it"
+trap 'scripts/demo.sh stop >/dev/null 2>&1 || true' EXIT
+scripts/demo.sh
+scripts/demo.sh stop
+trap - EXIT
+
+step "All checks passed in $(( $(date +%s) - started )) s"

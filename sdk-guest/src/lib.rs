@@ -1,0 +1,406 @@
+//! Write weir plugins in Rust.
+//!
+//! A plugin is a plain function from an [`Event`] to an [`Outcome`], exported with one
+//! macro. Depend on this crate alone (it re-exports what the generated bindings need)
+//! and build for `wasm32-wasip2`:
+//!
+//! ```ignore
+//! use weir_plugin_sdk::{plugin, Event, Outcome};
+//!
+//! plugin!(handle);
+//!
+//! fn handle(mut event: Event) -> Outcome {
+//!     if event.user_id.is_none() {
+//!         return Outcome::reject("user_id is required");
+//!     }
+//!     event.set_property("checked", true);
+//!     Outcome::keep(event)
+//! }
+//! ```
+//!
+//! With a configuration (the JSON set for the plugin in its pipeline, deserialised
+//! once per instance):
+//!
+//! ```ignore
+//! #[derive(serde::Deserialize, Default)]
+//! struct Config { sample_rate: f64 }
+//!
+//! weir_plugin_sdk::plugin!(handle, config: Config);
+//!
+//! fn handle(event: Event, config: &Config) -> Outcome { /* ... */ }
+//! ```
+//!
+//! The same function is unit-testable natively with `cargo test`: build an event with
+//! [`Event::new`] and call it. Host imports ([`log`], [`counter_add`]) work natively
+//! too: logs go to stderr, counters to [`testing::counters`].
+
+extern crate self as weir_plugin_sdk;
+
+use std::cell::OnceCell;
+
+pub use serde_json::{Map, Value, json};
+
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        world: "plugin",
+        path: "../wit",
+        pub_export_macro: true,
+        export_macro_name: "__export_plugin",
+        default_bindings_module: "weir_plugin_sdk::bindings",
+        runtime_path: "weir_plugin_sdk::__wit_bindgen::rt",
+    });
+}
+
+#[doc(hidden)]
+pub use wit_bindgen as __wit_bindgen;
+
+pub use bindings::weir::plugin::host::Level;
+
+/// A JSON object field of an event (`properties`, `context`): kept as the host's text
+/// until a plugin reads it, and re-serialised only if the plugin changed it.
+#[derive(Debug, Clone)]
+struct JsonObject {
+    raw: String,
+    parsed: OnceCell<Map<String, Value>>,
+    dirty: bool,
+}
+
+impl JsonObject {
+    fn from_raw(raw: String) -> Self {
+        Self {
+            raw,
+            parsed: OnceCell::new(),
+            dirty: false,
+        }
+    }
+
+    fn get(&self) -> &Map<String, Value> {
+        self.parsed
+            .get_or_init(|| serde_json::from_str(&self.raw).unwrap_or_default())
+    }
+
+    fn get_mut(&mut self) -> &mut Map<String, Value> {
+        self.get();
+        self.dirty = true;
+        self.parsed.get_mut().expect("initialised above")
+    }
+
+    fn into_raw(self) -> String {
+        match (self.dirty, self.parsed.into_inner()) {
+            (true, Some(map)) => serde_json::to_string(&map).unwrap_or(self.raw),
+            _ => self.raw,
+        }
+    }
+}
+
+/// One event, as the host hands it to the plugin.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// Unique id of the event (read-only: the host keeps its own).
+    pub event_id: String,
+    /// The app that sent it (read-only).
+    pub app: String,
+    /// The event name. A new name must still match `[A-Za-z0-9_.:-]{1,128}`.
+    pub name: String,
+    /// The user the event is about.
+    pub user_id: Option<String>,
+    /// When it happened, ms since the Unix epoch.
+    pub timestamp_ms: i64,
+    properties: JsonObject,
+    context: JsonObject,
+}
+
+impl Event {
+    /// A new event with empty properties and context (for tests).
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            event_id: "test-event".into(),
+            app: "test-app".into(),
+            name: name.into(),
+            user_id: None,
+            timestamp_ms: 0,
+            properties: JsonObject::from_raw("{}".into()),
+            context: JsonObject::from_raw("{}".into()),
+        }
+    }
+
+    /// Builder: sets the user id.
+    pub fn with_user(mut self, user_id: impl Into<String>) -> Self {
+        self.user_id = Some(user_id.into());
+        self
+    }
+
+    /// Builder: sets the properties (must be a JSON object; anything else is ignored).
+    pub fn with_properties(mut self, properties: Value) -> Self {
+        if let Value::Object(map) = properties {
+            *self.properties_mut() = map;
+        }
+        self
+    }
+
+    /// The event's properties.
+    pub fn properties(&self) -> &Map<String, Value> {
+        self.properties.get()
+    }
+
+    /// The event's properties, for changing.
+    pub fn properties_mut(&mut self) -> &mut Map<String, Value> {
+        self.properties.get_mut()
+    }
+
+    /// One property.
+    pub fn property(&self, key: &str) -> Option<&Value> {
+        self.properties().get(key)
+    }
+
+    /// One property, if it is a string.
+    pub fn property_str(&self, key: &str) -> Option<&str> {
+        self.property(key).and_then(Value::as_str)
+    }
+
+    /// Sets one property.
+    pub fn set_property(&mut self, key: impl Into<String>, value: impl Into<Value>) {
+        self.properties_mut().insert(key.into(), value.into());
+    }
+
+    /// The event's context (device, locale, page ...).
+    pub fn context(&self) -> &Map<String, Value> {
+        self.context.get()
+    }
+
+    /// The event's context, for changing.
+    pub fn context_mut(&mut self) -> &mut Map<String, Value> {
+        self.context.get_mut()
+    }
+
+    #[doc(hidden)]
+    pub fn from_wit(e: bindings::Event) -> Self {
+        Self {
+            event_id: e.event_id,
+            app: e.app,
+            name: e.name,
+            user_id: e.user_id,
+            timestamp_ms: e.timestamp_ms,
+            properties: JsonObject::from_raw(e.properties),
+            context: JsonObject::from_raw(e.context),
+        }
+    }
+
+    #[doc(hidden)]
+    pub fn into_wit(self) -> bindings::Event {
+        bindings::Event {
+            event_id: self.event_id,
+            app: self.app,
+            name: self.name,
+            user_id: self.user_id,
+            timestamp_ms: self.timestamp_ms,
+            properties: self.properties.into_raw(),
+            context: self.context.into_raw(),
+        }
+    }
+}
+
+/// What the plugin decided for one event.
+// `Keep` is by far the common case: boxing it would cost an allocation per event.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Pass the event on (as modified).
+    Keep(Event),
+    /// Discard it on purpose; the reason is counted, the event written nowhere.
+    Drop(String),
+    /// Refuse it as invalid; it goes to the dead letters with the reason.
+    Reject(String),
+}
+
+impl Outcome {
+    pub fn keep(event: Event) -> Self {
+        Outcome::Keep(event)
+    }
+
+    pub fn drop(reason: impl Into<String>) -> Self {
+        Outcome::Drop(reason.into())
+    }
+
+    pub fn reject(reason: impl Into<String>) -> Self {
+        Outcome::Reject(reason.into())
+    }
+
+    /// The kept event, if any (handy in tests).
+    pub fn kept(&self) -> Option<&Event> {
+        match self {
+            Outcome::Keep(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    #[doc(hidden)]
+    pub fn into_wit(self) -> bindings::Outcome {
+        match self {
+            Outcome::Keep(e) => bindings::Outcome::Keep(e.into_wit()),
+            Outcome::Drop(r) => bindings::Outcome::Drop(r),
+            Outcome::Reject(r) => bindings::Outcome::Reject(r),
+        }
+    }
+}
+
+/// Writes a line to weir's log, tagged with the plugin's name and version.
+pub fn log(level: Level, message: &str) {
+    #[cfg(target_arch = "wasm32")]
+    bindings::weir::plugin::host::log(level, message);
+    #[cfg(not(target_arch = "wasm32"))]
+    eprintln!("[{level:?}] {message}");
+}
+
+/// Adds to one of the plugin's counters (a Prometheus metric on the host).
+pub fn counter_add(name: &str, delta: u64) {
+    #[cfg(target_arch = "wasm32")]
+    bindings::weir::plugin::host::counter_add(name, delta);
+    #[cfg(not(target_arch = "wasm32"))]
+    testing::add(name, delta);
+}
+
+/// The plugin's configuration JSON, as set in the pipeline (`{}` when none).
+pub fn config_json() -> String {
+    #[cfg(target_arch = "wasm32")]
+    return bindings::weir::plugin::host::config();
+    #[cfg(not(target_arch = "wasm32"))]
+    return testing::config();
+}
+
+/// Native stand-ins for the host imports, for unit tests.
+#[cfg(not(target_arch = "wasm32"))]
+pub mod testing {
+    use std::cell::RefCell;
+    use std::collections::BTreeMap;
+
+    thread_local! {
+        static COUNTERS: RefCell<BTreeMap<String, u64>> = RefCell::default();
+        static CONFIG: RefCell<String> = RefCell::new("{}".into());
+    }
+
+    pub(crate) fn add(name: &str, delta: u64) {
+        COUNTERS.with(|c| *c.borrow_mut().entry(name.to_owned()).or_default() += delta);
+    }
+
+    pub(crate) fn config() -> String {
+        CONFIG.with(|c| c.borrow().clone())
+    }
+
+    /// Counters added on this thread so far.
+    pub fn counters() -> BTreeMap<String, u64> {
+        COUNTERS.with(|c| c.borrow().clone())
+    }
+
+    /// Sets what [`crate::config_json`] returns on this thread.
+    pub fn set_config(json: &str) {
+        CONFIG.with(|c| *c.borrow_mut() = json.to_owned());
+    }
+}
+
+#[doc(hidden)]
+pub fn __load_config<C: serde::de::DeserializeOwned>() -> Result<C, String> {
+    serde_json::from_str(&config_json()).map_err(|e| format!("invalid plugin config: {e}"))
+}
+
+#[doc(hidden)]
+pub fn __run_batch(
+    events: Vec<bindings::Event>,
+    mut handler: impl FnMut(Event) -> Outcome,
+) -> Vec<bindings::Outcome> {
+    events
+        .into_iter()
+        .map(|e| handler(Event::from_wit(e)).into_wit())
+        .collect()
+}
+
+/// Exports a function as the plugin.
+///
+/// - `plugin!(handle)` with `fn handle(event: Event) -> Outcome`;
+/// - `plugin!(handle, config: Config)` with `fn handle(event: Event, config: &Config) ->
+///   Outcome`, where `Config: serde::de::DeserializeOwned` is read once per instance from
+///   the pipeline's JSON. If it does not deserialise, every event is rejected with the
+///   reason, so a bad configuration is visible in the dead letters at once.
+#[macro_export]
+macro_rules! plugin {
+    ($handler:path) => {
+        #[doc(hidden)]
+        pub struct __WeirPlugin;
+
+        impl $crate::bindings::Guest for __WeirPlugin {
+            fn process(
+                events: ::std::vec::Vec<$crate::bindings::Event>,
+            ) -> ::std::vec::Vec<$crate::bindings::Outcome> {
+                $crate::__run_batch(events, $handler)
+            }
+        }
+
+        $crate::bindings::__export_plugin!(__WeirPlugin with_types_in $crate::bindings);
+    };
+    ($handler:path, config: $config:ty) => {
+        #[doc(hidden)]
+        pub struct __WeirPlugin;
+
+        impl $crate::bindings::Guest for __WeirPlugin {
+            fn process(
+                events: ::std::vec::Vec<$crate::bindings::Event>,
+            ) -> ::std::vec::Vec<$crate::bindings::Outcome> {
+                static CONFIG: ::std::sync::OnceLock<::std::result::Result<$config, ::std::string::String>> =
+                    ::std::sync::OnceLock::new();
+                match CONFIG.get_or_init($crate::__load_config::<$config>) {
+                    Ok(config) => $crate::__run_batch(events, |e| $handler(e, config)),
+                    Err(reason) => $crate::__run_batch(events, |_| $crate::Outcome::reject(reason.clone())),
+                }
+            }
+        }
+
+        $crate::bindings::__export_plugin!(__WeirPlugin with_types_in $crate::bindings);
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn untouched_properties_keep_their_text() {
+        let e = Event::from_wit(bindings::Event {
+            event_id: "e".into(),
+            app: "a".into(),
+            name: "n".into(),
+            user_id: None,
+            timestamp_ms: 1,
+            properties: r#"{"b":1,  "a":2}"#.into(),
+            context: "{}".into(),
+        });
+        assert_eq!(e.property("a"), Some(&json!(2)));
+        assert_eq!(e.into_wit().properties, r#"{"b":1,  "a":2}"#);
+    }
+
+    #[test]
+    fn changed_properties_are_reserialised() {
+        let mut e = Event::new("n");
+        e.set_property("k", "v");
+        assert_eq!(e.into_wit().properties, r#"{"k":"v"}"#);
+    }
+
+    #[test]
+    fn counters_and_config_work_natively() {
+        counter_add("seen", 2);
+        counter_add("seen", 1);
+        assert_eq!(testing::counters()["seen"], 3);
+        testing::set_config(r#"{"x":1}"#);
+        #[derive(Debug, serde::Deserialize)]
+        struct C {
+            x: u32,
+        }
+        assert_eq!(__load_config::<C>().unwrap().x, 1);
+        testing::set_config("[]");
+        assert!(
+            __load_config::<C>()
+                .unwrap_err()
+                .contains("invalid plugin config")
+        );
+    }
+}

@@ -1,0 +1,476 @@
+//! Test harness: real servers on free loopback ports, started and stopped by the test.
+//!
+//! - [`Tansu`]: the Kafka-compatible broker (memory storage), from `$WEIR_CACHE/bin`
+//!   or `PATH` (`scripts/stack.sh install` puts it there).
+//! - [`ClickHouse`]: Debian's `clickhouse-server`, with its state in a temp dir.
+//! - [`Weir`]: the real `weir` binary as a child process, so tests can restart it
+//!   (SIGTERM) or kill it (SIGKILL).
+//!
+//! Every child is killed when its handle drops, and (Linux) when the test process
+//! dies, so a failed test leaves no server behind.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// Directory holding the example plugins built for wasm32-wasip2 by `build.rs`.
+pub const PLUGIN_DIR: &str = env!("WEIR_PLUGIN_DIR");
+
+/// Path of a built plugin component, e.g. `plugin_path("enrich")`.
+pub fn plugin_path(name: &str) -> PathBuf {
+    let path = Path::new(PLUGIN_DIR).join(format!("weir_plugin_{}.wasm", name.replace('-', "_")));
+    assert!(
+        path.exists(),
+        "plugin {name} was not built at {}",
+        path.display()
+    );
+    path
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// Waits until `check` returns true, polling every 50 ms, or fails after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if check() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("timed out after {timeout:?} waiting for {what}")
+}
+
+/// A minimal blocking `GET` over std's TcpStream: true on a 2xx answer. (No HTTP client
+/// here, so it is safe to call from inside an async test.)
+pub fn http_ok(addr: SocketAddr, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && head[9] == b'2'
+}
+
+fn port_open(port: u16) -> bool {
+    TcpStream::connect_timeout(
+        &SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    )
+    .is_ok()
+}
+
+/// A temp directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "weir-test-{prefix}-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed on drop, and when the test process dies.
+pub struct Proc {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Result<Proc> {
+        let out = std::fs::File::create(&log)?;
+        cmd.stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGKILL the child
+        // when the thread that spawned it exits.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({:?})", cmd.get_program()))?;
+        Ok(Proc {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The last lines of the process's output (for failure messages).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// SIGTERM, then waits up to `grace` before SIGKILL. Returns whether it exited by itself.
+    pub fn stop(&mut self, grace: Duration) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let start = Instant::now();
+        while start.elapsed() < grace {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("{} did not stop within {grace:?}; killing it", self.name);
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    /// SIGKILL at once.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Finds a program in `$WEIR_CACHE/bin` (default `~/.cache/weir/bin`) or on `PATH`.
+pub fn find_program(name: &str) -> Result<PathBuf> {
+    let cache = std::env::var_os("WEIR_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/weir")));
+    if let Some(p) = cache
+        .map(|c| c.join("bin").join(name))
+        .filter(|p| p.exists())
+    {
+        return Ok(p);
+    }
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+        let p = dir.join(name);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!("{name} not found in $WEIR_CACHE/bin or PATH; run `scripts/stack.sh install`")
+}
+
+/// The Tansu broker, memory storage, on a free port.
+pub struct Tansu {
+    pub port: u16,
+    dir: TempDir,
+    proc: Option<Proc>,
+    starts: u32,
+}
+
+impl Tansu {
+    pub fn start() -> Result<Tansu> {
+        let mut t = Tansu {
+            port: free_port(),
+            dir: TempDir::new("tansu"),
+            proc: None,
+            starts: 0,
+        };
+        t.restart()?;
+        Ok(t)
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the broker again on the same port (memory storage: it starts empty).
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.starts += 1;
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = self.dir.path().join(format!("tansu-{}.log", self.starts));
+        let proc = Proc::spawn(
+            "tansu",
+            Command::new(find_program("tansu")?)
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                ])
+                .args(["--storage-engine", "memory://tansu/"]),
+            log,
+        )?;
+        let port = self.port;
+        wait_until("tansu to listen", Duration::from_secs(30), || {
+            port_open(port)
+        })
+        .with_context(|| proc.log_tail(30))?;
+        self.proc = Some(proc);
+        Ok(())
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop(Duration::from_secs(5));
+        }
+    }
+
+    /// Creates a topic with `tansu topic create`.
+    pub fn create_topic(&self, name: &str, partitions: u32) -> Result<()> {
+        let out = Command::new(find_program("tansu")?)
+            .args([
+                "topic",
+                "create",
+                name,
+                "--partitions",
+                &partitions.to_string(),
+            ])
+            .args(["--broker", &format!("tcp://127.0.0.1:{}", self.port)])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "tansu topic create {name} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A ClickHouse server with its state in a temp dir.
+pub struct ClickHouse {
+    pub http_port: u16,
+    _dir: TempDir,
+    _proc: Proc,
+    http: reqwest::Client,
+}
+
+impl ClickHouse {
+    pub fn start() -> Result<ClickHouse> {
+        let dir = TempDir::new("clickhouse");
+        let (http_port, tcp_port) = (free_port(), free_port());
+        let out = Command::new(repo_root().join("scripts/stack.sh"))
+            .args(["clickhouse-config", &dir.path().display().to_string()])
+            .args([http_port.to_string(), tcp_port.to_string()])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "scripts/stack.sh clickhouse-config failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let config = String::from_utf8(out.stdout)?.trim().to_owned();
+        let proc = Proc::spawn(
+            "clickhouse-server",
+            Command::new(find_program("clickhouse-server")?)
+                .arg(format!("--config-file={config}"))
+                .current_dir(dir.path()),
+            dir.path().join("server-stdout.log"),
+        )?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], http_port));
+        wait_until(
+            "clickhouse to answer /ping",
+            Duration::from_secs(60),
+            || http_ok(addr, "/ping"),
+        )
+        .with_context(|| proc.log_tail(30))?;
+        Ok(ClickHouse {
+            http_port,
+            _dir: dir,
+            _proc: proc,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// Runs a query and returns its output (TabSeparated), trimmed.
+    pub async fn query(&self, sql: &str) -> Result<String> {
+        let resp = self
+            .http
+            .post(self.url())
+            .body(sql.to_owned())
+            .send()
+            .await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            bail!("ClickHouse query failed ({status}): {text}\nquery: {sql}");
+        }
+        Ok(text.trim().to_owned())
+    }
+
+    /// Runs a query returning one number.
+    pub async fn count(&self, sql: &str) -> Result<u64> {
+        let text = self.query(sql).await?;
+        text.parse()
+            .with_context(|| format!("expected a number from {sql:?}, got {text:?}"))
+    }
+}
+
+/// A running `weir serve` process.
+pub struct Weir {
+    pub ingest: SocketAddr,
+    config: PathBuf,
+    dir: TempDir,
+    proc: Option<Proc>,
+    starts: u32,
+}
+
+/// The `weir-under-test` binary of this package: beside the test executable's `deps/`.
+fn weir_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("weir-under-test"))
+        .filter(|p| p.exists());
+    bin.with_context(|| format!("weir-under-test not found next to {}", exe.display()))
+}
+
+/// The write key the harness configures.
+pub const WRITE_KEY: &str = "wk_test_1234567890abcdef";
+
+impl Weir {
+    /// Writes `config` (TOML; `{ingest}` is replaced by a free address) and starts weir.
+    pub fn start(config: &str) -> Result<Weir> {
+        let dir = TempDir::new("weir");
+        let ingest = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let path = dir.path().join("weir.toml");
+        std::fs::write(&path, config.replace("{ingest}", &ingest.to_string()))?;
+        let mut weir = Weir {
+            ingest,
+            config: path,
+            dir,
+            proc: None,
+            starts: 0,
+        };
+        weir.restart()?;
+        Ok(weir)
+    }
+
+    /// Starts (again) and waits until ingest answers `/healthz`.
+    pub fn restart(&mut self) -> Result<()> {
+        if let Some(mut p) = self.proc.take() {
+            p.stop(Duration::from_secs(30));
+        }
+        self.starts += 1;
+        let log = self.dir.path().join(format!("weir-{}.log", self.starts));
+        let mut proc = Proc::spawn(
+            "weir",
+            Command::new(weir_binary()?)
+                .args(["serve", "--config"])
+                .arg(&self.config)
+                .env("WEIR_LOG", "info,rdkafka=warn"),
+            log,
+        )?;
+        let ingest = self.ingest;
+        wait_until("weir to answer /healthz", Duration::from_secs(60), || {
+            if !proc.is_running() {
+                return true;
+            }
+            http_ok(ingest, "/healthz")
+        })
+        .with_context(|| proc.log_tail(40))?;
+        if !proc.is_running() {
+            bail!("weir exited at start:\n{}", proc.log_tail(40));
+        }
+        self.proc = Some(proc);
+        Ok(())
+    }
+
+    /// Graceful stop (SIGTERM). Returns false if it had to be killed.
+    pub fn stop(&mut self) -> bool {
+        self.proc
+            .take()
+            .map(|mut p| p.stop(Duration::from_secs(40)))
+            .unwrap_or(true)
+    }
+
+    /// All output of every start so far, oldest first.
+    pub fn log(&self) -> String {
+        (1..=self.starts)
+            .map(|n| {
+                let path = self.dir.path().join(format!("weir-{n}.log"));
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                format!("---- weir start #{n} ----\n{text}")
+            })
+            .collect()
+    }
+
+    /// Waits until the current process has logged a line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let proc = self.proc.as_ref().context("weir is not running")?;
+        wait_until(&format!("weir to log {needle:?}"), timeout, || {
+            proc.log_text().contains(needle)
+        })
+        .with_context(|| self.log())
+    }
+
+    pub fn events_url(&self) -> String {
+        format!("http://{}/v1/events", self.ingest)
+    }
+}
