@@ -1,4 +1,4 @@
-//! Builds every plugin under `plugins/` for `wasm32-wasip2`, so that tests run the real
+//! Builds every plugin under `plugins/` and `tests/plugins/` for `wasm32-wasip2`, so that tests run the real
 //! components built from source (never a checked-in `.wasm`). The nested cargo uses
 //! its own target directory, so it never waits on the outer build's lock.
 
@@ -16,16 +16,18 @@ fn main() {
         .map(|t| t.join("wasm-plugins"))
         .unwrap_or_else(|| out_dir.join("wasm-plugins"));
 
-    for dir in ["plugins", "sdk-guest", "wit"] {
+    for dir in ["plugins", "tests/plugins", "sdk-guest", "wit"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
 
+    // The example plugins and the test plugins (hostile, passthrough).
     let mut packages = Vec::new();
-    for entry in std::fs::read_dir(root.join("plugins")).unwrap() {
-        let path = entry.unwrap().path();
-        let manifest = path.join("Cargo.toml");
-        if manifest.exists() {
-            packages.push(package_name(&manifest));
+    for dir in ["plugins", "tests/plugins"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let manifest = entry.unwrap().path().join("Cargo.toml");
+            if manifest.exists() {
+                packages.push(package_name(&manifest));
+            }
         }
     }
     packages.sort();

@@ -234,6 +234,38 @@ pub struct PluginConfig {
     /// Linear memory cap of an instance, in MiB. Default 64.
     #[serde(default = "default_memory_mib")]
     pub memory_mib: usize,
+    /// What happens to events while the plugin is quarantined: `closed` (default: they
+    /// go to the dead letters) or `open` (they pass this plugin untouched).
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+    /// Quarantine the plugin after this many consecutive failing batch calls (calls in
+    /// which it failed on at least half the events: traps, deadlines, memory cap).
+    /// Default 3.
+    #[serde(default = "default_quarantine_after")]
+    pub quarantine_after: u32,
+    /// How long a quarantine lasts before the plugin is tried again, in seconds.
+    /// Default 30.
+    #[serde(default = "default_quarantine_secs")]
+    pub quarantine_secs: u64,
+}
+
+/// What a pipeline does with events a quarantined plugin cannot process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Fail closed: dead-letter the events.
+    #[default]
+    Closed,
+    /// Fail open: pass the events on as if the plugin had kept them unchanged.
+    Open,
+}
+
+fn default_quarantine_after() -> u32 {
+    3
+}
+
+fn default_quarantine_secs() -> u64 {
+    30
 }
 
 fn default_deadline_ms() -> u64 {
@@ -253,8 +285,12 @@ impl PluginConfig {
         }
     }
 
-    pub fn deadline(&self) -> Duration {
-        Duration::from_millis(self.deadline_ms)
+    /// The sandbox limits of this plugin.
+    pub fn limits(&self) -> crate::runtime::Limits {
+        crate::runtime::Limits {
+            deadline: Duration::from_millis(self.deadline_ms),
+            memory_bytes: self.memory_mib << 20,
+        }
     }
 }
 
@@ -361,9 +397,9 @@ impl Config {
                     plugin.name
                 )));
             }
-            if plugin.deadline_ms == 0 || plugin.memory_mib == 0 {
+            if plugin.deadline_ms == 0 || plugin.memory_mib == 0 || plugin.quarantine_after == 0 {
                 return Err(invalid(format!(
-                    "plugin {:?}: deadline_ms and memory_mib must be positive",
+                    "plugin {:?}: deadline_ms, memory_mib and quarantine_after must be positive",
                     plugin.name
                 )));
             }

@@ -44,6 +44,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             &config.pipeline,
             config.processor.plugin_batch_size,
         )
+        .await
         .context("cannot load the pipeline")?;
         let sink = ClickHouseSink::new(&config.clickhouse);
         sink.ensure_schema()

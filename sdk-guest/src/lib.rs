@@ -4,7 +4,7 @@
 //! macro. Depend on this crate alone (it re-exports what the generated bindings need)
 //! and build for `wasm32-wasip2`:
 //!
-//! ```ignore
+//! ```
 //! use weir_plugin_sdk::{plugin, Event, Outcome};
 //!
 //! plugin!(handle);
@@ -21,13 +21,25 @@
 //! With a configuration (the JSON set for the plugin in its pipeline, deserialised
 //! once per instance):
 //!
-//! ```ignore
+//! ```
+//! use weir_plugin_sdk::{plugin, Event, Outcome};
+//!
 //! #[derive(serde::Deserialize, Default)]
-//! struct Config { sample_rate: f64 }
+//! #[serde(default)]
+//! struct Config { sample_every: u64 }
 //!
-//! weir_plugin_sdk::plugin!(handle, config: Config);
+//! plugin!(handle, config: Config);
 //!
-//! fn handle(event: Event, config: &Config) -> Outcome { /* ... */ }
+//! fn handle(event: Event, config: &Config) -> Outcome {
+//!     if config.sample_every > 1 && event.timestamp_ms as u64 % config.sample_every != 0 {
+//!         return Outcome::drop("sampled out");
+//!     }
+//!     Outcome::keep(event)
+//! }
+//! # fn main() {
+//! #     let config = Config { sample_every: 2 };
+//! #     assert!(matches!(handle(Event::new("x"), &config), Outcome::Keep(_)));
+//! # }
 //! ```
 //!
 //! The same function is unit-testable natively with `cargo test`: build an event with

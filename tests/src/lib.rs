@@ -381,7 +381,7 @@ pub struct Weir {
 }
 
 /// The `weir-under-test` binary of this package: beside the test executable's `deps/`.
-fn weir_binary() -> Result<PathBuf> {
+pub fn weir_binary() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe
         .parent()

@@ -3,12 +3,12 @@
 
 pub mod worker;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use crate::bus::record::{IngestRecord, WireEvent};
-use crate::config::PipelineConfig;
+use crate::config::{FailurePolicy, PipelineConfig, PluginConfig};
 use crate::runtime::{self, Event, PluginInstance, Runtime, Verdict};
 
 /// Where an event came from: its Kafka coordinates and position in the record. Stable
@@ -66,10 +66,90 @@ pub enum PipelineError {
     Runtime(#[from] runtime::RuntimeError),
 }
 
+/// One plugin of the chain: its live instance and its circuit breaker.
+pub struct Stage {
+    instance: PluginInstance,
+    policy: FailurePolicy,
+    quarantine_after: u32,
+    quarantine_for: Duration,
+    /// Consecutive batch calls in which the plugin failed on at least half the events.
+    failing_calls: u32,
+    /// While set and in the future, the plugin is not called.
+    quarantined_until: Option<Instant>,
+    last_failure: String,
+}
+
+impl Stage {
+    pub fn new(instance: PluginInstance, cfg: &PluginConfig) -> Self {
+        Self {
+            instance,
+            policy: cfg.failure_policy,
+            quarantine_after: cfg.quarantine_after,
+            quarantine_for: Duration::from_secs(cfg.quarantine_secs),
+            failing_calls: 0,
+            quarantined_until: None,
+            last_failure: String::new(),
+        }
+    }
+
+    /// True while the plugin is quarantined.
+    pub fn is_quarantined(&self) -> bool {
+        self.quarantined_until.is_some_and(|t| Instant::now() < t)
+    }
+
+    async fn run(&mut self, batch: &[Event]) -> Vec<Verdict> {
+        if self.is_quarantined() {
+            let reason = format!(
+                "plugin quarantined after repeated failures; last: {}",
+                self.last_failure
+            );
+            return batch
+                .iter()
+                .map(|e| match self.policy {
+                    FailurePolicy::Open => Verdict::Keep(e.clone()),
+                    FailurePolicy::Closed => Verdict::Failed(reason.clone()),
+                })
+                .collect();
+        }
+        let verdicts = self.instance.process(batch).await;
+        let failed: Vec<&str> = verdicts
+            .iter()
+            .filter_map(|v| match v {
+                Verdict::Failed(r) => Some(r.as_str()),
+                _ => None,
+            })
+            .collect();
+        if !failed.is_empty() && failed.len() * 2 >= verdicts.len() {
+            self.failing_calls += 1;
+            self.last_failure = failed[0].to_owned();
+            if self.failing_calls >= self.quarantine_after {
+                let plugin = self.instance.plugin();
+                warn!(
+                    plugin = %plugin.name(),
+                    version = %plugin.version(),
+                    failing_calls = self.failing_calls,
+                    policy = ?self.policy,
+                    seconds = self.quarantine_for.as_secs(),
+                    last_failure = %self.last_failure,
+                    "plugin quarantined"
+                );
+                self.quarantined_until = Some(Instant::now() + self.quarantine_for);
+                self.failing_calls = 0;
+            }
+        } else {
+            if self.quarantined_until.take().is_some() {
+                info!(plugin = %self.instance.plugin().name(), "plugin out of quarantine");
+            }
+            self.failing_calls = 0;
+        }
+        verdicts
+    }
+}
+
 /// A pipeline ready to run: one live instance per plugin, in chain order.
 pub struct Pipeline {
     name: String,
-    chain: Vec<PluginInstance>,
+    chain: Vec<Stage>,
     batch_size: usize,
     /// `name@version` of each plugin, joined by commas: recorded with each row.
     versions: String,
@@ -77,7 +157,7 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Loads, compiles and instantiates every plugin of the configured chain.
-    pub fn load(
+    pub async fn load(
         runtime: &Runtime,
         cfg: &PipelineConfig,
         batch_size: usize,
@@ -89,20 +169,21 @@ impl Pipeline {
                 path: p.path.display().to_string(),
                 source,
             })?;
-            let limits = runtime::Limits {
-                deadline: Duration::from_millis(p.deadline_ms),
-                memory_bytes: p.memory_mib << 20,
-            };
-            let plugin = runtime.load(&p.name, &bytes, p.config_json(), limits)?;
-            chain.push(plugin.instantiate()?);
+            let plugin = runtime
+                .load(&p.name, &bytes, p.config_json(), p.limits())
+                .await?;
+            chain.push(Stage::new(plugin.instantiate().await?, p));
         }
         Ok(Self::new(cfg.name.clone(), chain, batch_size))
     }
 
-    pub fn new(name: String, chain: Vec<PluginInstance>, batch_size: usize) -> Self {
+    pub fn new(name: String, chain: Vec<Stage>, batch_size: usize) -> Self {
         let versions = chain
             .iter()
-            .map(|i| format!("{}@{}", i.plugin().name(), i.plugin().version()))
+            .map(|s| {
+                let p = s.instance.plugin();
+                format!("{}@{}", p.name(), p.version())
+            })
             .collect::<Vec<_>>()
             .join(",");
         Self {
@@ -122,42 +203,50 @@ impl Pipeline {
         &self.versions
     }
 
+    /// The stages, in chain order.
+    pub fn stages(&self) -> &[Stage] {
+        &self.chain
+    }
+
     /// Runs decoded events through the chain, in plugin batches.
-    pub fn run(&mut self, events: Vec<(Origin, String, WireEvent)>) -> Output {
+    pub async fn run(&mut self, events: Vec<(Origin, String, WireEvent)>) -> Output {
         let mut out = Output::default();
         let mut pending: Vec<(Origin, Event)> = events
             .into_iter()
             .map(|(origin, app, e)| (origin, to_plugin_event(app, e)))
             .collect();
-        for instance in &mut self.chain {
+        for stage in &mut self.chain {
             let mut next = Vec::with_capacity(pending.len());
             let mut iter = pending.into_iter().peekable();
             while iter.peek().is_some() {
                 let chunk: Vec<(Origin, Event)> = iter.by_ref().take(self.batch_size).collect();
                 let (origins, batch): (Vec<Origin>, Vec<Event>) = chunk.into_iter().unzip();
-                let verdicts = instance.process(&batch);
+                let verdicts = stage.run(&batch).await;
+                let plugin = stage.instance.plugin();
                 for ((origin, original), verdict) in origins.into_iter().zip(batch).zip(verdicts) {
-                    let plugin = instance.plugin();
-                    let dead = |reason: String| DeadLetter {
+                    let reason = match verdict {
+                        Verdict::Keep(event) => {
+                            next.push((origin, event));
+                            continue;
+                        }
+                        Verdict::Drop(reason) => {
+                            debug!(plugin = %plugin.name(), event_id = %original.event_id, %reason, "event dropped");
+                            out.dropped += 1;
+                            continue;
+                        }
+                        Verdict::Reject(reason) | Verdict::Failed(reason) => reason,
+                    };
+                    out.dead.push(DeadLetter {
                         origin,
                         raw: event_json(&original),
-                        event_id: original.event_id.clone(),
-                        app: original.app.clone(),
-                        name: original.name.clone(),
+                        event_id: original.event_id,
+                        app: original.app,
+                        name: original.name,
                         stage: "plugin",
                         plugin: plugin.name().to_owned(),
                         plugin_version: plugin.version().to_owned(),
                         reason,
-                    };
-                    match verdict {
-                        Verdict::Keep(event) => next.push((origin, event)),
-                        Verdict::Drop(reason) => {
-                            debug!(plugin = %plugin.name(), event_id = %original.event_id, %reason, "event dropped");
-                            out.dropped += 1;
-                        }
-                        Verdict::Reject(reason) => out.dead.push(dead(reason)),
-                        Verdict::Failed(reason) => out.dead.push(dead(reason)),
-                    }
+                    });
                 }
             }
             pending = next;
@@ -213,7 +302,7 @@ pub fn decode(
     }
 }
 
-fn to_plugin_event(app: String, e: WireEvent) -> Event {
+pub fn to_plugin_event(app: String, e: WireEvent) -> Event {
     Event {
         event_id: e.event_id,
         app,

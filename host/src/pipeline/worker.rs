@@ -157,9 +157,8 @@ impl Worker {
         }
         let events = std::mem::take(&mut buf.events);
         let count = events.len();
-        let pipeline = &mut self.pipeline;
         let started = std::time::Instant::now();
-        let mut output = tokio::task::block_in_place(|| pipeline.run(events));
+        let mut output = self.pipeline.run(events).await;
         output.dead.append(&mut buf.undecodable);
         let plugin_time = started.elapsed();
 

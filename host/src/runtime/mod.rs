@@ -17,13 +17,16 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tracing::{debug, error, info, trace, warn};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Config, Engine, ResourceLimiter, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 mod bindings {
     wasmtime::component::bindgen!({
         world: "plugin",
         path: "../wit",
+        // Calls are async so that a plugin blocked inside a host call (a WASI sleep or
+        // poll) can be abandoned at its deadline; CPU-bound code is stopped by epochs.
+        exports: { default: async },
     });
 }
 
@@ -78,7 +81,7 @@ impl Runtime {
         let engine = Engine::new(&config).map_err(setup)?;
 
         let mut linker = Linker::<HostState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(setup)?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(setup)?;
         bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(setup)?;
 
         let weak = engine.weak();
@@ -100,7 +103,7 @@ impl Runtime {
 
     /// Compiles a component and checks it against the weir world. Compilation is the
     /// slow part (tens of ms to seconds): do it once per version, off the hot path.
-    pub fn load(
+    pub async fn load(
         &self,
         name: &str,
         bytes: &[u8],
@@ -130,7 +133,7 @@ impl Runtime {
             }),
         };
         // Instantiate once now, so a plugin that cannot start fails at load, not mid-stream.
-        plugin.instantiate()?;
+        plugin.instantiate().await?;
         info!(plugin = %name, version = %plugin.version(), size = bytes.len(), "plugin loaded");
         Ok(plugin)
     }
@@ -163,7 +166,7 @@ impl Plugin {
     }
 
     /// Makes a fresh instance in its own store.
-    pub fn instantiate(&self) -> Result<PluginInstance, RuntimeError> {
+    pub async fn instantiate(&self) -> Result<PluginInstance, RuntimeError> {
         let p = &self.inner;
         let state = HostState {
             wasi: WasiCtx::builder()
@@ -172,27 +175,29 @@ impl Plugin {
                 .allow_ip_name_lookup(false)
                 .build(),
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(p.limits.memory_bytes)
-                .instances(16)
-                .build(),
+            limiter: Limiter {
+                memory_cap: p.limits.memory_bytes,
+                peak_memory: 0,
+                denied: None,
+            },
             plugin: p.name.clone(),
             version: p.version.clone(),
             config: p.config.clone(),
             counters: BTreeMap::new(),
         };
         let mut store = Store::new(&p.engine, state);
-        store.limiter(|s| &mut s.limits);
+        store.limiter(|s| &mut s.limiter);
         // A generous deadline for start-up code; calls set their own.
         store.set_epoch_deadline(ticks(p.limits.deadline).max(200));
         store.epoch_deadline_trap();
-        let bindings = p
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| RuntimeError::Instantiate {
-                name: p.name.clone(),
-                reason: format!("{e:#}"),
-            })?;
+        let bindings =
+            p.pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|e| RuntimeError::Instantiate {
+                    name: p.name.clone(),
+                    reason: format!("{e:#}"),
+                })?;
         Ok(PluginInstance {
             plugin: self.clone(),
             store,
@@ -227,7 +232,7 @@ pub struct PluginInstance {
 
 /// Why one batch call did not produce outcomes.
 enum CallFailure {
-    /// The instance trapped: it must not be used again.
+    /// The instance trapped or was abandoned: it must not be used again.
     Trap(String),
     /// The plugin answered with the wrong number of outcomes.
     Mismatch(String),
@@ -243,49 +248,58 @@ impl PluginInstance {
         &self.store.data().counters
     }
 
-    /// Runs a batch. Returns one verdict per event. Never fails as a whole: a trap
-    /// fails only the events that cause it (found by bisection on fresh instances).
-    pub fn process(&mut self, events: &[Event]) -> Vec<Verdict> {
-        let mut out = Vec::with_capacity(events.len());
-        if !events.is_empty() {
-            self.process_into(events, &mut out);
-        }
-        out
+    /// The largest linear memory this instance has asked for, in bytes.
+    pub fn peak_memory(&self) -> usize {
+        self.store.data().limiter.peak_memory
     }
 
-    fn process_into(&mut self, events: &[Event], out: &mut Vec<Verdict>) {
-        match self.call(events) {
-            Ok(outcomes) => out.extend(
-                outcomes
-                    .into_iter()
-                    .zip(events)
-                    .map(|(o, original)| check_outcome(o, original)),
-            ),
-            Err(CallFailure::Mismatch(reason)) => {
-                out.extend(events.iter().map(|_| Verdict::Failed(reason.clone())));
+    /// Runs a batch. Returns one verdict per event. Never fails as a whole: when a call
+    /// traps, the instance is replaced and the batch bisected on fresh instances, so
+    /// only the events that cause the trap fail.
+    pub async fn process(&mut self, events: &[Event]) -> Vec<Verdict> {
+        let mut out: Vec<Option<Verdict>> = vec![None; events.len()];
+        // Ranges still to run; popped from the end, so pushed right half first.
+        let mut work = vec![(0, events.len())];
+        while let Some((start, end)) = work.pop() {
+            if start == end {
+                continue;
             }
-            Err(CallFailure::Trap(reason)) => {
-                warn!(
-                    plugin = %self.plugin.name(),
-                    version = %self.plugin.version(),
-                    events = events.len(),
-                    reason = %reason,
-                    "plugin trapped; isolating the offending events"
-                );
-                if !self.replace() || events.len() == 1 {
-                    out.extend(events.iter().map(|_| Verdict::Failed(reason.clone())));
-                    return;
+            let slice = &events[start..end];
+            match self.call(slice).await {
+                Ok(outcomes) => {
+                    for (i, (outcome, original)) in outcomes.into_iter().zip(slice).enumerate() {
+                        out[start + i] = Some(check_outcome(outcome, original));
+                    }
                 }
-                let (left, right) = events.split_at(events.len() / 2);
-                self.process_into(left, out);
-                self.process_into(right, out);
+                Err(CallFailure::Mismatch(reason)) => {
+                    out[start..end].fill(Some(Verdict::Failed(reason)));
+                }
+                Err(CallFailure::Trap(reason)) => {
+                    warn!(
+                        plugin = %self.plugin.name(),
+                        version = %self.plugin.version(),
+                        events = slice.len(),
+                        reason = %reason,
+                        "plugin failed; isolating the offending events"
+                    );
+                    if !self.replace().await || slice.len() == 1 {
+                        out[start..end].fill(Some(Verdict::Failed(reason)));
+                    } else {
+                        let mid = start + slice.len() / 2;
+                        work.push((mid, end));
+                        work.push((start, mid));
+                    }
+                }
             }
         }
+        out.into_iter()
+            .map(|v| v.expect("every range is resolved"))
+            .collect()
     }
 
     /// Replaces a trapped instance with a fresh one. False if that failed too.
-    fn replace(&mut self) -> bool {
-        match self.plugin.instantiate() {
+    async fn replace(&mut self) -> bool {
+        match self.plugin.instantiate().await {
             Ok(fresh) => {
                 *self = fresh;
                 true
@@ -297,24 +311,52 @@ impl PluginInstance {
         }
     }
 
-    fn call(&mut self, events: &[Event]) -> Result<Vec<Outcome>, CallFailure> {
+    async fn call(&mut self, events: &[Event]) -> Result<Vec<Outcome>, CallFailure> {
         let limits = self.plugin.inner.limits;
         self.store.set_epoch_deadline(ticks(limits.deadline));
-        match self.bindings.call_process(&mut self.store, events) {
+        self.store.data_mut().limiter.denied = None;
+        // Epochs stop wasm code at the deadline; the timeout stops a call that waits in a
+        // host function (a WASI sleep or poll), which epochs cannot interrupt.
+        let call = self.bindings.call_process(&mut self.store, events);
+        let result = match tokio::time::timeout(limits.deadline + HOST_CALL_GRACE, call).await {
+            Ok(result) => result,
+            Err(_) => {
+                return Err(CallFailure::Trap(format!(
+                    "deadline exceeded: the call waited in a host call for longer than {} ms",
+                    limits.deadline.as_millis()
+                )));
+            }
+        };
+        match result {
             Ok(outcomes) if outcomes.len() == events.len() => Ok(outcomes),
             Ok(outcomes) => Err(CallFailure::Mismatch(format!(
                 "plugin returned {} outcomes for {} events",
                 outcomes.len(),
                 events.len()
             ))),
-            Err(e) => Err(CallFailure::Trap(describe_trap(&e, limits))),
+            Err(e) => Err(CallFailure::Trap(describe_trap(
+                &e,
+                limits,
+                self.store.data().limiter.denied,
+            ))),
         }
     }
 }
 
+/// Extra time a call may spend inside host functions beyond its deadline.
+const HOST_CALL_GRACE: Duration = Duration::from_millis(20);
+
 /// A trap message that names the limit that fired, when one did.
-fn describe_trap(e: &wasmtime::Error, limits: Limits) -> String {
+fn describe_trap(e: &wasmtime::Error, limits: Limits, denied_memory: Option<usize>) -> String {
     let detail = format!("{e:#}");
+    if let Some(wanted) = denied_memory {
+        return format!(
+            "memory cap exceeded: the plugin asked for {} MiB of linear memory, the cap is {} MiB ({})",
+            wanted >> 20,
+            limits.memory_bytes >> 20,
+            first_line(&detail)
+        );
+    }
     match e.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => format!(
             "deadline exceeded: the call ran longer than {} ms",
@@ -326,14 +368,7 @@ fn describe_trap(e: &wasmtime::Error, limits: Limits) -> String {
                 MAX_WASM_STACK / 1024
             )
         }
-        Some(trap) => {
-            // An out-of-memory abort shows up as `unreachable` after a failed grow.
-            format!(
-                "trap: {trap} (memory cap {} MiB): {}",
-                limits.memory_bytes >> 20,
-                first_line(&detail)
-            )
-        }
+        Some(trap) => format!("trap: {trap}"),
         None => format!("plugin failed: {}", first_line(&detail)),
     }
 }
@@ -341,6 +376,54 @@ fn describe_trap(e: &wasmtime::Error, limits: Limits) -> String {
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
 }
+
+/// Caps each linear memory of an instance and remembers its peak and any refusal.
+struct Limiter {
+    memory_cap: usize,
+    peak_memory: usize,
+    /// The size of the last refused growth, since the current call started.
+    denied: Option<usize>,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.memory_cap {
+            self.denied = Some(desired);
+            return Ok(false);
+        }
+        self.peak_memory = self.peak_memory.max(desired);
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    fn instances(&self) -> usize {
+        64
+    }
+
+    fn memories(&self) -> usize {
+        64
+    }
+
+    fn tables(&self) -> usize {
+        64
+    }
+}
+
+/// Most elements of one table.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 /// Checks what a plugin returned for one event.
 fn check_outcome(outcome: Outcome, original: &Event) -> Verdict {
@@ -384,7 +467,7 @@ fn is_json_object(text: &str) -> bool {
 pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limiter: Limiter,
     plugin: String,
     version: String,
     config: String,

@@ -1,0 +1,47 @@
+//! A plugin that misbehaves on purpose, so tests can show the sandbox holds. What it
+//! does depends on the event's name:
+//! - `loop`: spins forever (the call deadline must stop it);
+//! - `alloc`: allocates until memory runs out (the memory cap must stop it);
+//! - `recurse`: recurses without end (the stack cap must stop it);
+//! - `panic`: panics, which traps;
+//! - `sleep`: sleeps for an hour inside a WASI host call (epochs cannot interrupt host
+//!   code: the host must abandon the call at its deadline);
+//! - anything else: kept, with `properties.seen = true`.
+
+use std::hint::black_box;
+use weir_plugin_sdk::{Event, Outcome, plugin};
+
+plugin!(misbehave);
+
+pub fn misbehave(mut event: Event) -> Outcome {
+    match event.name.as_str() {
+        "loop" => {
+            let mut n = 0u64;
+            loop {
+                n = black_box(n.wrapping_add(1));
+            }
+        }
+        "alloc" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(black_box(vec![1u8; 1 << 20]));
+            }
+        }
+        "recurse" => {
+            black_box(recurse(black_box(1)));
+        }
+        "panic" => panic!("hostile plugin panics on event {}", event.event_id),
+        "sleep" => std::thread::sleep(std::time::Duration::from_secs(3600)),
+        _ => {}
+    }
+    event.set_property("seen", true);
+    Outcome::keep(event)
+}
+
+// Endless on purpose: the wasm stack cap must stop it. Only scalars, so every frame
+// lives on the wasm stack (an array here would overflow the guest's own shadow stack
+// in linear memory first, which traps as an out-of-bounds access).
+#[allow(unconditional_recursion)]
+fn recurse(n: u64) -> u64 {
+    black_box(recurse(black_box(n + 1))).wrapping_add(n)
+}
