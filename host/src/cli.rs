@@ -190,10 +190,15 @@ async fn plugin_test(
         call_time += started.elapsed();
         for (event, verdict) in batch.iter().zip(verdicts) {
             let line = match verdict {
+                Verdict::Pass => {
+                    tally[0] += 1;
+                    let kept: serde_json::Value = serde_json::from_str(&event_json(event))?;
+                    json!({"index": index, "event_id": event.event_id, "outcome": "keep", "changed": false, "event": kept})
+                }
                 Verdict::Keep(kept) => {
                     tally[0] += 1;
                     let kept: serde_json::Value = serde_json::from_str(&event_json(&kept))?;
-                    json!({"index": index, "event_id": event.event_id, "outcome": "keep", "event": kept})
+                    json!({"index": index, "event_id": event.event_id, "outcome": "keep", "changed": true, "event": kept})
                 }
                 Verdict::Drop(reason) => {
                     tally[1] += 1;

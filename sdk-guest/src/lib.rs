@@ -10,7 +10,7 @@
 //! plugin!(handle);
 //!
 //! fn handle(mut event: Event) -> Outcome {
-//!     if event.user_id.is_none() {
+//!     if event.user_id().is_none() {
 //!         return Outcome::reject("user_id is required");
 //!     }
 //!     event.set_property("checked", true);
@@ -31,7 +31,7 @@
 //! plugin!(handle, config: Config);
 //!
 //! fn handle(event: Event, config: &Config) -> Outcome {
-//!     if config.sample_every > 1 && event.timestamp_ms as u64 % config.sample_every != 0 {
+//!     if config.sample_every > 1 && event.timestamp_ms() as u64 % config.sample_every != 0 {
 //!         return Outcome::drop("sampled out");
 //!     }
 //!     Outcome::keep(event)
@@ -106,21 +106,20 @@ impl JsonObject {
     }
 }
 
-/// One event, as the host hands it to the plugin.
+/// One event, as the host hands it to the plugin. Fields are read through methods and
+/// changed through setters, so the SDK knows whether the plugin changed the event: an
+/// unchanged event is answered with the WIT `pass` outcome and nothing crosses back.
 #[derive(Debug, Clone)]
 pub struct Event {
-    /// Unique id of the event (read-only: the host keeps its own).
-    pub event_id: String,
-    /// The app that sent it (read-only).
-    pub app: String,
-    /// The event name. A new name must still match `[A-Za-z0-9_.:-]{1,128}`.
-    pub name: String,
-    /// The user the event is about.
-    pub user_id: Option<String>,
-    /// When it happened, ms since the Unix epoch.
-    pub timestamp_ms: i64,
+    event_id: String,
+    app: String,
+    name: String,
+    user_id: Option<String>,
+    timestamp_ms: i64,
     properties: JsonObject,
     context: JsonObject,
+    /// Set by the setters of `name`, `user_id` and `timestamp_ms`.
+    changed: bool,
 }
 
 impl Event {
@@ -134,6 +133,7 @@ impl Event {
             timestamp_ms: 0,
             properties: JsonObject::from_raw("{}".into()),
             context: JsonObject::from_raw("{}".into()),
+            changed: false,
         }
     }
 
@@ -149,6 +149,48 @@ impl Event {
             *self.properties_mut() = map;
         }
         self
+    }
+
+    /// Unique id of the event (the host keeps its own: it cannot be changed).
+    pub fn event_id(&self) -> &str {
+        &self.event_id
+    }
+
+    /// The app that sent the event (cannot be changed).
+    pub fn app(&self) -> &str {
+        &self.app
+    }
+
+    /// The event name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Renames the event. The new name must match `[A-Za-z0-9_.:-]{1,128}`, or the host
+    /// fails the event.
+    pub fn set_name(&mut self, name: impl Into<String>) {
+        self.name = name.into();
+        self.changed = true;
+    }
+
+    /// The user the event is about.
+    pub fn user_id(&self) -> Option<&str> {
+        self.user_id.as_deref()
+    }
+
+    pub fn set_user_id(&mut self, user_id: Option<String>) {
+        self.user_id = user_id;
+        self.changed = true;
+    }
+
+    /// When it happened, ms since the Unix epoch.
+    pub fn timestamp_ms(&self) -> i64 {
+        self.timestamp_ms
+    }
+
+    pub fn set_timestamp_ms(&mut self, timestamp_ms: i64) {
+        self.timestamp_ms = timestamp_ms;
+        self.changed = true;
     }
 
     /// The event's properties.
@@ -186,6 +228,11 @@ impl Event {
         self.context.get_mut()
     }
 
+    /// True if the plugin changed anything (or asked for mutable access to the JSON).
+    pub fn is_changed(&self) -> bool {
+        self.changed || self.properties.dirty || self.context.dirty
+    }
+
     #[doc(hidden)]
     pub fn from_wit(e: bindings::Event) -> Self {
         Self {
@@ -196,6 +243,7 @@ impl Event {
             timestamp_ms: e.timestamp_ms,
             properties: JsonObject::from_raw(e.properties),
             context: JsonObject::from_raw(e.context),
+            changed: false,
         }
     }
 
@@ -218,7 +266,7 @@ impl Event {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Outcome {
-    /// Pass the event on (as modified).
+    /// Pass the event on (changed or not: the SDK sends only changed events back).
     Keep(Event),
     /// Discard it on purpose; the reason is counted, the event written nowhere.
     Drop(String),
@@ -250,6 +298,7 @@ impl Outcome {
     #[doc(hidden)]
     pub fn into_wit(self) -> bindings::Outcome {
         match self {
+            Outcome::Keep(e) if !e.is_changed() => bindings::Outcome::Pass,
             Outcome::Keep(e) => bindings::Outcome::Keep(e.into_wit()),
             Outcome::Drop(r) => bindings::Outcome::Drop(r),
             Outcome::Reject(r) => bindings::Outcome::Reject(r),
@@ -387,14 +436,22 @@ mod tests {
             context: "{}".into(),
         });
         assert_eq!(e.property("a"), Some(&json!(2)));
-        assert_eq!(e.into_wit().properties, r#"{"b":1,  "a":2}"#);
+        assert!(!e.is_changed());
+        assert!(matches!(
+            Outcome::keep(e).into_wit(),
+            bindings::Outcome::Pass
+        ));
     }
 
     #[test]
     fn changed_properties_are_reserialised() {
         let mut e = Event::new("n");
         e.set_property("k", "v");
+        assert!(e.is_changed());
         assert_eq!(e.into_wit().properties, r#"{"k":"v"}"#);
+        let mut e = Event::new("n");
+        e.set_name("m");
+        assert!(matches!(Outcome::keep(e).into_wit(), bindings::Outcome::Keep(w) if w.name == "m"));
     }
 
     #[test]

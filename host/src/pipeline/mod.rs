@@ -105,8 +105,8 @@ impl Stage {
             );
             return batch
                 .iter()
-                .map(|e| match self.policy {
-                    FailurePolicy::Open => Verdict::Keep(e.clone()),
+                .map(|_| match self.policy {
+                    FailurePolicy::Open => Verdict::Pass,
                     FailurePolicy::Closed => Verdict::Failed(reason.clone()),
                 })
                 .collect();
@@ -225,6 +225,10 @@ impl Pipeline {
                 let plugin = stage.instance.plugin();
                 for ((origin, original), verdict) in origins.into_iter().zip(batch).zip(verdicts) {
                     let reason = match verdict {
+                        Verdict::Pass => {
+                            next.push((origin, original));
+                            continue;
+                        }
                         Verdict::Keep(event) => {
                             next.push((origin, event));
                             continue;

@@ -215,6 +215,9 @@ fn ticks(d: Duration) -> u64 {
 /// What became of one event in one plugin.
 #[derive(Debug, Clone)]
 pub enum Verdict {
+    /// Kept unchanged: the caller still holds the event.
+    Pass,
+    /// Kept, changed by the plugin.
     Keep(Event),
     Drop(String),
     Reject(String),
@@ -453,6 +456,7 @@ fn check_outcome(outcome: Outcome, original: &Event) -> Verdict {
             event.event_id.clone_from(&original.event_id);
             Verdict::Keep(event)
         }
+        Outcome::Pass => Verdict::Pass,
         Outcome::Drop(reason) => Verdict::Drop(reason),
         Outcome::Reject(reason) => Verdict::Reject(reason),
     }

@@ -38,14 +38,14 @@ pub fn enrich(mut event: Event, config: &Config) -> Outcome {
         counter_add("dropped_test_traffic", 1);
         return Outcome::drop("test traffic");
     }
-    if event.user_id.is_none() && config.require_user.contains(&event.name) {
-        return Outcome::reject(format!("{} requires a user_id", event.name));
+    if event.user_id().is_none() && config.require_user.iter().any(|n| n == event.name()) {
+        return Outcome::reject(format!("{} requires a user_id", event.name()));
     }
-    if event.name == "profile_viewed" {
+    if event.name() == "profile_viewed" {
         let Some(profile) = event.property_str("profile_id") else {
             return Outcome::reject("profile_viewed needs a string properties.profile_id");
         };
-        let self_view = event.user_id.as_deref() == Some(profile);
+        let self_view = event.user_id() == Some(profile);
         event.set_property("self_view", self_view);
     }
     event.set_property("enriched_by", "enrich");

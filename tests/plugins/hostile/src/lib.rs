@@ -14,7 +14,7 @@ use weir_plugin_sdk::{Event, Outcome, plugin};
 plugin!(misbehave);
 
 pub fn misbehave(mut event: Event) -> Outcome {
-    match event.name.as_str() {
+    match event.name() {
         "loop" => {
             let mut n = 0u64;
             loop {
@@ -30,7 +30,7 @@ pub fn misbehave(mut event: Event) -> Outcome {
         "recurse" => {
             black_box(recurse(black_box(1)));
         }
-        "panic" => panic!("hostile plugin panics on event {}", event.event_id),
+        "panic" => panic!("hostile plugin panics on event {}", event.event_id()),
         "sleep" => std::thread::sleep(std::time::Duration::from_secs(3600)),
         _ => {}
     }

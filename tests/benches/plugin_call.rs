@@ -1,0 +1,69 @@
+//! The plugin call path: per-event cost of a pass-through plugin (built with the Rust
+//! SDK) at batch sizes 1, 64, 256 and 1024, through `PluginInstance::process` (the
+//! sandbox crossing, lifting and lowering the events, checking the outcomes), and of
+//! the `enrich` example plugin, which parses and re-serialises the properties.
+//!
+//! Run: `cargo bench -p weir-tests --bench plugin_call`. Figures go in BENCHMARKS.md.
+
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use weir::runtime::{Event, Limits, Runtime};
+use weir_tests::plugin_path;
+
+fn events(n: usize) -> Vec<Event> {
+    (0..n)
+        .map(|i| Event {
+            event_id: format!("01a2082a-23bc-76e5-8bf8-{i:012}"),
+            app: "bench".into(),
+            name: if i % 2 == 0 {
+                "profile_viewed"
+            } else {
+                "post_liked"
+            }
+            .into(),
+            user_id: Some(format!("user{}", i % 1000)),
+            timestamp_ms: 1_795_400_000_000 + i as i64,
+            properties: format!(
+                r#"{{"profile_id":"user{}","source":"feed","position":{i}}}"#,
+                i % 97
+            ),
+            context: r#"{"locale":"en-GB","app_version":"4.2.0"}"#.into(),
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let runtime = Runtime::new().unwrap();
+    let limits = Limits {
+        deadline: Duration::from_secs(1),
+        memory_bytes: 64 << 20,
+    };
+    for plugin in ["passthrough", "enrich"] {
+        let bytes = std::fs::read(plugin_path(plugin)).unwrap();
+        let loaded = rt
+            .block_on(runtime.load(plugin, &bytes, "{}".into(), limits))
+            .unwrap();
+        let mut instance = rt.block_on(loaded.instantiate()).unwrap();
+        let mut group = c.benchmark_group(format!("plugin_call/{plugin}"));
+        for batch in [1usize, 64, 256, 1024] {
+            let input = events(batch);
+            group.throughput(Throughput::Elements(batch as u64));
+            group.bench_with_input(BenchmarkId::from_parameter(batch), &input, |b, input| {
+                b.iter(|| rt.block_on(instance.process(input)))
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = bench
+}
+criterion_main!(benches);
