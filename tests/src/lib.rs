@@ -374,6 +374,8 @@ impl ClickHouse {
 /// A running `weir serve` process.
 pub struct Weir {
     pub ingest: SocketAddr,
+    /// Extra environment of the next start.
+    pub env: Vec<(String, String)>,
     config: PathBuf,
     dir: TempDir,
     proc: Option<Proc>,
@@ -397,12 +399,21 @@ pub const WRITE_KEY: &str = "wk_test_1234567890abcdef";
 impl Weir {
     /// Writes `config` (TOML; `{ingest}` is replaced by a free address) and starts weir.
     pub fn start(config: &str) -> Result<Weir> {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Like [`Weir::start`], with extra environment variables for this first start.
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Result<Weir> {
         let dir = TempDir::new("weir");
         let ingest = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let path = dir.path().join("weir.toml");
         std::fs::write(&path, config.replace("{ingest}", &ingest.to_string()))?;
         let mut weir = Weir {
             ingest,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             config: path,
             dir,
             proc: None,
@@ -424,7 +435,8 @@ impl Weir {
             Command::new(weir_binary()?)
                 .args(["serve", "--config"])
                 .arg(&self.config)
-                .env("WEIR_LOG", "info,rdkafka=warn"),
+                .env("WEIR_LOG", "info,rdkafka=warn")
+                .envs(self.env.iter().map(|(k, v)| (k, v))),
             log,
         )?;
         let ingest = self.ingest;
@@ -450,6 +462,13 @@ impl Weir {
             .unwrap_or(true)
     }
 
+    /// SIGKILL: no flush, no commit, no goodbye to the consumer group.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
     /// All output of every start so far, oldest first.
     pub fn log(&self) -> String {
         (1..=self.starts)
@@ -459,6 +478,20 @@ impl Weir {
                 format!("---- weir start #{n} ----\n{text}")
             })
             .collect()
+    }
+
+    /// Waits until the current process exits by itself.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> Result<()> {
+        let proc = self.proc.as_mut().context("weir is not running")?;
+        let start = Instant::now();
+        while proc.is_running() {
+            if start.elapsed() > timeout {
+                bail!("weir still running after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.proc = None;
+        Ok(())
     }
 
     /// Waits until the current process has logged a line containing `needle`.

@@ -7,9 +7,13 @@
 //! - a failed insert is retried with backoff, and the offsets do not move meanwhile;
 //! - when a rebalance revokes partitions, whatever was buffered from them and not yet
 //!   written is dropped: the new owner re-reads it from the committed offset;
-//! - on shutdown the buffer is flushed and committed before the consumer leaves.
+//! - on shutdown the buffer is flushed and committed before the consumer leaves;
+//! - after a crash, the batch that was written but not committed is read again: before
+//!   writing, rows whose Kafka coordinates and event id are already in ClickHouse are
+//!   skipped (checked only for offsets up to what ClickHouse held when this instance
+//!   took the partition), so a replay does not write an event twice.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use std::time::Duration;
 
@@ -19,11 +23,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::{DeadLetter, Origin, Pipeline};
+use super::{DeadLetter, Origin, Output, Pipeline};
 use crate::bus::record::WireEvent;
 use crate::bus::{self, Consumer};
 use crate::config::ProcessorConfig;
-use crate::sinks::clickhouse::ClickHouseSink;
+use crate::sinks::clickhouse::{ClickHouseError, ClickHouseSink};
 
 /// Longest pause between retries of a failed flush.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -78,6 +82,9 @@ pub struct Worker {
     pipeline: Pipeline,
     sink: ClickHouseSink,
     cfg: ProcessorConfig,
+    /// Per partition, the highest offset already in ClickHouse when this instance took
+    /// the partition (`None`: nothing there). Loaded lazily; forgotten on revoke.
+    watermarks: HashMap<i32, Option<i64>>,
 }
 
 impl Worker {
@@ -94,6 +101,7 @@ impl Worker {
             pipeline,
             sink,
             cfg,
+            watermarks: HashMap::new(),
         }
     }
 
@@ -111,7 +119,7 @@ impl Worker {
                     self.flush(&mut buf, &mut shutdown).await;
                 }
                 msg = self.consumer.recv() => {
-                    buf.forget(&self.consumer.context().take_revoked());
+                    forget_revoked(&self.consumer, &mut self.watermarks, &mut buf);
                     match msg {
                         Ok(m) => {
                             let (partition, offset) = (m.partition(), m.offset());
@@ -151,7 +159,7 @@ impl Worker {
     /// Processes and writes the buffer, retrying until ClickHouse acknowledged, then
     /// commits its offsets. Gives up (without committing) only on shutdown.
     async fn flush(&mut self, buf: &mut Buffer, shutdown: &mut watch::Receiver<bool>) {
-        buf.forget(&self.consumer.context().take_revoked());
+        forget_revoked(&self.consumer, &mut self.watermarks, buf);
         if buf.is_empty() {
             return;
         }
@@ -164,16 +172,7 @@ impl Worker {
 
         let mut backoff = Duration::from_millis(self.cfg.retry_backoff_ms);
         loop {
-            match self
-                .sink
-                .write(
-                    &output.kept,
-                    &output.dead,
-                    self.pipeline.name(),
-                    self.pipeline.versions(),
-                )
-                .await
-            {
+            match self.write(&mut output).await {
                 Ok(()) => break,
                 Err(e) => {
                     error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "flush to ClickHouse failed; retrying");
@@ -190,6 +189,7 @@ impl Worker {
                 }
             }
         }
+        failpoint_after_write();
         // Rebalance callbacks run only inside `recv`, so every partition we wrote for is
         // still ours: the commit below cannot be refused for ownership.
         let offsets = std::mem::take(&mut buf.next_offsets);
@@ -207,6 +207,108 @@ impl Worker {
             "batch flushed"
         );
     }
+}
+
+impl Worker {
+    /// Skips rows a previous run already wrote, then writes the rest.
+    async fn write(&mut self, output: &mut Output) -> Result<(), ClickHouseError> {
+        self.skip_replayed(output).await?;
+        self.sink
+            .write(
+                &output.kept,
+                &output.dead,
+                self.pipeline.name(),
+                self.pipeline.versions(),
+            )
+            .await
+    }
+
+    async fn skip_replayed(&mut self, output: &mut Output) -> Result<(), ClickHouseError> {
+        let mut ranges: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
+        let origins = output
+            .kept
+            .iter()
+            .map(|k| k.origin)
+            .chain(output.dead.iter().map(|d| d.origin));
+        for o in origins {
+            let r = ranges.entry(o.partition).or_insert((o.offset, o.offset));
+            r.0 = r.0.min(o.offset);
+            r.1 = r.1.max(o.offset);
+        }
+        let mut skipped = 0;
+        for (partition, (lo, hi)) in ranges {
+            let watermark = match self.watermarks.get(&partition) {
+                Some(w) => *w,
+                None => {
+                    let w = self.sink.max_offset(partition).await?;
+                    self.watermarks.insert(partition, w);
+                    w
+                }
+            };
+            let Some(watermark) = watermark.filter(|w| lo <= *w) else {
+                continue;
+            };
+            let hi = hi.min(watermark);
+            let in_range = |o: &Origin| o.partition == partition && (lo..=hi).contains(&o.offset);
+            let events = self.sink.written("events", partition, lo, hi).await?;
+            let dead = self.sink.written("dead_letters", partition, lo, hi).await?;
+            let before = output.kept.len() + output.dead.len();
+            output.kept.retain(|k| {
+                !(in_range(&k.origin)
+                    && events.contains(&(
+                        k.origin.offset,
+                        k.origin.index,
+                        k.event.event_id.clone(),
+                    )))
+            });
+            output.dead.retain(|d| {
+                !(in_range(&d.origin)
+                    && dead.contains(&(d.origin.offset, d.origin.index, d.event_id.clone())))
+            });
+            skipped += before - output.kept.len() - output.dead.len();
+        }
+        if skipped > 0 {
+            warn!(
+                skipped,
+                "skipped rows an earlier run already wrote (a replay after a crash)"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Fault injection for crash tests: with `WEIR_FAILPOINT=after_write:N` the process
+/// aborts right after its Nth flush was written to ClickHouse and before the offsets
+/// were committed: the window in which a crash makes Kafka replay written rows.
+fn failpoint_after_write() {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static AT: OnceLock<Option<u64>> = OnceLock::new();
+    static FLUSHES: AtomicU64 = AtomicU64::new(0);
+    let at = AT.get_or_init(|| {
+        std::env::var("WEIR_FAILPOINT")
+            .ok()
+            .and_then(|v| v.strip_prefix("after_write:")?.parse().ok())
+    });
+    if let Some(at) = at
+        && FLUSHES.fetch_add(1, Ordering::SeqCst) + 1 == *at
+    {
+        error!("WEIR_FAILPOINT after_write:{at} reached: aborting");
+        std::process::abort();
+    }
+}
+
+/// Forgets what was buffered from, and known about, partitions just revoked.
+fn forget_revoked(
+    consumer: &Consumer,
+    watermarks: &mut HashMap<i32, Option<i64>>,
+    buf: &mut Buffer,
+) {
+    let revoked = consumer.context().take_revoked();
+    for p in &revoked {
+        watermarks.remove(p);
+    }
+    buf.forget(&revoked);
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -42,7 +42,10 @@ test("drops test traffic and counts it", () => {
 });
 
 test("properties that are not a JSON object read as {}", () => {
-  for (const text of ["", "[]", "null", '{"a":1,}', '{"a":NaN}', '{"a":1e400}', '{"a":"\\ud800"}']) {
+  // The last one: serde_json fails on the lone surrogate even though a repeated key
+  // replaces the string that holds it.
+  const texts = ["", "[]", "null", '{"a":1,}', '{"a":NaN}', '{"a":1e400}', '{"a":"\\ud800"}', '{"x":{"\\ud8000":1},"x":2}'];
+  for (const text of texts) {
     assert.equal(run(event("app_opened", { properties: text })).outcome.val.properties, '{"enriched_by":"enrich"}', text);
   }
 });

@@ -32,7 +32,9 @@ _NUMBER = re.compile(r"(-?)(\d+)(?:\.(\d+))?(?:[eE]([-+]?)(\d+))?")
 # integers too long for u64/i64 (which serde_json reads as f64).
 _INT_RISK = re.compile(r"-0|\d{19}")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
+# Every escape, left to right, so that `\\ud800` in the text reads as an escaped
+# backslash, not as a surrogate escape.
+_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|.)", re.S)
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _BRACKET = re.compile(r"[\[\]{}]")
 _encode_string = json.encoder.encode_basestring  # the C version when available
@@ -85,6 +87,10 @@ def loads(text, pairs=False):
     # sandbox's stack, where serde_json stops at its limit.
     if text.count("{") + text.count("[") >= MAX_DEPTH and _nesting(text) >= MAX_DEPTH:
         raise JsonError("recursion limit exceeded")
+    # Checked in the text, not in the result: a string that a repeated key replaces
+    # still makes serde_json fail.
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate_escape(text):
+        raise JsonError("lone surrogate in hex escape")
     _Parse.saw_float = False
     if pairs:
         decoder = _DECODER_PAIRS
@@ -94,8 +100,6 @@ def loads(text, pairs=False):
         value = decoder.decode(text)
     except json.JSONDecodeError as e:
         raise JsonError(str(e)) from None
-    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
-        raise JsonError("lone leading surrogate in hex escape")
     return value, _Parse.saw_float
 
 
@@ -111,17 +115,22 @@ def _nesting(text):
     return deepest
 
 
-def _has_lone_surrogate(value):
-    # json decodes a valid escaped pair to one character; what is left is a lone one.
-    if isinstance(value, str):
-        return _SURROGATE.search(value) is not None
-    if isinstance(value, dict):
-        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
-    if isinstance(value, Pairs):
-        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value)
-    if isinstance(value, list):
-        return any(map(_has_lone_surrogate, value))
-    return False
+def _has_lone_surrogate_escape(text):
+    """Whether (valid) JSON text has a ``\\u`` escape of an unpaired surrogate (a pair is
+    a leading ``\\ud800``-``\\udbff`` escape followed at once by a trailing
+    ``\\udc00``-``\\udfff`` one)."""
+    lead_end = None  # where the last unpaired leading surrogate's escape ended
+    for m in _ESCAPE.finditer(text):
+        code = int(m.group(1), 16) if m.group(1) else None
+        if lead_end is not None:
+            if m.start() != lead_end or code is None or not 0xDC00 <= code <= 0xDFFF:
+                return True
+            lead_end = None
+        elif code is not None and 0xD800 <= code <= 0xDBFF:
+            lead_end = m.end()
+        elif code is not None and 0xDC00 <= code <= 0xDFFF:
+            return True
+    return lead_end is not None
 
 
 class JsonObject:

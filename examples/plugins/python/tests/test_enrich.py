@@ -52,7 +52,10 @@ class EnrichTest(unittest.TestCase):
         self.assertEqual(run(event("app_opened", properties='{"is_test":1}'))[0][0], "keep")
 
     def test_properties_that_are_not_a_json_object_read_as_empty(self):
-        for text in ["", "[]", "null", '{"a":1,}', '{"a":NaN}', '{"a":1e400}', '{"a":"\\ud800"}']:
+        # The last one: serde_json fails on the lone surrogate even though a repeated key
+        # replaces the string that holds it.
+        for text in ["", "[]", "null", '{"a":1,}', '{"a":NaN}', '{"a":1e400}', '{"a":"\\ud800"}',
+                     '{"x":{"\\ud8000":1},"x":2}']:
             with self.subTest(text=text):
                 self.assertEqual(run(event("app_opened", properties=text))[0][1].properties, '{"enriched_by":"enrich"}')
 

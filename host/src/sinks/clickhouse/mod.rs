@@ -5,8 +5,10 @@
 //! `String` JSON text (no JSON type), and `RowBinary` inserts without the server-side
 //! type header (`with_validation(false)`), which 18.16 lacks.
 
+use std::collections::HashSet;
+
 use clickhouse::{Client, Row};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use crate::config::ClickHouseConfig;
@@ -108,6 +110,25 @@ struct DeadLetterRow<'a> {
     kafka_index: u32,
 }
 
+/// A row already written, identified by where it came from and which event it is.
+pub type WrittenKey = (i64, u32, String);
+
+#[derive(Row, Deserialize)]
+struct KeyRow {
+    kafka_offset: u64,
+    kafka_index: u32,
+    event_id: String,
+}
+
+#[derive(Row, Deserialize)]
+struct MaxRow {
+    max_offset: u64,
+    rows: u64,
+}
+
+/// The tables weir writes rows with Kafka coordinates to.
+const TABLES: [&str; 2] = ["events", "dead_letters"];
+
 /// Seconds since the epoch for a `DateTime` column (clamped to its range).
 fn datetime(ms: i64) -> u32 {
     (ms.div_euclid(1000)).clamp(0, u32::MAX as i64) as u32
@@ -148,6 +169,52 @@ impl ClickHouseSink {
         }
         info!(database = %self.database, "ClickHouse tables ready");
         Ok(())
+    }
+
+    /// The highest Kafka offset of `partition` in any of weir's tables, if any row has
+    /// one. Rows up to it may be written again by a replay after a crash.
+    pub async fn max_offset(&self, partition: i32) -> Result<Option<i64>, ClickHouseError> {
+        let mut max = None;
+        for table in TABLES {
+            let sql = format!(
+                "SELECT max(kafka_offset) AS max_offset, count() AS rows FROM {table} WHERE kafka_partition = {partition}"
+            );
+            let row: MaxRow = self
+                .client
+                .query(&sql)
+                .fetch_one()
+                .await
+                .map_err(query_err(format!("offset watermark of {table}")))?;
+            if row.rows > 0 {
+                max = max.max(Some(row.max_offset as i64));
+            }
+        }
+        Ok(max)
+    }
+
+    /// The rows of `partition` with offsets in `lo..=hi` already in `table`
+    /// (`events` or `dead_letters`).
+    pub async fn written(
+        &self,
+        table: &str,
+        partition: i32,
+        lo: i64,
+        hi: i64,
+    ) -> Result<HashSet<WrittenKey>, ClickHouseError> {
+        let sql = format!(
+            "SELECT kafka_offset, kafka_index, event_id FROM {table} \
+             WHERE kafka_partition = {partition} AND kafka_offset >= {lo} AND kafka_offset <= {hi}"
+        );
+        let rows: Vec<KeyRow> = self
+            .client
+            .query(&sql)
+            .fetch_all()
+            .await
+            .map_err(query_err(format!("replay check of {table}")))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.kafka_offset as i64, r.kafka_index, r.event_id))
+            .collect())
     }
 
     /// Inserts one batch: one INSERT per table. Returns when ClickHouse acknowledged.
