@@ -281,7 +281,9 @@ async fn bad_input_is_refused_with_its_documented_error_and_never_reaches_kafka(
             None,
         ),
     ];
+    let mut statuses: std::collections::BTreeMap<u16, f64> = Default::default();
     for (what, key, ct, body, status, code, field, index) in cases {
+        *statuses.entry(status).or_default() += 1.0;
         let r = post(&url, key, ct, body).await;
         assert_eq!(r.status, status, "{what}: {}", r.body);
         let err = &r.body["error"];
@@ -311,6 +313,29 @@ async fn bad_input_is_refused_with_its_documented_error_and_never_reaches_kafka(
     assert_eq!(
         good.body,
         json!({"accepted": 1, "event_ids": ["the-good-one"]})
+    );
+
+    // The metrics count every answer by status, and the accepted events by app.
+    let metrics = reqwest::get(format!("http://{}/metrics", weir.ingest))
+        .await?
+        .text()
+        .await?;
+    for (status, n) in statuses {
+        let status = status.to_string();
+        let seen = weir_tests::metric(
+            &metrics,
+            "weir_ingest_requests_total",
+            &[("status", &status)],
+        );
+        assert_eq!(seen, n, "requests answered {status}");
+    }
+    assert_eq!(
+        weir_tests::metric(&metrics, "weir_ingest_requests_total", &[("status", "202")]),
+        1.0
+    );
+    assert_eq!(
+        weir_tests::metric(&metrics, "weir_ingest_events_total", &[("app", "test")]),
+        1.0
     );
 
     let records = read_topic(&tansu.bootstrap()).await?;

@@ -9,6 +9,7 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod ingest;
+pub mod metrics;
 pub mod pipeline;
 pub mod runtime;
 pub mod serve;

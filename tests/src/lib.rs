@@ -507,3 +507,20 @@ impl Weir {
         format!("http://{}/v1/events", self.ingest)
     }
 }
+
+/// Sums the samples of metric `name` whose labels include every `key="value"` pair of
+/// `labels`, in Prometheus text output.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric_name, rest) = series.split_once('{').unwrap_or((series, ""));
+            let wanted = metric_name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}

@@ -69,12 +69,13 @@ impl<S: Sink> Ingest<S> {
     }
 }
 
-/// The ingest router: `/v1/events`, `/healthz`, `/readyz`.
+/// The ingest router: `/v1/events`, `/healthz`, `/readyz`, `/metrics`.
 pub fn app<S: Sink>(state: Arc<Ingest<S>>, cors_origins: &[String]) -> Router {
     let router = Router::new()
         .route("/v1/events", post(post_events::<S>))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz::<S>))
+        .route("/metrics", get(|| async { crate::metrics::render() }))
         // The handler enforces the body limit itself, to answer in JSON.
         .layer(DefaultBodyLimit::disable())
         .with_state(state);
@@ -238,10 +239,27 @@ async fn post_events<S: Sink>(
     State(state): State<Arc<Ingest<S>>>,
     headers: HeaderMap,
     body: Body,
+) -> Response {
+    let started = std::time::Instant::now();
+    let response = match accept(&state, &headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    crate::metrics::INGEST_REQUESTS
+        .with_label_values(&[response.status().as_str()])
+        .inc();
+    crate::metrics::INGEST_DURATION.observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn accept<S: Sink>(
+    state: &Ingest<S>,
+    headers: &HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(&state, &headers)?.to_owned();
-    let format = body_format(&headers)?;
-    let bytes = read_body(body, &headers, state.max_body_bytes).await?;
+    let app = authenticate(state, headers)?.to_owned();
+    let format = body_format(headers)?;
+    let bytes = read_body(body, headers, state.max_body_bytes).await?;
     let now_ms = crate::now_ms();
     let events = envelope::parse_body(&bytes, format, &state.limits, now_ms, || {
         uuid::Uuid::now_v7().to_string()
@@ -258,12 +276,20 @@ async fn post_events<S: Sink>(
         received_ms: now_ms,
         events,
     };
-    match state.sink.send(record, key).await {
-        Ok(()) => Ok((
-            StatusCode::ACCEPTED,
-            axum::Json(json!({ "accepted": event_ids.len(), "event_ids": event_ids })),
-        )
-            .into_response()),
+    let produce = std::time::Instant::now();
+    let sent = state.sink.send(record, key).await;
+    crate::metrics::PRODUCE_DURATION.observe(produce.elapsed().as_secs_f64());
+    match sent {
+        Ok(()) => {
+            crate::metrics::INGEST_EVENTS
+                .with_label_values(&[app.as_str()])
+                .inc_by(event_ids.len() as u64);
+            Ok((
+                StatusCode::ACCEPTED,
+                axum::Json(json!({ "accepted": event_ids.len(), "event_ids": event_ids })),
+            )
+                .into_response())
+        }
         Err(BusError::TooLarge(n)) => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",

@@ -98,7 +98,12 @@ impl Stage {
     }
 
     async fn run(&mut self, batch: &[Event]) -> Vec<Verdict> {
+        let plugin = self.instance.plugin().clone();
+        let labels = [plugin.name(), plugin.version()];
         if self.is_quarantined() {
+            crate::metrics::PLUGIN_EVENTS
+                .with_label_values(&[labels[0], labels[1], "quarantined"])
+                .inc_by(batch.len() as u64);
             let reason = format!(
                 "plugin quarantined after repeated failures; last: {}",
                 self.last_failure
@@ -111,7 +116,31 @@ impl Stage {
                 })
                 .collect();
         }
+        let started = Instant::now();
         let verdicts = self.instance.process(batch).await;
+        crate::metrics::PLUGIN_CALL_DURATION
+            .with_label_values(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        let mut counts = [0u64; 5];
+        for v in &verdicts {
+            counts[match v {
+                Verdict::Pass => 0,
+                Verdict::Keep(_) => 1,
+                Verdict::Drop(_) => 2,
+                Verdict::Reject(_) => 3,
+                Verdict::Failed(_) => 4,
+            }] += 1;
+        }
+        for (outcome, n) in ["pass", "keep", "drop", "reject", "failed"]
+            .iter()
+            .zip(counts)
+        {
+            if n > 0 {
+                crate::metrics::PLUGIN_EVENTS
+                    .with_label_values(&[labels[0], labels[1], outcome])
+                    .inc_by(n);
+            }
+        }
         let failed: Vec<&str> = verdicts
             .iter()
             .filter_map(|v| match v {
@@ -135,10 +164,16 @@ impl Stage {
                 );
                 self.quarantined_until = Some(Instant::now() + self.quarantine_for);
                 self.failing_calls = 0;
+                crate::metrics::PLUGIN_QUARANTINED
+                    .with_label_values(&labels)
+                    .set(1);
             }
         } else {
             if self.quarantined_until.take().is_some() {
-                info!(plugin = %self.instance.plugin().name(), "plugin out of quarantine");
+                info!(plugin = %plugin.name(), "plugin out of quarantine");
+                crate::metrics::PLUGIN_QUARANTINED
+                    .with_label_values(&labels)
+                    .set(0);
             }
             self.failing_calls = 0;
         }

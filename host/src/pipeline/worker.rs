@@ -165,6 +165,7 @@ impl Worker {
         }
         let events = std::mem::take(&mut buf.events);
         let count = events.len();
+        crate::metrics::BATCH_EVENTS.observe(count as f64);
         let started = std::time::Instant::now();
         let mut output = self.pipeline.run(events).await;
         output.dead.append(&mut buf.undecodable);
@@ -172,9 +173,28 @@ impl Worker {
 
         let mut backoff = Duration::from_millis(self.cfg.retry_backoff_ms);
         loop {
+            let write_started = std::time::Instant::now();
             match self.write(&mut output).await {
-                Ok(()) => break,
+                Ok(()) => {
+                    crate::metrics::SINK_FLUSH_DURATION
+                        .with_label_values(&["clickhouse"])
+                        .observe(write_started.elapsed().as_secs_f64());
+                    let m = &crate::metrics::SINK_ROWS;
+                    m.with_label_values(&["events"])
+                        .inc_by(output.kept.len() as u64);
+                    m.with_label_values(&["dead_letters"])
+                        .inc_by(output.dead.len() as u64);
+                    for d in &output.dead {
+                        crate::metrics::DEAD_LETTERS
+                            .with_label_values(&[d.stage])
+                            .inc();
+                    }
+                    break;
+                }
                 Err(e) => {
+                    crate::metrics::SINK_ERRORS
+                        .with_label_values(&["clickhouse"])
+                        .inc();
                     error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "flush to ClickHouse failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}

@@ -1,0 +1,151 @@
+//! Prometheus metrics, served at `GET /metrics` on the ingest port. Names follow
+//! Prometheus' conventions: `weir_<noun>_<unit>`, counters end in `_total`.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    TextEncoder,
+};
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    prometheus::register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn histogram_vec(name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("valid metric");
+    prometheus::register(Box::new(h.clone())).expect("metric registered once");
+    h
+}
+
+fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("valid metric");
+    prometheus::register(Box::new(h.clone())).expect("metric registered once");
+    h
+}
+
+/// Latency buckets from 100 us to 10 s.
+fn latency() -> Vec<f64> {
+    prometheus::exponential_buckets(0.0001, 2.5, 12).expect("valid buckets")
+}
+
+pub static INGEST_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "weir_ingest_requests_total",
+        "POST /v1/events requests by HTTP status",
+        &["status"],
+    )
+});
+pub static INGEST_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "weir_ingest_events_total",
+        "Events accepted (202) by app",
+        &["app"],
+    )
+});
+pub static INGEST_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "weir_ingest_request_duration_seconds",
+        "Time to answer POST /v1/events",
+        latency(),
+    )
+});
+pub static PRODUCE_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "weir_kafka_produce_duration_seconds",
+        "Time from sending a request's record to Kafka's acknowledgement",
+        latency(),
+    )
+});
+pub static BATCH_EVENTS: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "weir_processor_batch_events",
+        "Events per processor flush",
+        prometheus::exponential_buckets(1.0, 4.0, 10).expect("valid buckets"),
+    )
+});
+pub static PLUGIN_CALL_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram_vec(
+        "weir_plugin_call_duration_seconds",
+        "Time of one batch call into a plugin (including trap isolation)",
+        &["plugin", "version"],
+        latency(),
+    )
+});
+pub static PLUGIN_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "weir_plugin_events_total",
+        "Events by plugin outcome: pass, keep, drop, reject, failed (trap or limit), quarantined",
+        &["plugin", "version", "outcome"],
+    )
+});
+pub static PLUGIN_QUARANTINED: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    let g = IntGaugeVec::new(
+        Opts::new(
+            "weir_plugin_quarantined",
+            "1 while the plugin is quarantined",
+        ),
+        &["plugin", "version"],
+    )
+    .expect("valid metric");
+    prometheus::register(Box::new(g.clone())).expect("metric registered once");
+    g
+});
+pub static SINK_FLUSH_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram_vec(
+        "weir_sink_flush_duration_seconds",
+        "Time of one successful flush to a sink",
+        &["sink"],
+        latency(),
+    )
+});
+pub static SINK_ROWS: LazyLock<IntCounterVec> =
+    LazyLock::new(|| counter_vec("weir_sink_rows_total", "Rows written, by table", &["table"]));
+pub static SINK_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "weir_sink_errors_total",
+        "Failed flush attempts (each is retried)",
+        &["sink"],
+    )
+});
+pub static REPLAYED_ROWS_SKIPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    let c = IntCounter::new(
+        "weir_replayed_rows_skipped_total",
+        "Rows of replayed Kafka records that were already in ClickHouse",
+    )
+    .expect("valid metric");
+    prometheus::register(Box::new(c.clone())).expect("metric registered once");
+    c
+});
+pub static DEAD_LETTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "weir_dead_letters_total",
+        "Events written to dead_letters, by stage",
+        &["stage"],
+    )
+});
+
+/// All metrics in Prometheus' text format.
+pub fn render() -> String {
+    // Touch every metric so that it is listed from the start, not after first use.
+    LazyLock::force(&INGEST_REQUESTS);
+    LazyLock::force(&INGEST_EVENTS);
+    LazyLock::force(&INGEST_DURATION);
+    LazyLock::force(&PRODUCE_DURATION);
+    LazyLock::force(&BATCH_EVENTS);
+    LazyLock::force(&PLUGIN_CALL_DURATION);
+    LazyLock::force(&PLUGIN_EVENTS);
+    LazyLock::force(&PLUGIN_QUARANTINED);
+    LazyLock::force(&SINK_FLUSH_DURATION);
+    LazyLock::force(&SINK_ROWS);
+    LazyLock::force(&SINK_ERRORS);
+    LazyLock::force(&REPLAYED_ROWS_SKIPPED);
+    LazyLock::force(&DEAD_LETTERS);
+    TextEncoder::new()
+        .encode_to_string(&prometheus::gather())
+        .unwrap_or_default()
+}
