@@ -79,71 +79,55 @@ fn assert_isolated(verdicts: &[Verdict], events: &[Event], bad: &[usize], why: &
     }
 }
 
-async fn next_batch_runs(instance: &mut PluginInstance) {
-    let events = batch(10, &[]);
+/// Runs `n` events, the `bad` ones misbehaving, through a fresh hostile instance;
+/// checks that exactly the bad ones failed with a reason naming `why` and that the
+/// instance's next batch runs normally. Returns the instance and the batch's time.
+async fn isolate(n: usize, bad: &[(usize, &str)], why: &str) -> (PluginInstance, Duration) {
+    let plugin = load("hostile").await;
+    let mut instance = plugin.instantiate().await.unwrap();
+    let events = batch(n, bad);
+    let started = Instant::now();
     let verdicts = instance.process(&events).await;
-    assert_isolated(&verdicts, &events, &[], "");
+    let took = started.elapsed();
+    let positions: Vec<usize> = bad.iter().map(|(at, _)| *at).collect();
+    assert_isolated(&verdicts, &events, &positions, why);
+
+    let next = batch(10, &[]);
+    let verdicts = instance.process(&next).await;
+    assert_isolated(&verdicts, &next, &[], "");
+    (instance, took)
 }
 
 #[tokio::test]
 async fn a_trap_in_one_event_of_a_batch_of_1000_fails_only_that_event() {
-    let plugin = load("hostile").await;
-    let mut instance = plugin.instantiate().await.unwrap();
-    let events = batch(1000, &[(617, "panic")]);
-    let verdicts = instance.process(&events).await;
-    assert_isolated(&verdicts, &events, &[617], "unreachable");
-    next_batch_runs(&mut instance).await;
+    isolate(1000, &[(617, "panic")], "unreachable").await;
 }
 
 #[tokio::test]
 async fn an_endless_loop_is_stopped_at_the_deadline() {
-    let plugin = load("hostile").await;
-    let mut instance = plugin.instantiate().await.unwrap();
-    let events = batch(64, &[(3, "loop"), (40, "loop")]);
-    let started = Instant::now();
-    let verdicts = instance.process(&events).await;
-    let took = started.elapsed();
-    assert_isolated(&verdicts, &events, &[3, 40], "deadline exceeded");
+    let (_, took) = isolate(64, &[(3, "loop"), (40, "loop")], "deadline exceeded").await;
     // Bisection: each call containing a loop costs one deadline; 64 events, 2 loops.
     assert!(took < DEADLINE * 20, "isolating two loops took {took:?}");
-    next_batch_runs(&mut instance).await;
 }
 
 #[tokio::test]
 async fn a_memory_bomb_is_stopped_by_the_memory_cap() {
-    let plugin = load("hostile").await;
-    let mut instance = plugin.instantiate().await.unwrap();
-    let events = batch(100, &[(99, "alloc")]);
-    let verdicts = instance.process(&events).await;
-    assert_isolated(&verdicts, &events, &[99], "memory cap exceeded");
+    let (instance, _) = isolate(100, &[(99, "alloc")], "memory cap exceeded").await;
     assert!(instance.peak_memory() <= MEMORY);
-    next_batch_runs(&mut instance).await;
 }
 
 #[tokio::test]
 async fn deep_recursion_is_stopped_by_the_stack_cap() {
-    let plugin = load("hostile").await;
-    let mut instance = plugin.instantiate().await.unwrap();
-    let events = batch(50, &[(0, "recurse")]);
-    let verdicts = instance.process(&events).await;
-    assert_isolated(&verdicts, &events, &[0], "stack overflow");
-    next_batch_runs(&mut instance).await;
+    isolate(50, &[(0, "recurse")], "stack overflow").await;
 }
 
 #[tokio::test]
 async fn a_plugin_that_never_returns_from_a_host_call_is_abandoned() {
-    let plugin = load("hostile").await;
-    let mut instance = plugin.instantiate().await.unwrap();
-    let events = batch(20, &[(7, "sleep")]);
-    let started = Instant::now();
-    let verdicts = instance.process(&events).await;
-    let took = started.elapsed();
-    assert_isolated(&verdicts, &events, &[7], "deadline exceeded");
+    let (_, took) = isolate(20, &[(7, "sleep")], "deadline exceeded").await;
     assert!(
         took < Duration::from_secs(5),
         "abandoning the sleeping call took {took:?}"
     );
-    next_batch_runs(&mut instance).await;
 }
 
 #[tokio::test]

@@ -14,6 +14,18 @@ fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     c
 }
 
+fn counter(name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    prometheus::register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    prometheus::register(Box::new(g.clone())).expect("metric registered once");
+    g
+}
+
 fn histogram_vec(name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
     let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
         .expect("valid metric");
@@ -84,16 +96,11 @@ pub static PLUGIN_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 pub static PLUGIN_QUARANTINED: LazyLock<IntGaugeVec> = LazyLock::new(|| {
-    let g = IntGaugeVec::new(
-        Opts::new(
-            "weir_plugin_quarantined",
-            "1 while the plugin is quarantined",
-        ),
+    gauge_vec(
+        "weir_plugin_quarantined",
+        "1 while the plugin is quarantined",
         &["plugin", "version"],
     )
-    .expect("valid metric");
-    prometheus::register(Box::new(g.clone())).expect("metric registered once");
-    g
 });
 pub static SINK_FLUSH_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
     histogram_vec(
@@ -113,13 +120,10 @@ pub static SINK_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 pub static REPLAYED_ROWS_SKIPPED: LazyLock<IntCounter> = LazyLock::new(|| {
-    let c = IntCounter::new(
+    counter(
         "weir_replayed_rows_skipped_total",
         "Rows of replayed Kafka records that were already in ClickHouse",
     )
-    .expect("valid metric");
-    prometheus::register(Box::new(c.clone())).expect("metric registered once");
-    c
 });
 pub static DEAD_LETTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
