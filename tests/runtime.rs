@@ -268,6 +268,18 @@ async fn isolated_failures_alone_do_not_quarantine() {
     assert!(!pipeline.stages()[0].is_quarantined());
 }
 
+/// Runs `weir plugin test` with the enrich plugin on an events file.
+fn plugin_test(events: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(weir_tests::weir_binary().unwrap())
+        .args(["plugin", "test"])
+        .arg(plugin_path("enrich"))
+        .arg("--events")
+        .arg(events)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn plugin_test_command_prints_each_outcome_and_a_summary() {
     let dir = weir_tests::TempDir::new("plugin-test");
@@ -281,14 +293,7 @@ fn plugin_test_command_prints_each_outcome_and_a_summary() {
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(weir_tests::weir_binary().unwrap())
-        .args(["plugin", "test"])
-        .arg(plugin_path("enrich"))
-        .arg("--events")
-        .arg(&events)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
+    let out = plugin_test(&events);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let lines: Vec<Value> = String::from_utf8(out.stdout)
@@ -310,14 +315,7 @@ fn plugin_test_command_prints_each_outcome_and_a_summary() {
 
     // Bad sample events are named, not guessed at.
     std::fs::write(&events, "{\"name\":\"a\",\"colour\":1}\n").unwrap();
-    let out = std::process::Command::new(weir_tests::weir_binary().unwrap())
-        .args(["plugin", "test"])
-        .arg(plugin_path("enrich"))
-        .arg("--events")
-        .arg(&events)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
+    let out = plugin_test(&events);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field \"colour\""));
 }

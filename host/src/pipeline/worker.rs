@@ -27,7 +27,7 @@ use super::{DeadLetter, Origin, Output, Pipeline};
 use crate::bus::record::WireEvent;
 use crate::bus::{self, Consumer};
 use crate::config::ProcessorConfig;
-use crate::sinks::clickhouse::{ClickHouseError, ClickHouseSink};
+use crate::sinks::clickhouse::{ClickHouseError, ClickHouseSink, Written};
 
 /// Longest pause between retries of a failed flush.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -269,22 +269,22 @@ impl Worker {
                 continue;
             };
             let hi = hi.min(watermark);
-            let in_range = |o: &Origin| o.partition == partition && (lo..=hi).contains(&o.offset);
             let events = self.sink.written("events", partition, lo, hi).await?;
             let dead = self.sink.written("dead_letters", partition, lo, hi).await?;
+            // A row is a replay if its coordinates hold the same event in the table.
+            let replayed = |written: &Written, o: &Origin, event_id: &str| {
+                o.partition == partition
+                    && written
+                        .get(&(o.offset, o.index))
+                        .is_some_and(|id| id == event_id)
+            };
             let before = output.kept.len() + output.dead.len();
-            output.kept.retain(|k| {
-                !(in_range(&k.origin)
-                    && events.contains(&(
-                        k.origin.offset,
-                        k.origin.index,
-                        k.event.event_id.clone(),
-                    )))
-            });
-            output.dead.retain(|d| {
-                !(in_range(&d.origin)
-                    && dead.contains(&(d.origin.offset, d.origin.index, d.event_id.clone())))
-            });
+            output
+                .kept
+                .retain(|k| !replayed(&events, &k.origin, &k.event.event_id));
+            output
+                .dead
+                .retain(|d| !replayed(&dead, &d.origin, &d.event_id));
             skipped += before - output.kept.len() - output.dead.len();
         }
         if skipped > 0 {

@@ -437,15 +437,19 @@ fn check_outcome(outcome: Outcome, original: &Event) -> Verdict {
             {
                 return Verdict::Failed(format!("plugin renamed the event badly: {why}"));
             }
-            for (field, text) in [
-                ("properties", &event.properties),
-                ("context", &event.context),
+            let changed_not_object =
+                |text: &String, original: &String| text != original && !is_json_object(text);
+            for (field, bad) in [
+                (
+                    "properties",
+                    changed_not_object(&event.properties, &original.properties),
+                ),
+                (
+                    "context",
+                    changed_not_object(&event.context, &original.context),
+                ),
             ] {
-                let unchanged = match field {
-                    "properties" => *text == original.properties,
-                    _ => *text == original.context,
-                };
-                if !unchanged && !is_json_object(text) {
+                if bad {
                     return Verdict::Failed(format!(
                         "plugin returned {field} that is not a JSON object"
                     ));

@@ -5,7 +5,7 @@
 //! `String` JSON text (no JSON type), and `RowBinary` inserts without the server-side
 //! type header (`with_validation(false)`), which 18.16 lacks.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
@@ -110,8 +110,8 @@ struct DeadLetterRow<'a> {
     kafka_index: u32,
 }
 
-/// A row already written, identified by where it came from and which event it is.
-pub type WrittenKey = (i64, u32, String);
+/// Rows already written: `(kafka_offset, kafka_index)` -> `event_id`.
+pub type Written = HashMap<(i64, u32), String>;
 
 #[derive(Row, Deserialize)]
 struct KeyRow {
@@ -200,7 +200,7 @@ impl ClickHouseSink {
         partition: i32,
         lo: i64,
         hi: i64,
-    ) -> Result<HashSet<WrittenKey>, ClickHouseError> {
+    ) -> Result<Written, ClickHouseError> {
         let sql = format!(
             "SELECT kafka_offset, kafka_index, event_id FROM {table} \
              WHERE kafka_partition = {partition} AND kafka_offset >= {lo} AND kafka_offset <= {hi}"
@@ -213,7 +213,7 @@ impl ClickHouseSink {
             .map_err(query_err(format!("replay check of {table}")))?;
         Ok(rows
             .into_iter()
-            .map(|r| (r.kafka_offset as i64, r.kafka_index, r.event_id))
+            .map(|r| ((r.kafka_offset as i64, r.kafka_index), r.event_id))
             .collect())
     }
 
