@@ -324,3 +324,150 @@ async fn readyz<S: Sink>(State(state): State<Arc<Ingest<S>>>) -> Response {
         .into_response()
     }
 }
+
+/// The HTTP layer alone, without a socket (`tower::ServiceExt::oneshot`), with a sink
+/// that records what it would have sent. The real Kafka path is in `tests/ingest.rs`.
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    const KEY: &str = "wk_unit_test_key_0001";
+
+    #[derive(Default)]
+    struct Recorder {
+        records: Mutex<Vec<(IngestRecord, String)>>,
+    }
+
+    impl Sink for Arc<Recorder> {
+        async fn send(&self, record: IngestRecord, key: String) -> Result<(), BusError> {
+            self.records.lock().unwrap().push((record, key));
+            Ok(())
+        }
+
+        async fn is_ready(&self) -> bool {
+            true
+        }
+    }
+
+    fn router(cors: &[&str]) -> (Router, Arc<Recorder>) {
+        let recorder = Arc::new(Recorder::default());
+        let keys = HashMap::from([(KEY.to_owned(), "unit".to_owned())]);
+        let state = Arc::new(Ingest::new(
+            &IngestConfig::default(),
+            keys,
+            recorder.clone(),
+        ));
+        let cors: Vec<String> = cors.iter().map(|s| s.to_string()).collect();
+        (app(state, &cors), recorder)
+    }
+
+    fn post() -> axum::http::request::Builder {
+        Request::post("/v1/events")
+            .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
+            .header(header::CONTENT_TYPE, "application/json")
+    }
+
+    async fn json_body(resp: Response) -> serde_json::Value {
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_accepted_request_is_one_record_keyed_by_the_first_user() {
+        let (app, recorder) = router(&[]);
+        let body = r#"[{"name":"a","user_id":"u7"},{"name":"b","event_id":"e2"}]"#;
+        let resp = app
+            .oneshot(post().body(Body::from(body)).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+        let answer = json_body(resp).await;
+        assert_eq!(answer["accepted"], 2);
+        assert_eq!(answer["event_ids"][1], "e2");
+        let records = recorder.records.lock().unwrap();
+        assert_eq!(records.len(), 1);
+        let (record, key) = &records[0];
+        assert_eq!((record.app.as_str(), key.as_str()), ("unit", "u7"));
+        assert_eq!(record.events.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_refused_request_never_reaches_the_sink() {
+        let (app, recorder) = router(&[]);
+        let body = r#"{"name":"a","extra":1}"#;
+        let resp = app
+            .clone()
+            .oneshot(post().body(Body::from(body)).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(json_body(resp).await["error"]["field"], "extra");
+        // A declared length over the limit is refused before the body is read.
+        let resp = app
+            .oneshot(
+                post()
+                    .header(header::CONTENT_LENGTH, (2 << 20).to_string())
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(recorder.records.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn browsers_get_cors_preflight_answers_for_configured_origins_only() {
+        let (app, _) = router(&["https://app.example.com"]);
+        let preflight = |origin: &str| {
+            Request::builder()
+                .method(Method::OPTIONS)
+                .uri("/v1/events")
+                .header(header::ORIGIN, origin)
+                .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+                .header(
+                    header::ACCESS_CONTROL_REQUEST_HEADERS,
+                    "authorization,content-type",
+                )
+                .body(Body::empty())
+                .unwrap()
+        };
+        let resp = app
+            .clone()
+            .oneshot(preflight("https://app.example.com"))
+            .await
+            .unwrap();
+        assert!(resp.status().is_success());
+        assert_eq!(
+            resp.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN],
+            "https://app.example.com"
+        );
+        let resp = app
+            .oneshot(preflight("https://evil.example.net"))
+            .await
+            .unwrap();
+        assert!(
+            resp.headers()
+                .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served() {
+        let (app, _) = router(&[]);
+        let resp = app
+            .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let text = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&text).contains("weir_ingest_requests_total"));
+    }
+}
