@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # weir's demo: brings up the local stack (Tansu, ClickHouse, Redis), builds weir and the
-# example plugin, starts `weir serve`, sends sample traffic and shows the ClickHouse rows.
+# example plugins, starts `weir serve`, sends sample traffic and shows the ClickHouse rows
+# (events, dead letters, the routed profile_viewed table) and a Redis counter.
 # weir keeps running afterwards; `scripts/demo.sh stop` stops it and the stack.
 #
 # Usage: scripts/demo.sh [stop]
@@ -18,6 +19,7 @@ CONFIG="$ROOT/examples/demo/weir.toml"
 INGEST="http://127.0.0.1:8080"
 CLICKHOUSE="http://127.0.0.1:8123"
 WRITE_KEY="wk_dev_0000000000000000"
+READ_KEY="rk_dev_0000000000000000"
 PIDFILE="$STACK_DIR/weir.pid"
 LOG="$STACK_DIR/weir.log"
 
@@ -47,11 +49,12 @@ say "Installing what is missing and starting the stack"
 scripts/stack.sh install
 scripts/stack.sh up
 
-say "Building weir ($PROFILE) and the example plugin (wasm32-wasip2)"
+say "Building weir ($PROFILE) and the example plugins (wasm32-wasip2)"
 cargo build --profile "$PROFILE" -p weir
-cargo build --profile plugin --target wasm32-wasip2 -p weir-plugin-enrich
+cargo build --profile plugin --target wasm32-wasip2 -p weir-plugin-enrich -p weir-plugin-route-engagement
 mkdir -p examples/demo/plugins
 cp "$CARGO_TARGET_DIR/wasm32-wasip2/plugin/weir_plugin_enrich.wasm" examples/demo/plugins/enrich.wasm
+cp "$CARGO_TARGET_DIR/wasm32-wasip2/plugin/weir_plugin_route_engagement.wasm" examples/demo/plugins/route.wasm
 profile_dir="$PROFILE"; [ "$PROFILE" = dev ] && profile_dir=debug
 WEIR="$CARGO_TARGET_DIR/$profile_dir/weir"
 
@@ -69,6 +72,7 @@ curl -sf "$INGEST/healthz" >/dev/null || { tail -n 30 "$LOG"; die "weir does not
 echo "weir is running (pid $(cat "$PIDFILE"), log $LOG)"
 echo "  ingest:    $INGEST/v1/events"
 echo "  write key: $WRITE_KEY   (development only)"
+echo "  read key:  $READ_KEY   (counters API; development only)"
 
 post() { # content-type body
   curl -sS -X POST "$INGEST/v1/events" -H "Authorization: Bearer $WRITE_KEY" \
@@ -123,6 +127,16 @@ say "The newest rows (the plugin added enriched_by and self_view)"
 q "SELECT event_id, name, user_id, timestamp, properties, plugins FROM weir.events ORDER BY received_at DESC, kafka_offset DESC LIMIT 5"
 say "weir.dead_letters"
 q "SELECT name, stage, plugin, reason, raw FROM weir.dead_letters ORDER BY failed_at DESC LIMIT 5"
+say "weir.profile_viewed (a typed table the route plugin writes): most viewed profiles"
+q "SELECT profile_id, count() AS views, countIf(self_view = 1) AS self_views, uniqExact(viewer_id) AS viewers FROM weir.profile_viewed GROUP BY profile_id ORDER BY views DESC, profile_id LIMIT 5"
+top=$(curl -sf "$CLICKHOUSE/" --data-binary "SELECT profile_id FROM weir.profile_viewed WHERE self_view = 0 GROUP BY profile_id ORDER BY count() DESC, profile_id LIMIT 1")
+say "The same profile's view counter in Redis, as an app reads it"
+echo "GET $INGEST/v1/counters/profile_views/$top?days=2"
+for _ in $(seq 1 50); do
+  counter=$(curl -sS "$INGEST/v1/counters/profile_views/$top?days=2" -H "Authorization: Bearer $READ_KEY")
+  case "$counter" in *'"value":0,'*|'') sleep 0.1 ;; *) break ;; esac
+done
+echo "$counter"
 
 cat <<EOT
 
@@ -130,5 +144,6 @@ weir is still running. Try:
   curl -X POST $INGEST/v1/events -H 'Authorization: Bearer $WRITE_KEY' \\
        -H 'Content-Type: application/json' -d '{"name":"post_liked","user_id":"me"}'
   clickhouse-client --query 'SELECT count() FROM weir.events'
+  curl $INGEST/v1/counters/post_likes/p1 -H 'Authorization: Bearer $READ_KEY'
 Stop everything with: scripts/demo.sh stop
 EOT

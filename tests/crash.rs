@@ -1,23 +1,24 @@
 //! Crash safety of the processor: weir is SIGKILLed five times at random moments while
 //! it consumes and flushes, and restarted each time. Afterwards every accepted event is
-//! in `events` (or `dead_letters`) exactly once: nothing lost (offsets are committed
-//! only after ClickHouse acknowledged) and nothing doubled (a replayed batch skips the
-//! rows an earlier run already wrote).
+//! in `events` (or `dead_letters`) exactly once, every routed row in `profile_viewed`
+//! exactly once, and the Redis counters equal the events sent: nothing lost (offsets are
+//! committed only after every sink acknowledged) and nothing doubled (a replayed batch
+//! skips the rows an earlier run already wrote, and increments Redis already holds).
 //!
 //! Ingest runs in a separate weir instance that is never killed, so that what is tested
 //! is the processor's crash behaviour, not client retries.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
-use weir_tests::{ClickHouse, Tansu, WRITE_KEY, Weir, plugin_path};
+use weir_tests::{ClickHouse, Redis, Tansu, WRITE_KEY, Weir, plugin_path};
 
 const EVENTS: usize = 12_000;
 const KILLS: usize = 5;
 
-fn config(tansu: &Tansu, clickhouse: &ClickHouse, processor: bool) -> String {
+fn config(tansu: &Tansu, clickhouse: &ClickHouse, redis: &Redis, processor: bool) -> String {
     format!(
         r#"
 [ingest]
@@ -31,6 +32,8 @@ session_timeout_ms = 6000
 [clickhouse]
 url = "{}"
 database = "crash"
+[redis]
+url = "{}"
 [processor]
 enabled = {processor}
 flush_max_events = 400
@@ -38,11 +41,59 @@ flush_interval_ms = 100
 [[pipeline.plugin]]
 name = "enrich"
 path = "{}"
+[[pipeline.plugin]]
+name = "route"
+path = "{}"
+[[pipeline.table]]
+name = "profile_viewed"
+columns = ["profile_id String", "viewer_id Nullable(String)", "self_view Bool", "source Nullable(String)"]
+[[pipeline.counter]]
+name = "profile_views"
+by_day = true
+[[pipeline.counter]]
+name = "post_likes"
 "#,
         tansu.bootstrap(),
         clickhouse.url(),
-        plugin_path("enrich").display()
+        redis.url(),
+        plugin_path("enrich").display(),
+        plugin_path("route-engagement").display(),
     )
+}
+
+/// What the sender posted, and what each sink must hold afterwards.
+#[derive(Default)]
+struct Sent {
+    kept: BTreeSet<String>,
+    rejected: BTreeSet<String>,
+    /// Ids of the `profile_viewed` events (one routed row each).
+    views: BTreeSet<String>,
+    view_counts: BTreeMap<String, i64>,
+    like_counts: BTreeMap<String, i64>,
+}
+
+impl Sent {
+    /// Event `n`: 1 in 10 rejected (no user), a third of the rest profile views (a row
+    /// and a count), the others likes (a count).
+    fn event(&mut self, n: usize) -> Value {
+        let id = format!("k{n:06}");
+        let user = format!("u{}", n % 300);
+        if n.is_multiple_of(10) {
+            self.rejected.insert(id.clone());
+            return json!({"name": "post_liked", "event_id": id});
+        }
+        self.kept.insert(id.clone());
+        if n.is_multiple_of(3) {
+            let profile = format!("p{}", n % 17);
+            self.views.insert(id.clone());
+            *self.view_counts.entry(profile.clone()).or_default() += 1;
+            json!({"name": "profile_viewed", "event_id": id, "user_id": user, "properties": {"profile_id": profile}})
+        } else {
+            let post = format!("x{}", n % 11);
+            *self.like_counts.entry(post.clone()).or_default() += 1;
+            json!({"name": "post_liked", "event_id": id, "user_id": user, "properties": {"post_id": post}})
+        }
+    }
 }
 
 /// A small deterministic generator, seeded from the clock (the seed is printed).
@@ -63,8 +114,9 @@ async fn sigkill_during_flushes_loses_and_doubles_nothing() -> Result<()> {
     let tansu = Tansu::start()?;
     tansu.create_topic("weir.events", 4)?;
     let clickhouse = ClickHouse::start()?;
-    let ingest = Weir::start(&config(&tansu, &clickhouse, false))?;
-    let mut processor = Weir::start(&config(&tansu, &clickhouse, true))?;
+    let redis = Redis::start()?;
+    let ingest = Weir::start(&config(&tansu, &clickhouse, &redis, false))?;
+    let mut processor = Weir::start(&config(&tansu, &clickhouse, &redis, true))?;
     processor.wait_for_log("partitions assigned", Duration::from_secs(30))?;
 
     let seed = SystemTime::now()
@@ -77,22 +129,9 @@ async fn sigkill_during_flushes_loses_and_doubles_nothing() -> Result<()> {
     let url = ingest.events_url();
     let sender = tokio::spawn(async move {
         let http = reqwest::Client::new();
-        let mut kept = BTreeSet::new();
-        let mut rejected = BTreeSet::new();
+        let mut sent = Sent::default();
         for chunk in 0..EVENTS / 100 {
-            let batch: Vec<Value> = (0..100)
-                .map(|i| {
-                    let n = chunk * 100 + i;
-                    let id = format!("k{n:06}");
-                    if n % 10 == 0 {
-                        rejected.insert(id.clone());
-                        json!({"name": "post_liked", "event_id": id})
-                    } else {
-                        kept.insert(id.clone());
-                        json!({"name": "post_liked", "event_id": id, "user_id": format!("u{}", n % 300)})
-                    }
-                })
-                .collect();
+            let batch: Vec<Value> = (0..100).map(|i| sent.event(chunk * 100 + i)).collect();
             let resp = http
                 .post(&url)
                 .header("Authorization", format!("Bearer {WRITE_KEY}"))
@@ -104,7 +143,7 @@ async fn sigkill_during_flushes_loses_and_doubles_nothing() -> Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
-        anyhow::Ok((kept, rejected))
+        anyhow::Ok(sent)
     });
 
     // Kill the processor at random moments while it flushes (each time once the new
@@ -123,7 +162,8 @@ async fn sigkill_during_flushes_loses_and_doubles_nothing() -> Result<()> {
         eprintln!("kill {kill}, {wait} ms after a flush ({written} rows in events)");
         tokio::task::block_in_place(|| processor.restart())?;
     }
-    let (kept, rejected) = sender.await??;
+    let sent = sender.await??;
+    let (kept, rejected) = (&sent.kept, &sent.rejected);
 
     let want = (kept.len() + rejected.len()) as u64;
     let started = Instant::now();
@@ -158,7 +198,7 @@ async fn sigkill_during_flushes_loses_and_doubles_nothing() -> Result<()> {
         unique.len()
     );
     assert_eq!(
-        unique, kept,
+        &unique, kept,
         "events table differs from the accepted events"
     );
 
@@ -168,7 +208,33 @@ async fn sigkill_during_flushes_loses_and_doubles_nothing() -> Result<()> {
     let ids: Vec<&str> = rows.lines().collect();
     let unique: BTreeSet<String> = ids.iter().map(|s| s.to_string()).collect();
     assert_eq!(ids.len(), unique.len(), "dead letters doubled");
-    assert_eq!(unique, rejected);
+    assert_eq!(&unique, rejected);
+
+    // The routed table: each view once.
+    let rows = clickhouse
+        .query("SELECT event_id FROM crash.profile_viewed ORDER BY event_id")
+        .await?;
+    let ids: Vec<&str> = rows.lines().collect();
+    let unique: BTreeSet<String> = ids.iter().map(|s| s.to_string()).collect();
+    assert_eq!(ids.len(), unique.len(), "routed rows doubled");
+    assert_eq!(unique, sent.views);
+
+    // The counters: each increment once (they may trail ClickHouse by a flush).
+    let started = Instant::now();
+    loop {
+        let views = redis.hgetall("weir:c:crash:profile_views")?;
+        let likes = redis.hgetall("weir:c:crash:post_likes")?;
+        if views == sent.view_counts && likes == sent.like_counts {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            panic!(
+                "counters differ from the events sent:\nviews {views:?}\nwant  {:?}\nlikes {likes:?}\nwant  {:?}",
+                sent.view_counts, sent.like_counts
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     let log = processor.log();
     let replays = log
@@ -188,9 +254,10 @@ async fn a_crash_between_write_and_commit_does_not_double_rows() -> Result<()> {
     let tansu = Tansu::start()?;
     tansu.create_topic("weir.events", 4)?;
     let clickhouse = ClickHouse::start()?;
-    let ingest = Weir::start(&config(&tansu, &clickhouse, false))?;
+    let redis = Redis::start()?;
+    let ingest = Weir::start(&config(&tansu, &clickhouse, &redis, false))?;
     let mut processor = Weir::start_with_env(
-        &config(&tansu, &clickhouse, true),
+        &config(&tansu, &clickhouse, &redis, true),
         &[("WEIR_FAILPOINT", "after_write:3")],
     )?;
     processor.wait_for_log("partitions assigned", Duration::from_secs(30))?;

@@ -70,6 +70,7 @@ async fn run(path: &Path, config: &str, events: &[Event]) -> Vec<String> {
         .map(|(v, original)| match v {
             Verdict::Pass => format!("keep {}", weir::pipeline::event_json(original)),
             Verdict::Keep(e) => format!("keep {}", weir::pipeline::event_json(&e)),
+            Verdict::Route(..) => panic!("the enrich plugins never route"),
             Verdict::Drop(r) => format!("drop {r}"),
             Verdict::Reject(r) => format!("reject {r}"),
             Verdict::Failed(r) => format!("failed {r}"),

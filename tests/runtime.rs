@@ -194,7 +194,7 @@ async fn quarantine_pipeline(policy: FailurePolicy) -> Pipeline {
         .await
         .unwrap();
     let stage = Stage::new(plugin.instantiate().await.unwrap(), &cfg);
-    Pipeline::new("p".into(), vec![stage], 16)
+    Pipeline::new("p".into(), vec![stage], Default::default(), 16)
 }
 
 fn wire_batch(names: &[&str]) -> Vec<(Origin, String, weir::bus::record::WireEvent)> {

@@ -200,6 +200,14 @@ async fn plugin_test(
                     let kept: serde_json::Value = serde_json::from_str(&event_json(&kept))?;
                     json!({"index": index, "event_id": event.event_id, "outcome": "keep", "changed": true, "event": kept})
                 }
+                Verdict::Route(kept, outputs) => {
+                    tally[0] += 1;
+                    let changed = kept.is_some();
+                    let kept = kept.as_ref().unwrap_or(event);
+                    let kept: serde_json::Value = serde_json::from_str(&event_json(kept))?;
+                    let outputs: Vec<serde_json::Value> = outputs.iter().map(output_json).collect();
+                    json!({"index": index, "event_id": event.event_id, "outcome": "keep", "changed": changed, "event": kept, "outputs": outputs})
+                }
                 Verdict::Drop(reason) => {
                     tally[1] += 1;
                     json!({"index": index, "event_id": event.event_id, "outcome": "drop", "reason": reason})
@@ -237,4 +245,20 @@ async fn plugin_test(
         instance.counters()
     );
     Ok(())
+}
+
+/// A plugin output as JSON for `weir plugin test` (a row's columns parsed when they
+/// are JSON, kept as text otherwise, so that a bad row shows as the plugin sent it).
+fn output_json(output: &crate::runtime::Output) -> serde_json::Value {
+    use crate::runtime::Output;
+    match output {
+        Output::Row(row) => {
+            let columns = serde_json::from_str::<serde_json::Value>(&row.columns)
+                .unwrap_or_else(|_| json!(row.columns));
+            json!({"row": {"table": row.table, "columns": columns}})
+        }
+        Output::Count(c) => {
+            json!({"count": {"counter": c.counter, "key": c.key, "delta": c.delta}})
+        }
+    }
 }

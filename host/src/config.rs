@@ -16,6 +16,9 @@ use serde::Deserialize;
 /// start and refuses to listen on a non-loopback address while any of them is in use.
 pub const DEV_WRITE_KEY: &str = "wk_dev_0000000000000000";
 
+/// The development read key of the demo configuration: refused off loopback too.
+pub const DEV_READ_KEY: &str = "rk_dev_0000000000000000";
+
 /// Errors found while loading or validating a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -59,6 +62,36 @@ pub struct Config {
     /// The pipeline every event runs through.
     #[serde(default)]
     pub pipeline: PipelineConfig,
+    /// The Redis server that holds counters. Needed only when the pipeline declares
+    /// counters.
+    #[serde(default)]
+    pub redis: RedisConfig,
+}
+
+/// `[redis]`: where counters live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Server URL. Default `redis://127.0.0.1:6379`.
+    pub url: String,
+    /// Prefix of every key weir writes. Default `weir`.
+    pub key_prefix: String,
+    /// Timeout of one round trip, in milliseconds. Default 2000.
+    pub timeout_ms: u64,
+    /// Most counter increments held in memory while Redis is unreachable. Past it,
+    /// the processor stops taking new events until Redis answers. Default 1,000,000.
+    pub max_pending: usize,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "weir".into(),
+            timeout_ms: 2000,
+            max_pending: 1_000_000,
+        }
+    }
 }
 
 /// `[ingest]`: the HTTP endpoint apps post events to.
@@ -101,6 +134,10 @@ pub struct AppConfig {
     pub name: String,
     /// Write keys: public, ingest-only credentials (`Authorization: Bearer <key>`).
     pub write_keys: Vec<String>,
+    /// Read keys: secret credentials for the app's backend to read its counters
+    /// (`GET /v1/counters/...`). A write key never reads. Default none.
+    #[serde(default)]
+    pub read_keys: Vec<String>,
 }
 
 /// `[kafka]`: brokers, topic and consumer group.
@@ -206,6 +243,12 @@ pub struct PipelineConfig {
     /// The plugins, in the order they run.
     #[serde(rename = "plugin")]
     pub plugins: Vec<PluginConfig>,
+    /// Typed ClickHouse tables plugins route rows to.
+    #[serde(rename = "table")]
+    pub tables: Vec<TableConfig>,
+    /// Counters plugins increment (kept in Redis).
+    #[serde(rename = "counter")]
+    pub counters: Vec<CounterConfig>,
 }
 
 impl Default for PipelineConfig {
@@ -213,8 +256,47 @@ impl Default for PipelineConfig {
         Self {
             name: "default".into(),
             plugins: Vec::new(),
+            tables: Vec::new(),
+            counters: Vec::new(),
         }
     }
+}
+
+/// `[[pipeline.table]]`: a typed table plugins write rows to (`row` outputs). weir
+/// creates it with its columns after the columns it fills itself: `event_id`, `app`,
+/// `timestamp` (the event's, `DateTime`), `plugins`, `kafka_partition`, `kafka_offset`,
+/// `kafka_index`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// Table name, `[A-Za-z_][A-Za-z0-9_]*`; must not be `events` or `dead_letters`.
+    pub name: String,
+    /// The columns, each `"name Type"`. Types: `String`, `Int8`..`Int64`,
+    /// `UInt8`..`UInt64`, `Float32`, `Float64`, `Bool` (stored as `UInt8`), `Date`,
+    /// `DateTime`, and `Nullable(T)` of any of them.
+    pub columns: Vec<String>,
+    /// The sorting key. Default `["timestamp"]`.
+    #[serde(default)]
+    pub order_by: Vec<String>,
+}
+
+/// `[[pipeline.counter]]`: a counter plugins increment (`count` outputs), per app and
+/// key, read by apps at `GET /v1/counters/{name}/{key}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CounterConfig {
+    /// Counter name, `[A-Za-z_][A-Za-z0-9_]*`.
+    pub name: String,
+    /// Also keep a count per UTC day of the event's timestamp. Default false.
+    #[serde(default)]
+    pub by_day: bool,
+    /// How long per-day counts are kept, in days. Default 90.
+    #[serde(default = "default_day_retention")]
+    pub day_retention_days: u32,
+}
+
+fn default_day_retention() -> u32 {
+    90
 }
 
 /// `[[pipeline.plugin]]`: one plugin of the chain.
@@ -348,26 +430,28 @@ impl Config {
             if app.name.is_empty() {
                 return Err(invalid("an [[app]] has an empty name"));
             }
-            for key in &app.write_keys {
+            for key in app.write_keys.iter().chain(&app.read_keys) {
                 if key.len() < 16 {
                     return Err(invalid(format!(
-                        "write key of app {:?} is shorter than 16 characters",
+                        "a key of app {:?} is shorter than 16 characters",
                         app.name
                     )));
                 }
                 if let Some(other) = seen.insert(key.as_str(), app.name.as_str()) {
                     return Err(invalid(format!(
-                        "a write key is shared by apps {other:?} and {:?}",
+                        "a key is shared by apps {other:?} and {:?} (or used both to write and to read)",
                         app.name
                     )));
                 }
             }
         }
-        if !ingest.listen.ip().is_loopback() && seen.contains_key(DEV_WRITE_KEY) {
-            return Err(invalid(format!(
-                "ingest listens on {} (not loopback) with the development write key; set your own write keys",
-                ingest.listen
-            )));
+        for (dev, what) in [(DEV_WRITE_KEY, "write"), (DEV_READ_KEY, "read")] {
+            if !ingest.listen.ip().is_loopback() && seen.contains_key(dev) {
+                return Err(invalid(format!(
+                    "ingest listens on {} (not loopback) with the development {what} key; set your own {what} keys",
+                    ingest.listen
+                )));
+            }
         }
         if self.kafka.topic.is_empty() || self.kafka.group.is_empty() {
             return Err(invalid("kafka.topic and kafka.group must not be empty"));
@@ -404,7 +488,28 @@ impl Config {
                 )));
             }
         }
+        crate::pipeline::route::Routes::new(&self.pipeline).map_err(invalid)?;
+        if !self.pipeline.counters.is_empty() && self.redis.key_prefix.is_empty() {
+            return Err(invalid("redis.key_prefix must not be empty"));
+        }
+        if self.redis.timeout_ms == 0 || self.redis.max_pending == 0 {
+            return Err(invalid(
+                "redis.timeout_ms and redis.max_pending must be positive",
+            ));
+        }
         Ok(())
+    }
+
+    /// Read key -> app name.
+    pub fn read_keys(&self) -> HashMap<String, String> {
+        self.apps
+            .iter()
+            .flat_map(|app| {
+                app.read_keys
+                    .iter()
+                    .map(move |key| (key.clone(), app.name.clone()))
+            })
+            .collect()
     }
 
     /// Write key -> app name.
@@ -456,6 +561,21 @@ mod tests {
         );
         let err = Config::parse(&text).unwrap_err();
         assert!(err.to_string().contains("development write key"), "{err}");
+        let text = format!(
+            "[ingest]\nlisten = \"0.0.0.0:8080\"\n[[app]]\nname = \"demo\"\nwrite_keys = [\"wk_0123456789abcdef\"]\nread_keys = [\"{DEV_READ_KEY}\"]\n"
+        );
+        let err = Config::parse(&text).unwrap_err();
+        assert!(err.to_string().contains("development read key"), "{err}");
+    }
+
+    #[test]
+    fn routing_declarations_are_checked_at_load() {
+        let text = "[[pipeline.table]]\nname = \"t\"\ncolumns = [\"a Map(String, String)\"]\n";
+        let err = Config::parse(text).unwrap_err();
+        assert!(err.to_string().contains("unsupported column type"), "{err}");
+        let text = "[[app]]\nname = \"a\"\nwrite_keys = [\"k123456789012345678\"]\nread_keys = [\"k123456789012345678\"]\n";
+        let err = Config::parse(text).unwrap_err();
+        assert!(err.to_string().contains("to write and to read"), "{err}");
     }
 
     #[test]

@@ -133,6 +133,28 @@ pub static DEAD_LETTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+pub static COUNTER_INCREMENTS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "weir_counter_increments_total",
+        "Counter increments (one per event and count output) applied in Redis",
+    )
+});
+pub static COUNTER_REPLAYS_SKIPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "weir_counter_replayed_increments_skipped_total",
+        "Increments of replayed Kafka records that Redis already held",
+    )
+});
+pub static COUNTER_PENDING: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
+    let g = prometheus::IntGauge::new(
+        "weir_counter_pending_increments",
+        "Counter increments waiting for Redis (non-zero while Redis is unreachable)",
+    )
+    .expect("valid metric");
+    prometheus::register(Box::new(g.clone())).expect("metric registered once");
+    g
+});
+
 /// All metrics in Prometheus' text format.
 pub fn render() -> String {
     // Touch every metric so that it is listed from the start, not after first use.
@@ -149,6 +171,9 @@ pub fn render() -> String {
     LazyLock::force(&SINK_ERRORS);
     LazyLock::force(&REPLAYED_ROWS_SKIPPED);
     LazyLock::force(&DEAD_LETTERS);
+    LazyLock::force(&COUNTER_INCREMENTS);
+    LazyLock::force(&COUNTER_REPLAYS_SKIPPED);
+    LazyLock::force(&COUNTER_PENDING);
     TextEncoder::new()
         .encode_to_string(&prometheus::gather())
         .unwrap_or_default()

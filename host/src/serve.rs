@@ -11,10 +11,12 @@ use tracing::{info, warn};
 
 use crate::bus::{self, Producer};
 use crate::config::{Config, DEV_WRITE_KEY};
-use crate::ingest::{self, Ingest};
+use crate::ingest::{self, Counters, Ingest};
+use crate::pipeline::route::Routes;
 use crate::pipeline::{Pipeline, worker::Worker};
 use crate::runtime::Runtime;
 use crate::sinks::clickhouse::ClickHouseSink;
+use crate::sinks::counters::{CounterReader, CounterSink};
 
 /// Runs weir until `shutdown` resolves.
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -46,16 +48,31 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         )
         .await
         .context("cannot load the pipeline")?;
-        let sink = ClickHouseSink::new(&config.clickhouse);
+        let routes = pipeline.routes().clone();
+        let sink = ClickHouseSink::new(&config.clickhouse, routes.clone());
         sink.ensure_schema()
             .await
             .with_context(|| format!("cannot prepare ClickHouse at {}", config.clickhouse.url))?;
         let consumer = bus::consumer(&config.kafka).context("cannot create the Kafka consumer")?;
+        let counters = if routes.counters.is_empty() {
+            None
+        } else {
+            Some(
+                CounterSink::new(
+                    &config.redis,
+                    &config.kafka.group,
+                    &config.kafka.topic,
+                    routes,
+                )
+                .context("cannot set up the Redis counter sink")?,
+            )
+        };
         let worker = Worker::new(
             consumer,
             config.kafka.topic.clone(),
             pipeline,
             sink,
+            counters,
             config.processor.clone(),
         );
         Some(tokio::spawn(worker.run(stop_rx.clone())))
@@ -64,7 +81,17 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     };
 
     let producer = Producer::new(&config.kafka).context("cannot create the Kafka producer")?;
-    let state = Arc::new(Ingest::new(&config.ingest, keys, producer.clone()));
+    let mut ingest = Ingest::new(&config.ingest, keys, producer.clone());
+    if !config.pipeline.counters.is_empty() {
+        let routes = Routes::new(&config.pipeline).map_err(anyhow::Error::msg)?;
+        ingest = ingest.with_counters(Counters {
+            read_keys: config.read_keys(),
+            routes: Arc::new(routes),
+            reader: CounterReader::new(&config.redis)
+                .context("cannot set up the Redis counter reader")?,
+        });
+    }
+    let state = Arc::new(ingest);
     let router = ingest::app(state, &config.ingest.cors_origins);
     let listener = tokio::net::TcpListener::bind(config.ingest.listen)
         .await

@@ -120,6 +120,21 @@ pub struct Event {
     context: JsonObject,
     /// Set by the setters of `name`, `user_id` and `timestamp_ms`.
     changed: bool,
+    /// Rows and counts sent along with the event.
+    outputs: Vec<Emitted>,
+}
+
+/// Something an event sends besides itself (see [`Event::emit_row`], [`Event::count`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Emitted {
+    /// A row for the pipeline's table `table`: the text of a JSON object.
+    Row { table: String, columns: String },
+    /// `delta` added to counter `counter` for `key`.
+    Count {
+        counter: String,
+        key: String,
+        delta: i64,
+    },
 }
 
 impl Event {
@@ -134,6 +149,7 @@ impl Event {
             properties: JsonObject::from_raw("{}".into()),
             context: JsonObject::from_raw("{}".into()),
             changed: false,
+            outputs: Vec::new(),
         }
     }
 
@@ -145,8 +161,9 @@ impl Event {
 
     /// Builder: sets the properties (must be a JSON object; anything else is ignored).
     pub fn with_properties(mut self, properties: Value) -> Self {
-        if let Value::Object(map) = properties {
-            *self.properties_mut() = map;
+        // The event as the host would hand it in: not marked changed.
+        if properties.is_object() {
+            self.properties = JsonObject::from_raw(properties.to_string());
         }
         self
     }
@@ -228,6 +245,42 @@ impl Event {
         self.context.get_mut()
     }
 
+    /// Sends a row to the pipeline's table `table` (declared in `[[pipeline.table]]`),
+    /// written if the event completes the chain. `columns` serialises to a JSON object
+    /// of the table's columns; the host checks every value against the column's type
+    /// and dead-letters the event, naming the column, if one does not fit.
+    ///
+    /// ```
+    /// # use weir_plugin_sdk::{Event, Emitted, json};
+    /// let mut event = Event::new("profile_viewed");
+    /// event.emit_row("profile_viewed", &json!({"profile_id": "p1"}));
+    /// assert!(matches!(&event.outputs()[0], Emitted::Row { table, .. } if table == "profile_viewed"));
+    /// ```
+    pub fn emit_row(&mut self, table: impl Into<String>, columns: &impl serde::Serialize) {
+        let columns = serde_json::to_string(columns)
+            .unwrap_or_else(|e| format!("row could not be serialised: {e}"));
+        self.outputs.push(Emitted::Row {
+            table: table.into(),
+            columns,
+        });
+    }
+
+    /// Adds `delta` to counter `counter` (declared in `[[pipeline.counter]]`) for `key`,
+    /// applied exactly once if the event completes the chain. Apps read it at
+    /// `GET /v1/counters/{counter}/{key}`.
+    pub fn count(&mut self, counter: impl Into<String>, key: impl Into<String>, delta: i64) {
+        self.outputs.push(Emitted::Count {
+            counter: counter.into(),
+            key: key.into(),
+            delta,
+        });
+    }
+
+    /// The rows and counts emitted so far (for tests).
+    pub fn outputs(&self) -> &[Emitted] {
+        &self.outputs
+    }
+
     /// True if the plugin changed anything (or asked for mutable access to the JSON).
     pub fn is_changed(&self) -> bool {
         self.changed || self.properties.dirty || self.context.dirty
@@ -244,6 +297,7 @@ impl Event {
             properties: JsonObject::from_raw(e.properties),
             context: JsonObject::from_raw(e.context),
             changed: false,
+            outputs: Vec::new(),
         }
     }
 
@@ -297,7 +351,29 @@ impl Outcome {
 
     #[doc(hidden)]
     pub fn into_wit(self) -> bindings::Outcome {
+        use bindings::weir::plugin::types as wit;
         match self {
+            Outcome::Keep(mut e) if !e.outputs.is_empty() => {
+                let outputs = std::mem::take(&mut e.outputs)
+                    .into_iter()
+                    .map(|o| match o {
+                        Emitted::Row { table, columns } => {
+                            wit::Output::Row(wit::Row { table, columns })
+                        }
+                        Emitted::Count {
+                            counter,
+                            key,
+                            delta,
+                        } => wit::Output::Count(wit::Count {
+                            counter,
+                            key,
+                            delta,
+                        }),
+                    })
+                    .collect();
+                let event = e.is_changed().then(|| e.into_wit());
+                bindings::Outcome::Route(wit::Routed { event, outputs })
+            }
             Outcome::Keep(e) if !e.is_changed() => bindings::Outcome::Pass,
             Outcome::Keep(e) => bindings::Outcome::Keep(e.into_wit()),
             Outcome::Drop(r) => bindings::Outcome::Drop(r),
@@ -440,6 +516,27 @@ mod tests {
         assert!(matches!(
             Outcome::keep(e).into_wit(),
             bindings::Outcome::Pass
+        ));
+    }
+
+    #[test]
+    fn outputs_make_a_route_outcome_that_carries_the_event_only_if_changed() {
+        let mut e = Event::new("profile_viewed");
+        e.count("profile_views", "p1", 1);
+        e.emit_row("profile_viewed", &json!({"profile_id": "p1"}));
+        match Outcome::keep(e).into_wit() {
+            bindings::Outcome::Route(r) => {
+                assert!(r.event.is_none());
+                assert_eq!(r.outputs.len(), 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut e = Event::new("profile_viewed");
+        e.set_property("x", 1);
+        e.count("profile_views", "p1", 1);
+        assert!(matches!(
+            Outcome::keep(e).into_wit(),
+            bindings::Outcome::Route(r) if r.event.is_some()
         ));
     }
 

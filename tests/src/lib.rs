@@ -3,6 +3,7 @@
 //! - [`Tansu`]: the Kafka-compatible broker (memory storage), from `$WEIR_CACHE/bin`
 //!   or `PATH` (`scripts/stack.sh install` puts it there).
 //! - [`ClickHouse`]: Debian's `clickhouse-server`, with its state in a temp dir.
+//! - [`Redis`]: Debian's `redis-server`, persistent across restarts.
 //! - [`Weir`]: the real `weir` binary as a child process, so tests can restart it
 //!   (SIGTERM) or kill it (SIGKILL).
 //!
@@ -371,6 +372,76 @@ impl ClickHouse {
     }
 }
 
+/// A Redis server with its state (append-only file, fsynced on every write) in a temp
+/// dir, so that a restart keeps the data as a real outage would.
+pub struct Redis {
+    pub port: u16,
+    dir: TempDir,
+    proc: Option<Proc>,
+    starts: u32,
+}
+
+impl Redis {
+    pub fn start() -> Result<Redis> {
+        let mut r = Redis {
+            port: free_port(),
+            dir: TempDir::new("redis"),
+            proc: None,
+            starts: 0,
+        };
+        r.restart()?;
+        Ok(r)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Starts the server (again) on the same port and data directory.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.starts += 1;
+        let log = self.dir.path().join(format!("redis-{}.log", self.starts));
+        let proc = Proc::spawn(
+            "redis-server",
+            Command::new(find_program("redis-server")?)
+                .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+                .args([
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                ])
+                .arg("--dir")
+                .arg(self.dir.path()),
+            log,
+        )?;
+        let port = self.port;
+        wait_until("redis to listen", Duration::from_secs(30), || {
+            port_open(port)
+        })
+        .with_context(|| proc.log_tail(30))?;
+        self.proc = Some(proc);
+        Ok(())
+    }
+
+    /// Stops the server (SIGTERM); its data stays for the next [`Redis::restart`].
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop(Duration::from_secs(10));
+        }
+    }
+
+    /// `HGETALL key` as field -> integer value.
+    pub fn hgetall(&self, key: &str) -> Result<std::collections::BTreeMap<String, i64>> {
+        let client = redis::Client::open(self.url())?;
+        let mut conn = client.get_connection()?;
+        Ok(redis::cmd("HGETALL").arg(key).query(&mut conn)?)
+    }
+}
+
 /// A running `weir serve` process.
 pub struct Weir {
     pub ingest: SocketAddr,
@@ -395,6 +466,9 @@ pub fn weir_binary() -> Result<PathBuf> {
 
 /// The write key the harness configures.
 pub const WRITE_KEY: &str = "wk_test_1234567890abcdef";
+
+/// A read key (counters API) for test configurations.
+pub const READ_KEY: &str = "rk_test_1234567890abcdef";
 
 impl Weir {
     /// Writes `config` (TOML; `{ingest}` is replaced by a free address) and starts weir.
@@ -505,6 +579,11 @@ impl Weir {
 
     pub fn events_url(&self) -> String {
         format!("http://{}/v1/events", self.ingest)
+    }
+
+    /// URL of `GET /v1/counters/{counter}/{key}`.
+    pub fn counter_url(&self, counter: &str, key: &str) -> String {
+        format!("http://{}/v1/counters/{counter}/{key}", self.ingest)
     }
 }
 

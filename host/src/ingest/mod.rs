@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -23,6 +24,8 @@ use tracing::warn;
 use crate::bus::record::{IngestRecord, RECORD_VERSION};
 use crate::bus::{BusError, Producer};
 use crate::config::IngestConfig;
+use crate::pipeline::route::Routes;
+use crate::sinks::counters::CounterReader;
 use envelope::{BodyFormat, EnvelopeError, Limits};
 
 /// Where ingest writes accepted requests. [`Producer`] in production; tests of the
@@ -52,6 +55,14 @@ pub struct Ingest<S> {
     keys: HashMap<String, String>,
     limits: Limits,
     max_body_bytes: usize,
+    counters: Option<Counters>,
+}
+
+/// What the counters API needs: read keys, the declared counters, a Redis reader.
+pub struct Counters {
+    pub read_keys: HashMap<String, String>,
+    pub routes: Arc<Routes>,
+    pub reader: CounterReader,
 }
 
 impl<S: Sink> Ingest<S> {
@@ -65,14 +76,23 @@ impl<S: Sink> Ingest<S> {
                 max_depth: cfg.max_depth,
             },
             max_body_bytes: cfg.max_body_bytes,
+            counters: None,
         }
+    }
+
+    /// Serves `GET /v1/counters/{counter}/{key}` too.
+    pub fn with_counters(mut self, counters: Counters) -> Self {
+        self.counters = Some(counters);
+        self
     }
 }
 
-/// The ingest router: `/v1/events`, `/healthz`, `/readyz`, `/metrics`.
+/// The ingest router: `/v1/events`, `/v1/counters/{counter}/{key}`, `/healthz`,
+/// `/readyz`, `/metrics`.
 pub fn app<S: Sink>(state: Arc<Ingest<S>>, cors_origins: &[String]) -> Router {
     let router = Router::new()
         .route("/v1/events", post(post_events::<S>))
+        .route("/v1/counters/{counter}/{key}", get(get_counter::<S>))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz::<S>))
         .route("/metrics", get(|| async { crate::metrics::render() }))
@@ -94,7 +114,7 @@ pub fn app<S: Sink>(state: Arc<Ingest<S>>, cors_origins: &[String]) -> Router {
     router.layer(
         CorsLayer::new()
             .allow_origin(origins)
-            .allow_methods([Method::POST])
+            .allow_methods([Method::POST, Method::GET])
             .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
             .max_age(Duration::from_secs(3600)),
     )
@@ -153,20 +173,122 @@ impl IntoResponse for ApiError {
 }
 
 fn authenticate<'a, S>(state: &'a Ingest<S>, headers: &HeaderMap) -> Result<&'a str, ApiError> {
-    let unauthorized = |msg: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", msg);
+    let key = bearer(headers, "write key")?;
+    state.keys.get(key).map(String::as_str).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "unknown write key",
+        )
+    })
+}
+
+/// The bearer token of a request.
+fn bearer<'h>(headers: &'h HeaderMap, what: &str) -> Result<&'h str, ApiError> {
+    let unauthorized = |msg: String| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", msg);
     let value = headers
         .get(header::AUTHORIZATION)
-        .ok_or_else(|| unauthorized("missing Authorization: Bearer <write key>"))?;
-    let key = value
+        .ok_or_else(|| unauthorized(format!("missing Authorization: Bearer <{what}>")))?;
+    value
         .to_str()
         .ok()
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| unauthorized("Authorization must be \"Bearer <write key>\""))?;
-    state
-        .keys
-        .get(key.trim())
-        .map(String::as_str)
-        .ok_or_else(|| unauthorized("unknown write key"))
+        .map(str::trim)
+        .ok_or_else(|| unauthorized(format!("Authorization must be \"Bearer <{what}>\"")))
+}
+
+/// Query of `GET /v1/counters/{counter}/{key}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CounterQuery {
+    /// Also return the last N UTC days (counters declared `by_day`), at most 366.
+    #[serde(default)]
+    days: u32,
+}
+
+/// Longest history the counters API returns, in days.
+const MAX_COUNTER_DAYS: u32 = 366;
+
+async fn get_counter<S: Sink>(
+    State(state): State<Arc<Ingest<S>>>,
+    Path((counter, key)): Path<(String, String)>,
+    query: Result<Query<CounterQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let result = async {
+        let Some(counters) = &state.counters else {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "this weir declares no counters ([[pipeline.counter]])",
+            ));
+        };
+        let token = bearer(&headers, "read key")?;
+        let Some(app) = counters.read_keys.get(token) else {
+            if state.keys.contains_key(token) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "a write key cannot read counters; use one of the app's read keys",
+                ));
+            }
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "unknown read key",
+            ));
+        };
+        let Query(query) = query
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
+        let Some(spec) = counters.routes.counter(&counter) else {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no counter named {counter:?} is declared"),
+            ));
+        };
+        if key.is_empty() || key.len() > crate::pipeline::route::MAX_COUNTER_KEY {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_key",
+                "the key must be 1-256 bytes",
+            ));
+        }
+        if query.days > 0 && !spec.by_day {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                format!("counter {counter} keeps no per-day counts (by_day = false)"),
+            ));
+        }
+        if query.days > MAX_COUNTER_DAYS {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_query",
+                format!("days must be at most {MAX_COUNTER_DAYS}"),
+            ));
+        }
+        counters
+            .reader
+            .get(app, &counter, &key, query.days)
+            .await
+            .map_err(|e| {
+                warn!(error = %e, "counter read failed");
+                ApiError {
+                    retry_after: Some(1),
+                    ..ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "counters_unavailable",
+                        "the counter store (Redis) is unavailable; retry shortly",
+                    )
+                }
+            })
+    }
+    .await;
+    match result {
+        Ok(value) => axum::Json(value).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 fn body_format(headers: &HeaderMap) -> Result<BodyFormat, ApiError> {

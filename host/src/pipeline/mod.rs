@@ -1,8 +1,10 @@
 //! The pipeline: decode Kafka records, run each event through the plugin chain, and
 //! sort the results into what the sinks write (kept events) and dead letters.
 
+pub mod route;
 pub mod worker;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
@@ -10,6 +12,7 @@ use tracing::{debug, info, warn};
 use crate::bus::record::{IngestRecord, WireEvent};
 use crate::config::{FailurePolicy, PipelineConfig, PluginConfig};
 use crate::runtime::{self, Event, PluginInstance, Runtime, Verdict};
+use route::{Fanout, Routes};
 
 /// Where an event came from: its Kafka coordinates and position in the record. Stable
 /// across replays, so it identifies the event's slot in the stream.
@@ -45,12 +48,39 @@ pub struct DeadLetter {
     pub raw: String,
 }
 
+/// A row for a routed table, from an event that completed the chain.
+#[derive(Debug, Clone)]
+pub struct RoutedRow {
+    pub origin: Origin,
+    pub event_id: String,
+    pub app: String,
+    pub timestamp_ms: i64,
+    /// The declared columns, in RowBinary.
+    pub data: Vec<u8>,
+}
+
+/// A counter increment from an event that completed the chain.
+#[derive(Debug, Clone)]
+pub struct CountRow {
+    pub origin: Origin,
+    pub app: String,
+    /// Index into [`Routes::counters`].
+    pub counter: usize,
+    pub key: String,
+    pub delta: i64,
+    /// The event's time (for per-day counts).
+    pub timestamp_ms: i64,
+}
+
 /// The result of one batch.
 #[derive(Debug, Default)]
 pub struct Output {
     pub kept: Vec<Kept>,
     pub dead: Vec<DeadLetter>,
     pub dropped: usize,
+    /// Routed rows, by table index ([`Routes::tables`]); tables without rows are absent.
+    pub rows: std::collections::BTreeMap<usize, Vec<RoutedRow>>,
+    pub counts: Vec<CountRow>,
 }
 
 /// Errors while building a pipeline.
@@ -64,6 +94,8 @@ pub enum PipelineError {
     },
     #[error(transparent)]
     Runtime(#[from] runtime::RuntimeError),
+    #[error("{0}")]
+    Routes(String),
 }
 
 /// One plugin of the chain: its live instance and its circuit breaker.
@@ -125,7 +157,7 @@ impl Stage {
         for v in &verdicts {
             counts[match v {
                 Verdict::Pass => 0,
-                Verdict::Keep(_) => 1,
+                Verdict::Keep(_) | Verdict::Route(..) => 1,
                 Verdict::Drop(_) => 2,
                 Verdict::Reject(_) => 3,
                 Verdict::Failed(_) => 4,
@@ -185,6 +217,7 @@ impl Stage {
 pub struct Pipeline {
     name: String,
     chain: Vec<Stage>,
+    routes: Arc<Routes>,
     batch_size: usize,
     /// `name@version` of each plugin, joined by commas: recorded with each row.
     versions: String,
@@ -209,10 +242,16 @@ impl Pipeline {
                 .await?;
             chain.push(Stage::new(plugin.instantiate().await?, p));
         }
-        Ok(Self::new(cfg.name.clone(), chain, batch_size))
+        let routes = Routes::new(cfg).map_err(PipelineError::Routes)?;
+        Ok(Self::new(
+            cfg.name.clone(),
+            chain,
+            Arc::new(routes),
+            batch_size,
+        ))
     }
 
-    pub fn new(name: String, chain: Vec<Stage>, batch_size: usize) -> Self {
+    pub fn new(name: String, chain: Vec<Stage>, routes: Arc<Routes>, batch_size: usize) -> Self {
         let versions = chain
             .iter()
             .map(|s| {
@@ -224,6 +263,7 @@ impl Pipeline {
         Self {
             name,
             chain,
+            routes,
             batch_size: batch_size.max(1),
             versions,
         }
@@ -238,6 +278,11 @@ impl Pipeline {
         &self.versions
     }
 
+    /// The tables and counters plugins may route to.
+    pub fn routes(&self) -> &Arc<Routes> {
+        &self.routes
+    }
+
     /// The stages, in chain order.
     pub fn stages(&self) -> &[Stage] {
         &self.chain
@@ -246,27 +291,43 @@ impl Pipeline {
     /// Runs decoded events through the chain, in plugin batches.
     pub async fn run(&mut self, events: Vec<(Origin, String, WireEvent)>) -> Output {
         let mut out = Output::default();
-        let mut pending: Vec<(Origin, Event)> = events
+        let mut pending: Vec<(Origin, Event, Fanout)> = events
             .into_iter()
-            .map(|(origin, app, e)| (origin, to_plugin_event(app, e)))
+            .map(|(origin, app, e)| (origin, to_plugin_event(app, e), Fanout::default()))
             .collect();
         for stage in &mut self.chain {
             let mut next = Vec::with_capacity(pending.len());
             let mut iter = pending.into_iter().peekable();
             while iter.peek().is_some() {
-                let chunk: Vec<(Origin, Event)> = iter.by_ref().take(self.batch_size).collect();
-                let (origins, batch): (Vec<Origin>, Vec<Event>) = chunk.into_iter().unzip();
+                let mut origins = Vec::with_capacity(self.batch_size);
+                let mut batch = Vec::with_capacity(self.batch_size);
+                let mut fanouts = Vec::with_capacity(self.batch_size);
+                for (o, e, f) in iter.by_ref().take(self.batch_size) {
+                    origins.push(o);
+                    batch.push(e);
+                    fanouts.push(f);
+                }
                 let verdicts = stage.run(&batch).await;
                 let plugin = stage.instance.plugin();
-                for ((origin, original), verdict) in origins.into_iter().zip(batch).zip(verdicts) {
+                let items = origins.into_iter().zip(batch).zip(fanouts).zip(verdicts);
+                for (((origin, original), mut fanout), verdict) in items {
                     let reason = match verdict {
                         Verdict::Pass => {
-                            next.push((origin, original));
+                            next.push((origin, original, fanout));
                             continue;
                         }
                         Verdict::Keep(event) => {
-                            next.push((origin, event));
+                            next.push((origin, event, fanout));
                             continue;
+                        }
+                        Verdict::Route(event, outputs) => {
+                            match self.routes.resolve(outputs, &mut fanout) {
+                                Ok(()) => {
+                                    next.push((origin, event.unwrap_or(original), fanout));
+                                    continue;
+                                }
+                                Err(why) => format!("bad output: {why}"),
+                            }
                         }
                         Verdict::Drop(reason) => {
                             debug!(plugin = %plugin.name(), event_id = %original.event_id, %reason, "event dropped");
@@ -290,10 +351,29 @@ impl Pipeline {
             }
             pending = next;
         }
-        out.kept = pending
-            .into_iter()
-            .map(|(origin, event)| Kept { origin, event })
-            .collect();
+        out.kept.reserve(pending.len());
+        for (origin, event, fanout) in pending {
+            for row in fanout.rows {
+                out.rows.entry(row.table).or_default().push(RoutedRow {
+                    origin,
+                    event_id: event.event_id.clone(),
+                    app: event.app.clone(),
+                    timestamp_ms: event.timestamp_ms,
+                    data: row.data,
+                });
+            }
+            for inc in fanout.increments {
+                out.counts.push(CountRow {
+                    origin,
+                    app: event.app.clone(),
+                    counter: inc.counter,
+                    key: inc.key,
+                    delta: inc.delta,
+                    timestamp_ms: event.timestamp_ms,
+                });
+            }
+            out.kept.push(Kept { origin, event });
+        }
         out
     }
 }

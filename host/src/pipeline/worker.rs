@@ -10,8 +10,12 @@
 //! - on shutdown the buffer is flushed and committed before the consumer leaves;
 //! - after a crash, the batch that was written but not committed is read again: before
 //!   writing, rows whose Kafka coordinates and event id are already in ClickHouse are
-//!   skipped (checked only for offsets up to what ClickHouse held when this instance
-//!   took the partition), so a replay does not write an event twice.
+//!   skipped, table by table (checked only for offsets up to what ClickHouse held when
+//!   this instance took the partition), so a replay does not write an event twice;
+//! - counter increments go to Redis after ClickHouse acknowledged, with the partition's
+//!   offset in the same atomic step (see [`crate::sinks::counters`]); while Redis is
+//!   unreachable, ClickHouse writes go on and the offsets of the partitions whose
+//!   increments wait are held back, so Kafka re-delivers them after a crash.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -28,6 +32,7 @@ use crate::bus::record::WireEvent;
 use crate::bus::{self, Consumer};
 use crate::config::ProcessorConfig;
 use crate::sinks::clickhouse::{ClickHouseError, ClickHouseSink, Written};
+use crate::sinks::counters::CounterSink;
 
 /// Longest pause between retries of a failed flush.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -85,6 +90,13 @@ pub struct Worker {
     /// Per partition, the highest offset already in ClickHouse when this instance took
     /// the partition (`None`: nothing there). Loaded lazily; forgotten on revoke.
     watermarks: HashMap<i32, Option<i64>>,
+    /// The Redis counters, when the pipeline declares counters.
+    counters: Option<CounterSink>,
+    /// Next offsets written to ClickHouse but not committed, because counter
+    /// increments of the partition still wait for Redis.
+    held: BTreeMap<i32, i64>,
+    /// When to try Redis again, after a failure.
+    counters_retry: Option<(Instant, Duration)>,
 }
 
 impl Worker {
@@ -93,6 +105,7 @@ impl Worker {
         topic: String,
         pipeline: Pipeline,
         sink: ClickHouseSink,
+        counters: Option<CounterSink>,
         cfg: ProcessorConfig,
     ) -> Self {
         Self {
@@ -102,6 +115,9 @@ impl Worker {
             sink,
             cfg,
             watermarks: HashMap::new(),
+            counters,
+            held: BTreeMap::new(),
+            counters_retry: None,
         }
     }
 
@@ -118,8 +134,14 @@ impl Worker {
                 _ = sleep_until(deadline) => {
                     self.flush(&mut buf, &mut shutdown).await;
                 }
+                _ = sleep_until(self.counters_retry.map(|(t, _)| t)) => {
+                    self.forget_revoked(&mut buf);
+                    self.apply_counters().await;
+                    self.commit(BTreeMap::new());
+                }
                 msg = self.consumer.recv() => {
-                    forget_revoked(&self.consumer, &mut self.watermarks, &mut buf);
+                    let revoked = self.consumer.context().take_revoked();
+                    forget(&revoked, &mut self.watermarks, &mut self.held, &mut self.counters, &mut buf);
                     match msg {
                         Ok(m) => {
                             let (partition, offset) = (m.partition(), m.offset());
@@ -159,9 +181,26 @@ impl Worker {
     /// Processes and writes the buffer, retrying until ClickHouse acknowledged, then
     /// commits its offsets. Gives up (without committing) only on shutdown.
     async fn flush(&mut self, buf: &mut Buffer, shutdown: &mut watch::Receiver<bool>) {
-        forget_revoked(&self.consumer, &mut self.watermarks, buf);
+        self.forget_revoked(buf);
         if buf.is_empty() {
             return;
+        }
+        // Bounded memory: with too many increments waiting for Redis, take nothing
+        // new until Redis answers.
+        while self.counters.as_ref().is_some_and(CounterSink::is_full) {
+            warn!(
+                "counter increments waiting for Redis reached redis.max_pending: pausing the pipeline until Redis answers"
+            );
+            let wait = self
+                .counters_retry
+                .map_or(Duration::from_millis(self.cfg.retry_backoff_ms), |(_, b)| b);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+            self.forget_revoked(buf);
+            self.apply_counters().await;
+            self.commit(BTreeMap::new());
         }
         let events = std::mem::take(&mut buf.events);
         let count = events.len();
@@ -184,6 +223,10 @@ impl Worker {
                         .inc_by(output.kept.len() as u64);
                     m.with_label_values(&["dead_letters"])
                         .inc_by(output.dead.len() as u64);
+                    for (&t, rows) in &output.rows {
+                        m.with_label_values(&[self.sink.routed_name(t)])
+                            .inc_by(rows.len() as u64);
+                    }
                     for d in &output.dead {
                         crate::metrics::DEAD_LETTERS
                             .with_label_values(&[d.stage])
@@ -210,16 +253,19 @@ impl Worker {
             }
         }
         failpoint_after_write();
-        // Rebalance callbacks run only inside `recv`, so every partition we wrote for is
-        // still ours: the commit below cannot be refused for ownership.
         let offsets = std::mem::take(&mut buf.next_offsets);
         buf.since = None;
-        if let Err(e) = bus::commit(&self.consumer, &self.topic, offsets) {
-            warn!(error = %e, "offset commit failed; the batch may be re-read after a restart");
+        let increments = output.counts.len();
+        if let Some(counters) = &mut self.counters {
+            counters.add(std::mem::take(&mut output.counts));
         }
+        self.apply_counters().await;
+        self.commit(offsets);
         info!(
             events = count,
             kept = output.kept.len(),
+            routed_rows = output.rows.values().map(Vec::len).sum::<usize>(),
+            increments,
             dead_letters = output.dead.len(),
             dropped = output.dropped,
             plugin_ms = plugin_time.as_millis() as u64,
@@ -230,17 +276,87 @@ impl Worker {
 }
 
 impl Worker {
+    /// Tries once to apply the pending counter increments; on failure schedules a
+    /// retry with backoff. True when nothing waits for Redis any more.
+    async fn apply_counters(&mut self) -> bool {
+        let Some(counters) = &mut self.counters else {
+            return true;
+        };
+        if !counters.has_pending() {
+            self.counters_retry = None;
+            return true;
+        }
+        let started = std::time::Instant::now();
+        match counters.apply().await {
+            Ok(_) => {
+                crate::metrics::SINK_FLUSH_DURATION
+                    .with_label_values(&["redis"])
+                    .observe(started.elapsed().as_secs_f64());
+                if self.counters_retry.take().is_some() {
+                    info!("counter increments reached Redis again; held offsets released");
+                }
+                true
+            }
+            Err(e) => {
+                crate::metrics::SINK_ERRORS
+                    .with_label_values(&["redis"])
+                    .inc();
+                let backoff = self.counters_retry.map_or(
+                    Duration::from_millis(self.cfg.retry_backoff_ms),
+                    |(_, b)| (b * 2).min(MAX_BACKOFF),
+                );
+                self.counters_retry = Some((Instant::now() + backoff, backoff));
+                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
+                    "counter write to Redis failed; ClickHouse writes go on, Kafka offsets of the partitions involved are held");
+                false
+            }
+        }
+    }
+
+    /// Commits `offsets` and any held ones, except for partitions whose counter
+    /// increments still wait for Redis (those stay held).
+    fn commit(&mut self, offsets: BTreeMap<i32, i64>) {
+        self.held.extend(offsets);
+        let waiting: HashSet<i32> = self
+            .counters
+            .as_ref()
+            .map(|c| c.pending_partitions().collect())
+            .unwrap_or_default();
+        let mut ready = BTreeMap::new();
+        self.held.retain(|&p, &mut o| {
+            if waiting.contains(&p) {
+                return true;
+            }
+            ready.insert(p, o);
+            false
+        });
+        // Rebalance callbacks run only inside `recv`, and revoked partitions were
+        // forgotten before, so every partition here is still ours.
+        if let Err(e) = bus::commit(&self.consumer, &self.topic, ready) {
+            warn!(error = %e, "offset commit failed; the batch may be re-read after a restart");
+        }
+    }
+
+    /// Forgets what was buffered from, and known about, partitions just revoked.
+    fn forget_revoked(&mut self, buf: &mut Buffer) {
+        let revoked = self.consumer.context().take_revoked();
+        forget(
+            &revoked,
+            &mut self.watermarks,
+            &mut self.held,
+            &mut self.counters,
+            buf,
+        );
+    }
+
     /// Skips rows a previous run already wrote, then writes the rest.
     async fn write(&mut self, output: &mut Output) -> Result<(), ClickHouseError> {
         self.skip_replayed(output).await?;
+        let plugins = self.pipeline.versions();
         self.sink
-            .write(
-                &output.kept,
-                &output.dead,
-                self.pipeline.name(),
-                self.pipeline.versions(),
-            )
-            .await
+            .write(&output.kept, &output.dead, self.pipeline.name(), plugins)
+            .await?;
+        self.sink.write_routed(&output.rows, plugins).await
     }
 
     async fn skip_replayed(&mut self, output: &mut Output) -> Result<(), ClickHouseError> {
@@ -286,8 +402,19 @@ impl Worker {
                 .dead
                 .retain(|d| !replayed(&dead, &d.origin, &d.event_id));
             skipped += before - output.kept.len() - output.dead.len();
+            for (&t, rows) in &mut output.rows {
+                if !rows.iter().any(|r| r.origin.partition == partition) {
+                    continue;
+                }
+                let table = self.sink.routed_name(t).to_owned();
+                let written = self.sink.written(&table, partition, lo, hi).await?;
+                let before = rows.len();
+                rows.retain(|r| !replayed(&written, &r.origin, &r.event_id));
+                skipped += before - rows.len();
+            }
         }
         if skipped > 0 {
+            crate::metrics::REPLAYED_ROWS_SKIPPED.inc_by(skipped as u64);
             warn!(
                 skipped,
                 "skipped rows an earlier run already wrote (a replay after a crash)"
@@ -318,17 +445,26 @@ fn failpoint_after_write() {
     }
 }
 
-/// Forgets what was buffered from, and known about, partitions just revoked.
-fn forget_revoked(
-    consumer: &Consumer,
+/// Forgets the state of revoked partitions: buffered events, ClickHouse watermarks,
+/// held offsets, pending counter increments. Their new owner re-reads them.
+fn forget(
+    revoked: &HashSet<i32>,
     watermarks: &mut HashMap<i32, Option<i64>>,
+    held: &mut BTreeMap<i32, i64>,
+    counters: &mut Option<CounterSink>,
     buf: &mut Buffer,
 ) {
-    let revoked = consumer.context().take_revoked();
-    for p in &revoked {
-        watermarks.remove(p);
+    if revoked.is_empty() {
+        return;
     }
-    buf.forget(&revoked);
+    for p in revoked {
+        watermarks.remove(p);
+        held.remove(p);
+    }
+    if let Some(c) = counters {
+        c.forget(revoked);
+    }
+    buf.forget(revoked);
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -31,7 +31,7 @@ mod bindings {
 }
 
 pub use bindings::weir::plugin::host::Level;
-pub use bindings::weir::plugin::types::{Event, Outcome};
+pub use bindings::weir::plugin::types::{Count, Event, Outcome, Output, Routed, Row};
 
 /// How often the epoch advances: the granularity of call deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -219,6 +219,8 @@ pub enum Verdict {
     Pass,
     /// Kept, changed by the plugin.
     Keep(Event),
+    /// Kept (changed when `Some`) and fanned out to tables and counters.
+    Route(Option<Event>, Vec<Output>),
     Drop(String),
     Reject(String),
     /// The plugin failed on this event: a trap (deadline, memory, stack, panic) or an
@@ -431,39 +433,50 @@ const MAX_TABLE_ELEMENTS: usize = 100_000;
 /// Checks what a plugin returned for one event.
 fn check_outcome(outcome: Outcome, original: &Event) -> Verdict {
     match outcome {
-        Outcome::Keep(mut event) => {
-            if event.name != original.name
-                && let Err(why) = crate::ingest::envelope::check_name(&event.name)
-            {
-                return Verdict::Failed(format!("plugin renamed the event badly: {why}"));
-            }
-            let changed_not_object =
-                |text: &String, original: &String| text != original && !is_json_object(text);
-            for (field, bad) in [
-                (
-                    "properties",
-                    changed_not_object(&event.properties, &original.properties),
-                ),
-                (
-                    "context",
-                    changed_not_object(&event.context, &original.context),
-                ),
-            ] {
-                if bad {
-                    return Verdict::Failed(format!(
-                        "plugin returned {field} that is not a JSON object"
-                    ));
-                }
-            }
-            // The app and event id are the host's: a plugin cannot reassign them.
-            event.app.clone_from(&original.app);
-            event.event_id.clone_from(&original.event_id);
-            Verdict::Keep(event)
-        }
+        Outcome::Keep(event) => match check_event(event, original) {
+            Ok(event) => Verdict::Keep(event),
+            Err(why) => Verdict::Failed(why),
+        },
+        Outcome::Route(Routed { event, outputs }) => match event {
+            None => Verdict::Route(None, outputs),
+            Some(event) => match check_event(event, original) {
+                Ok(event) => Verdict::Route(Some(event), outputs),
+                Err(why) => Verdict::Failed(why),
+            },
+        },
         Outcome::Pass => Verdict::Pass,
         Outcome::Drop(reason) => Verdict::Drop(reason),
         Outcome::Reject(reason) => Verdict::Reject(reason),
     }
+}
+
+/// Checks an event a plugin returned changed; restores the fields it may not change.
+fn check_event(mut event: Event, original: &Event) -> Result<Event, String> {
+    if event.name != original.name
+        && let Err(why) = crate::ingest::envelope::check_name(&event.name)
+    {
+        return Err(format!("plugin renamed the event badly: {why}"));
+    }
+    let changed_not_object =
+        |text: &String, original: &String| text != original && !is_json_object(text);
+    for (field, bad) in [
+        (
+            "properties",
+            changed_not_object(&event.properties, &original.properties),
+        ),
+        (
+            "context",
+            changed_not_object(&event.context, &original.context),
+        ),
+    ] {
+        if bad {
+            return Err(format!("plugin returned {field} that is not a JSON object"));
+        }
+    }
+    // The app and event id are the host's: a plugin cannot reassign them.
+    event.app.clone_from(&original.app);
+    event.event_id.clone_from(&original.event_id);
+    Ok(event)
 }
 
 fn is_json_object(text: &str) -> bool {

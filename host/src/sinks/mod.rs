@@ -2,3 +2,4 @@
 //! shape; sinks know nothing of plugins or Kafka.
 
 pub mod clickhouse;
+pub mod counters;

@@ -1,18 +1,21 @@
-//! The ClickHouse sink: the `events` and `dead_letters` tables.
+//! The ClickHouse sink: the `events` and `dead_letters` tables, and the typed tables
+//! a pipeline routes rows to.
 //!
 //! weir creates its database and tables itself. The SQL runs on ClickHouse 18.16
 //! (Debian 12's package) and on current releases: plain `DateTime` (no DateTime64),
 //! `String` JSON text (no JSON type), and `RowBinary` inserts without the server-side
 //! type header (`with_validation(false)`), which 18.16 lacks.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use crate::config::ClickHouseConfig;
-use crate::pipeline::{DeadLetter, Kept};
+use crate::pipeline::route::Routes;
+use crate::pipeline::{DeadLetter, Kept, RoutedRow};
 
 /// Errors talking to ClickHouse.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +25,14 @@ pub enum ClickHouseError {
         what: String,
         source: clickhouse::error::Error,
     },
+    #[error("{0}")]
+    Schema(String),
+}
+
+#[derive(Row, Deserialize)]
+struct ColumnRow {
+    name: String,
+    r#type: String,
 }
 
 fn query_err(what: impl Into<String>) -> impl FnOnce(clickhouse::error::Error) -> ClickHouseError {
@@ -126,9 +137,6 @@ struct MaxRow {
     rows: u64,
 }
 
-/// The tables weir writes rows with Kafka coordinates to.
-const TABLES: [&str; 2] = ["events", "dead_letters"];
-
 /// Seconds since the epoch for a `DateTime` column (clamped to its range).
 fn datetime(ms: i64) -> u32 {
     (ms.div_euclid(1000)).clamp(0, u32::MAX as i64) as u32
@@ -137,6 +145,8 @@ fn datetime(ms: i64) -> u32 {
 /// Writes processed batches to ClickHouse.
 #[derive(Clone)]
 pub struct ClickHouseSink {
+    /// The routed tables of the pipeline.
+    routes: Arc<Routes>,
     /// For DDL: no default database (it may not exist yet); names are qualified.
     admin: Client,
     /// For inserts: the configured database is the default one.
@@ -145,37 +155,78 @@ pub struct ClickHouseSink {
 }
 
 impl ClickHouseSink {
-    pub fn new(cfg: &ClickHouseConfig) -> Self {
+    pub fn new(cfg: &ClickHouseConfig, routes: Arc<Routes>) -> Self {
         let client = Client::default()
             .with_url(&cfg.url)
             .with_user(&cfg.user)
             .with_password(&cfg.password)
             .with_validation(false);
         Self {
+            routes,
             admin: client.clone(),
             client: client.with_database(&cfg.database),
             database: cfg.database.clone(),
         }
     }
 
-    /// Creates the database and tables if missing.
+    /// Creates the database and tables if missing, and checks that routed tables that
+    /// exist already have the declared columns.
     pub async fn ensure_schema(&self) -> Result<(), ClickHouseError> {
-        for ddl in schema(&self.database) {
+        let db = &self.database;
+        let routed = self.routes.tables.iter().map(|t| t.ddl(db));
+        for ddl in schema(db).into_iter().chain(routed) {
             self.admin
                 .query(&ddl)
                 .execute()
                 .await
                 .map_err(query_err("schema creation"))?;
         }
-        info!(database = %self.database, "ClickHouse tables ready");
+        for table in &self.routes.tables {
+            let sql = format!(
+                "SELECT name, type FROM system.columns WHERE database = '{db}' AND table = '{}'",
+                table.name
+            );
+            let have: HashMap<String, String> = self
+                .admin
+                .query(&sql)
+                .fetch_all::<ColumnRow>()
+                .await
+                .map_err(query_err(format!("column check of {}", table.name)))?
+                .into_iter()
+                .map(|c| (c.name, c.r#type))
+                .collect();
+            for c in &table.columns {
+                let want = c.ty.sql();
+                match have.get(&c.name) {
+                    Some(t) if *t == want => {}
+                    found => {
+                        return Err(ClickHouseError::Schema(format!(
+                            "table {db}.{} exists with column {} {}, but the pipeline declares {want}; \
+                             alter or drop the table, or rename the pipeline's table",
+                            table.name,
+                            c.name,
+                            found.map_or("missing", |t| t.as_str()),
+                        )));
+                    }
+                }
+            }
+        }
+        info!(database = %self.database, routed = self.routes.tables.len(), "ClickHouse tables ready");
         Ok(())
+    }
+
+    /// Every table weir writes rows with Kafka coordinates to.
+    fn tables(&self) -> impl Iterator<Item = &str> {
+        ["events", "dead_letters"]
+            .into_iter()
+            .chain(self.routes.tables.iter().map(|t| t.name.as_str()))
     }
 
     /// The highest Kafka offset of `partition` in any of weir's tables, if any row has
     /// one. Rows up to it may be written again by a replay after a crash.
     pub async fn max_offset(&self, partition: i32) -> Result<Option<i64>, ClickHouseError> {
         let mut max = None;
-        for table in TABLES {
+        for table in self.tables() {
             let sql = format!(
                 "SELECT max(kafka_offset) AS max_offset, count() AS rows FROM {table} WHERE kafka_partition = {partition}"
             );
@@ -292,4 +343,50 @@ impl ClickHouseSink {
         }
         Ok(())
     }
+
+    /// Inserts routed rows: one INSERT per table, the system columns then the
+    /// plugin's, already encoded in RowBinary.
+    pub async fn write_routed(
+        &self,
+        rows: &BTreeMap<usize, Vec<RoutedRow>>,
+        plugins: &str,
+    ) -> Result<(), ClickHouseError> {
+        for (&t, rows) in rows {
+            if rows.is_empty() {
+                continue;
+            }
+            let table = &self.routes.tables[t];
+            let what = || format!("insert into {}", table.name);
+            let mut body = Vec::with_capacity(rows.iter().map(|r| r.data.len() + 64).sum());
+            for r in rows {
+                put_string(&mut body, &r.event_id);
+                put_string(&mut body, &r.app);
+                body.extend_from_slice(&datetime(r.timestamp_ms).to_le_bytes());
+                put_string(&mut body, plugins);
+                body.extend_from_slice(&(r.origin.partition as u32).to_le_bytes());
+                body.extend_from_slice(&(r.origin.offset as u64).to_le_bytes());
+                body.extend_from_slice(&r.origin.index.to_le_bytes());
+                body.extend_from_slice(&r.data);
+            }
+            let sql = format!(
+                "INSERT INTO {} ({}) FORMAT RowBinary",
+                table.name,
+                table.insert_columns()
+            );
+            let mut insert = self.client.insert_formatted_with(sql);
+            insert.send(body.into()).await.map_err(query_err(what()))?;
+            insert.end().await.map_err(query_err(what()))?;
+        }
+        Ok(())
+    }
+
+    /// The name of routed table `t`.
+    pub fn routed_name(&self, t: usize) -> &str {
+        &self.routes.tables[t].name
+    }
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    crate::pipeline::route::put_varint(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
 }
