@@ -2,7 +2,8 @@
 # Runs every check and test of weir, installing what is missing first:
 #   formatting, clippy, unit tests, integration and end-to-end tests against real
 #   servers (each test starts its own Tansu/ClickHouse on free loopback ports), and
-#   the demo (scripts/demo.sh) on the default ports.
+#   the demo (scripts/demo.sh) on the default ports, and every benchmark scenario of
+#   scripts/bench.sh in smoke mode.
 # Usage: scripts/test.sh
 # Environment: CARGO_TARGET_DIR (default ~/.cache/weir/target: reused between runs).
 set -euo pipefail
@@ -31,6 +32,12 @@ cargo test --workspace
 step "The demo (scripts/demo.sh), then stop it"
 trap 'scripts/demo.sh stop >/dev/null 2>&1 || true' EXIT
 scripts/demo.sh
+
+step "Benchmark scenarios in smoke mode (a few seconds each; weir's metrics checked against the harness)"
+scripts/bench.sh ingest --smoke
+scripts/bench.sh full --smoke
+scripts/bench.sh plugin --smoke
+
 scripts/demo.sh stop
 trap - EXIT
 

@@ -302,8 +302,10 @@ impl Tansu {
 /// A ClickHouse server with its state in a temp dir.
 pub struct ClickHouse {
     pub http_port: u16,
-    _dir: TempDir,
-    _proc: Proc,
+    dir: TempDir,
+    config: String,
+    proc: Option<Proc>,
+    starts: u32,
     http: reqwest::Client,
 }
 
@@ -322,26 +324,47 @@ impl ClickHouse {
             );
         }
         let config = String::from_utf8(out.stdout)?.trim().to_owned();
+        let mut ch = ClickHouse {
+            http_port,
+            dir,
+            config,
+            proc: None,
+            starts: 0,
+            http: reqwest::Client::new(),
+        };
+        ch.restart()?;
+        Ok(ch)
+    }
+
+    /// Starts the server (again) on the same ports and data directory.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.starts += 1;
         let proc = Proc::spawn(
             "clickhouse-server",
             Command::new(find_program("clickhouse-server")?)
-                .arg(format!("--config-file={config}"))
-                .current_dir(dir.path()),
-            dir.path().join("server-stdout.log"),
+                .arg(format!("--config-file={}", self.config))
+                .current_dir(self.dir.path()),
+            self.dir
+                .path()
+                .join(format!("server-stdout-{}.log", self.starts)),
         )?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], http_port));
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.http_port));
         wait_until(
             "clickhouse to answer /ping",
             Duration::from_secs(60),
             || http_ok(addr, "/ping"),
         )
         .with_context(|| proc.log_tail(30))?;
-        Ok(ClickHouse {
-            http_port,
-            _dir: dir,
-            _proc: proc,
-            http: reqwest::Client::new(),
-        })
+        self.proc = Some(proc);
+        Ok(())
+    }
+
+    /// Stops the server (SIGTERM); its data stays for the next [`ClickHouse::restart`].
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop(Duration::from_secs(30));
+        }
     }
 
     pub fn url(&self) -> String {

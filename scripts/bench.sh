@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# weir's benchmark scenarios, each one command. Starts the local stack, weir with the
+# scenario's configuration (examples/bench/), runs the load harness (weir-load) and
+# stops weir again. Figures are printed and written to .stack/bench-SCENARIO.json.
+#
+# Usage: scripts/bench.sh SCENARIO [--smoke] [weir-load options...]
+#   ingest   HTTP -> Kafka only (processor off), at maximum rate
+#   full     enrich + route plugins, events + profile_viewed tables, Redis counters, at
+#            maximum rate, with freshness probes (ClickHouse and the counters API)
+#   plugin   the plugin call path (criterion: batch sizes 1/64/256/1024)
+# --smoke: a few seconds, debug build, and weir's metrics checked against the harness
+#          (what CI runs). Without it: 60 s on a release build.
+# Extra options go to weir-load, e.g. `scripts/bench.sh full --rate 20000`.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/weir/target}"
+STACK_DIR="${WEIR_STACK_DIR:-$ROOT/.stack}"
+
+die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+[ $# -ge 1 ] || die "usage: scripts/bench.sh ingest|full|plugin [--smoke] [weir-load options]"
+SCENARIO="$1"; shift
+SMOKE=0
+if [ "${1:-}" = "--smoke" ]; then SMOKE=1; shift; fi
+PROFILE="${WEIR_PROFILE:-$([ $SMOKE = 1 ] && echo dev || echo release)}"
+profile_dir="$PROFILE"; [ "$PROFILE" = dev ] && profile_dir=debug
+
+if [ "$SCENARIO" = plugin ]; then
+  if [ $SMOKE = 1 ]; then
+    cargo bench -p weir-tests --bench plugin_call -- --quick --noplot
+  else
+    cargo bench -p weir-tests --bench plugin_call
+  fi
+  exit 0
+fi
+
+case "$SCENARIO" in
+  ingest|full) CONFIG="$ROOT/examples/bench/$SCENARIO.toml" ;;
+  *) die "unknown scenario $SCENARIO (ingest, full, plugin)" ;;
+esac
+
+scripts/stack.sh install
+scripts/stack.sh up
+
+say "Building weir ($PROFILE), weir-load and the plugins"
+cargo build --profile "$PROFILE" -p weir -p weir-load
+cargo build --profile plugin --target wasm32-wasip2 -p weir-plugin-enrich -p weir-plugin-route-engagement
+mkdir -p examples/bench/plugins
+cp "$CARGO_TARGET_DIR/wasm32-wasip2/plugin/weir_plugin_enrich.wasm" examples/bench/plugins/enrich.wasm
+cp "$CARGO_TARGET_DIR/wasm32-wasip2/plugin/weir_plugin_route_engagement.wasm" examples/bench/plugins/route.wasm
+WEIR="$CARGO_TARGET_DIR/$profile_dir/weir"
+LOAD="$CARGO_TARGET_DIR/$profile_dir/weir-load"
+
+LOG="$STACK_DIR/bench-$SCENARIO.log"
+mkdir -p "$STACK_DIR"
+setsid "$WEIR" serve --config "$CONFIG" >"$LOG" 2>&1 < /dev/null &
+PID=$!
+stop_weir() {
+  kill -TERM "$PID" 2>/dev/null || true
+  for _ in $(seq 1 300); do kill -0 "$PID" 2>/dev/null || return 0; sleep 0.1; done
+  kill -KILL "$PID" 2>/dev/null || true
+}
+trap stop_weir EXIT
+for _ in $(seq 1 300); do
+  curl -sf http://127.0.0.1:8090/healthz >/dev/null 2>&1 && break
+  kill -0 "$PID" 2>/dev/null || { tail -n 30 "$LOG"; die "weir exited at start (log: $LOG)"; }
+  sleep 0.1
+done
+if [ "$SCENARIO" = full ]; then
+  # The processor must own its partitions before the clock starts.
+  for _ in $(seq 1 600); do grep -q "partitions assigned" "$LOG" && break; sleep 0.1; done
+  grep -q "partitions assigned" "$LOG" || { tail -n 30 "$LOG"; die "the processor did not join its group (log: $LOG)"; }
+fi
+
+args=(--url http://127.0.0.1:8090 --write-key wk_bench_000000000000000 --scenario "$SCENARIO"
+      --pid "$PID" --json "$STACK_DIR/bench-$SCENARIO.json")
+if [ "$SCENARIO" = full ]; then
+  args+=(--clickhouse http://127.0.0.1:8123 --database weir_bench --read-key rk_bench_000000000000000)
+fi
+if [ $SMOKE = 1 ]; then
+  args+=(--duration 3 --rate 2000 --clients 4 --drain-timeout 60 --verify)
+else
+  args+=(--duration 60)
+fi
+# Options given on the command line come last and win (e.g. --rate instead of --max).
+if [ $SMOKE = 0 ] && ! printf '%s\n' "$@" | grep -qx -- '--rate'; then args+=(--max); fi
+
+say "Running $SCENARIO"
+"$LOAD" "${args[@]}" "$@"

@@ -1,0 +1,180 @@
+//! ClickHouse down for 30 s under continuous traffic, then back.
+//!
+//! Ingest does not depend on ClickHouse: every POST keeps getting 202 (Kafka holds the
+//! events). The processor retries its flush with backoff and commits nothing meanwhile;
+//! once ClickHouse is back the backlog drains, and every accepted event is in `events`
+//! once, every view in `profile_viewed` once, and every count in Redis once.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use serde_json::{Value, json};
+use weir_tests::{ClickHouse, Redis, Tansu, WRITE_KEY, Weir, metric, plugin_path};
+
+const OUTAGE: Duration = Duration::from_secs(30);
+
+fn config(tansu: &Tansu, clickhouse: &ClickHouse, redis: &Redis) -> String {
+    format!(
+        r#"
+[ingest]
+listen = "{{ingest}}"
+[[app]]
+name = "outage"
+write_keys = ["{WRITE_KEY}"]
+[kafka]
+brokers = "{}"
+session_timeout_ms = 6000
+[clickhouse]
+url = "{}"
+database = "outage"
+[redis]
+url = "{}"
+[processor]
+flush_max_events = 2000
+flush_interval_ms = 200
+retry_backoff_ms = 250
+[[pipeline.plugin]]
+name = "enrich"
+path = "{}"
+[[pipeline.plugin]]
+name = "route"
+path = "{}"
+[[pipeline.table]]
+name = "profile_viewed"
+columns = ["profile_id String", "viewer_id Nullable(String)", "self_view Bool", "source Nullable(String)"]
+[[pipeline.counter]]
+name = "profile_views"
+[[pipeline.counter]]
+name = "post_likes"
+"#,
+        tansu.bootstrap(),
+        clickhouse.url(),
+        redis.url(),
+        plugin_path("enrich").display(),
+        plugin_path("route-engagement").display(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_down_for_30_s_loses_and_doubles_nothing() -> Result<()> {
+    let tansu = Tansu::start()?;
+    tansu.create_topic("weir.events", 4)?;
+    let mut clickhouse = ClickHouse::start()?;
+    let redis = Redis::start()?;
+    let weir = Weir::start(&config(&tansu, &clickhouse, &redis))?;
+    weir.wait_for_log("partitions assigned", Duration::from_secs(30))?;
+    let http = reqwest::Client::new();
+
+    let mut views: BTreeMap<String, i64> = BTreeMap::new();
+    let mut sent = 0usize;
+    // Traffic before, during and after the outage, 500 events/s.
+    for _ in 0..10 {
+        post(&http, &weir, batch(sent, &mut views)).await?;
+        sent += 100;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    clickhouse.stop();
+    let down = Instant::now();
+    let mut slowest = Duration::ZERO;
+    while down.elapsed() < OUTAGE {
+        slowest = slowest.max(post(&http, &weir, batch(sent, &mut views)).await?);
+        sent += 100;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("ClickHouse down for {OUTAGE:?}: {sent} events accepted, slowest POST {slowest:?}");
+    let metrics = reqwest::get(format!("http://{}/metrics", weir.ingest))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metric(
+            &metrics,
+            "weir_sink_errors_total",
+            &[("sink", "clickhouse")]
+        ) > 0.0,
+        "the failing flushes show in the metrics"
+    );
+    tokio::task::block_in_place(|| clickhouse.restart())?;
+    let back = Instant::now();
+    for _ in 0..10 {
+        post(&http, &weir, batch(sent, &mut views)).await?;
+        sent += 100;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The backlog drains.
+    loop {
+        let have = clickhouse
+            .count("SELECT count() FROM outage.events")
+            .await
+            .unwrap_or(0);
+        if have >= sent as u64 {
+            break;
+        }
+        if back.elapsed() > Duration::from_secs(90) {
+            bail!(
+                "{have} of {sent} rows 90 s after ClickHouse returned; log:\n{}",
+                weir.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "backlog written {:?} after ClickHouse returned",
+        back.elapsed()
+    );
+    let started = Instant::now();
+    loop {
+        let stored = redis.hgetall("weir:c:outage:profile_views")?;
+        if stored == views {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            bail!("counters {stored:?}, want {views:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (table, want) in [("events", sent), ("profile_viewed", sent)] {
+        let sql = format!("SELECT count(), uniqExact(event_id) FROM outage.{table}");
+        assert_eq!(
+            clickhouse.query(&sql).await?,
+            format!("{want}\t{want}"),
+            "{table}: rows and distinct events"
+        );
+    }
+    assert_eq!(redis.hgetall("weir:c:outage:profile_views")?, views);
+    assert!(
+        weir.log().contains("flush to ClickHouse failed; retrying"),
+        "the outage is logged"
+    );
+    Ok(())
+}
+
+/// Views `n0..n0 + 100` of 23 profiles, counted into `views`.
+fn batch(n0: usize, views: &mut BTreeMap<String, i64>) -> Vec<Value> {
+    (n0..n0 + 100)
+        .map(|n| {
+            let profile = format!("p{}", n % 23);
+            *views.entry(profile.clone()).or_default() += 1;
+            json!({"name": "profile_viewed", "event_id": format!("o{n:06}"),
+                   "user_id": format!("u{}", n % 97), "properties": {"profile_id": profile}})
+        })
+        .collect()
+}
+
+/// Posts a batch; fails unless it is accepted. Returns how long the answer took.
+async fn post(http: &reqwest::Client, weir: &Weir, events: Vec<Value>) -> Result<Duration> {
+    let started = Instant::now();
+    let resp = http
+        .post(weir.events_url())
+        .bearer_auth(WRITE_KEY)
+        .json(&events)
+        .send()
+        .await?;
+    if resp.status() != 202 {
+        bail!("ingest answered {}: {}", resp.status(), resp.text().await?);
+    }
+    Ok(started.elapsed())
+}
