@@ -17,7 +17,9 @@ use weir::config::{PipelineConfig, PluginConfig};
 use weir::pipeline::route::Routes;
 use weir::pipeline::{Origin, Pipeline, Stage};
 use weir::runtime::Runtime;
-use weir_tests::{ClickHouse, READ_KEY, Redis, Tansu, WRITE_KEY, Weir, metric, plugin_path};
+use weir_tests::{
+    ClickHouse, READ_KEY, Redis, Tansu, WRITE_KEY, Weir, metric, plugin_path, repo_root,
+};
 
 const PROFILES: usize = 40;
 
@@ -60,12 +62,18 @@ name = "profile_views"
 by_day = true
 [[pipeline.counter]]
 name = "post_likes"
+[[pipeline.schema]]
+event = "profile_viewed"
+path = "{}"
 "#,
         tansu.bootstrap(),
         clickhouse.url(),
         redis.url(),
         plugin_path("enrich").display(),
         plugin_path("route-engagement").display(),
+        repo_root()
+            .join("examples/schemas/profile_viewed.json")
+            .display(),
     )
 }
 
@@ -79,6 +87,8 @@ struct Expected {
     likes: BTreeMap<String, i64>,
     /// Events in `events`.
     kept: u64,
+    /// Views without a user: refused by the JSON Schema before any plugin.
+    schema_rejected: u64,
 }
 
 /// Event `n` of a run tagged `tag`: mostly views (1 in 9 a self view, 1 in 13 without
@@ -93,6 +103,7 @@ fn event(tag: &str, n: usize, exp: &mut Expected) -> Value {
         return json!({"name": "post_liked", "event_id": id, "user_id": format!("u{n}"), "properties": {"post_id": post}});
     }
     if n.is_multiple_of(13) {
+        exp.schema_rejected += 1;
         return json!({"name": "profile_viewed", "event_id": id, "properties": {"profile_id": profile}});
     }
     let viewer = if n.is_multiple_of(9) {
@@ -271,6 +282,29 @@ async fn profile_views_land_in_their_table_and_counters_exactly() -> Result<()> 
         exp.rows.values().sum::<u64>() - exp.views.values().sum::<i64>() as u64
     );
 
+    // Views without a user never reached a plugin: the schema refused them, naming
+    // the field.
+    let refused = clickhouse
+        .query(
+            "SELECT count(), any(reason) FROM seed.dead_letters WHERE stage = 'schema' AND name = 'profile_viewed'",
+        )
+        .await?;
+    let (count, reason) = refused.split_once('\t').unwrap_or_default();
+    assert_eq!(count, exp.schema_rejected.to_string(), "{refused}");
+    assert!(
+        reason.starts_with(
+            "does not match the schema of profile_viewed: /user_id: null is not of type"
+        ),
+        "{reason}"
+    );
+    assert_eq!(
+        clickhouse
+            .count("SELECT count() FROM seed.dead_letters")
+            .await?,
+        exp.schema_rejected,
+        "nothing else is a dead letter"
+    );
+
     // The counters API: per day too, and its refusals.
     let (status, body) = counter(&http, &weir, "profile_views", "p1", "?days=2").await?;
     assert_eq!(status, 200, "{body}");
@@ -358,6 +392,14 @@ async fn profile_views_land_in_their_table_and_counters_exactly() -> Result<()> 
     assert_eq!(
         metric(&metrics, "weir_counter_pending_increments", &[]),
         0.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "weir_schema_failures_total",
+            &[("event", "profile_viewed")]
+        ) as u64,
+        exp.schema_rejected
     );
     Ok(())
 }

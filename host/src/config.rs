@@ -249,6 +249,22 @@ pub struct PipelineConfig {
     /// Counters plugins increment (kept in Redis).
     #[serde(rename = "counter")]
     pub counters: Vec<CounterConfig>,
+    /// JSON Schemas events are validated against before the plugins run.
+    #[serde(rename = "schema")]
+    pub schemas: Vec<SchemaConfig>,
+}
+
+/// `[[pipeline.schema]]`: a JSON Schema for the events of one name. The schema sees
+/// the event as `{"event_id", "name", "user_id", "timestamp" (epoch ms), "properties",
+/// "context"}`; an event that fails goes to the dead letters (stage `schema`) with the
+/// JSON pointer and message of each error.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaConfig {
+    /// The event name.
+    pub event: String,
+    /// Path of the schema (JSON), relative to the config file.
+    pub path: PathBuf,
 }
 
 impl Default for PipelineConfig {
@@ -258,6 +274,7 @@ impl Default for PipelineConfig {
             plugins: Vec::new(),
             tables: Vec::new(),
             counters: Vec::new(),
+            schemas: Vec::new(),
         }
     }
 }
@@ -397,6 +414,11 @@ impl Config {
                 plugin.path = base.join(&plugin.path);
             }
         }
+        for schema in &mut config.pipeline.schemas {
+            if schema.path.is_relative() {
+                schema.path = base.join(&schema.path);
+            }
+        }
         Ok(config)
     }
 
@@ -489,6 +511,14 @@ impl Config {
             }
         }
         crate::pipeline::route::Routes::new(&self.pipeline).map_err(invalid)?;
+        for schema in &self.pipeline.schemas {
+            if crate::ingest::envelope::check_name(&schema.event).is_err() {
+                return Err(invalid(format!(
+                    "[[pipeline.schema]] event {:?} is not a valid event name",
+                    schema.event
+                )));
+            }
+        }
         if !self.pipeline.counters.is_empty() && self.redis.key_prefix.is_empty() {
             return Err(invalid("redis.key_prefix must not be empty"));
         }

@@ -133,6 +133,13 @@ pub static DEAD_LETTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+pub static SCHEMA_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "weir_schema_failures_total",
+        "Events that failed their JSON Schema, by event name",
+        &["event"],
+    )
+});
 pub static COUNTER_INCREMENTS: LazyLock<IntCounter> = LazyLock::new(|| {
     counter(
         "weir_counter_increments_total",
@@ -171,6 +178,7 @@ pub fn render() -> String {
     LazyLock::force(&SINK_ERRORS);
     LazyLock::force(&REPLAYED_ROWS_SKIPPED);
     LazyLock::force(&DEAD_LETTERS);
+    LazyLock::force(&SCHEMA_FAILURES);
     LazyLock::force(&COUNTER_INCREMENTS);
     LazyLock::force(&COUNTER_REPLAYS_SKIPPED);
     LazyLock::force(&COUNTER_PENDING);

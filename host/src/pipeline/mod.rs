@@ -2,6 +2,7 @@
 //! sort the results into what the sinks write (kept events) and dead letters.
 
 pub mod route;
+pub mod schema;
 pub mod worker;
 
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use crate::bus::record::{IngestRecord, WireEvent};
 use crate::config::{FailurePolicy, PipelineConfig, PluginConfig};
 use crate::runtime::{self, Event, PluginInstance, Runtime, Verdict};
 use route::{Fanout, Routes};
+use schema::Schemas;
 
 /// Where an event came from: its Kafka coordinates and position in the record. Stable
 /// across replays, so it identifies the event's slot in the stream.
@@ -96,6 +98,8 @@ pub enum PipelineError {
     Runtime(#[from] runtime::RuntimeError),
     #[error("{0}")]
     Routes(String),
+    #[error("{0}")]
+    Schema(String),
 }
 
 /// One plugin of the chain: its live instance and its circuit breaker.
@@ -216,6 +220,7 @@ impl Stage {
 /// A pipeline ready to run: one live instance per plugin, in chain order.
 pub struct Pipeline {
     name: String,
+    schemas: Schemas,
     chain: Vec<Stage>,
     routes: Arc<Routes>,
     batch_size: usize,
@@ -243,12 +248,8 @@ impl Pipeline {
             chain.push(Stage::new(plugin.instantiate().await?, p));
         }
         let routes = Routes::new(cfg).map_err(PipelineError::Routes)?;
-        Ok(Self::new(
-            cfg.name.clone(),
-            chain,
-            Arc::new(routes),
-            batch_size,
-        ))
+        let schemas = Schemas::load(&cfg.schemas).map_err(PipelineError::Schema)?;
+        Ok(Self::new(cfg.name.clone(), chain, Arc::new(routes), batch_size).with_schemas(schemas))
     }
 
     pub fn new(name: String, chain: Vec<Stage>, routes: Arc<Routes>, batch_size: usize) -> Self {
@@ -262,11 +263,18 @@ impl Pipeline {
             .join(",");
         Self {
             name,
+            schemas: Schemas::default(),
             chain,
             routes,
             batch_size: batch_size.max(1),
             versions,
         }
+    }
+
+    /// Validates events against these schemas before the chain.
+    pub fn with_schemas(mut self, schemas: Schemas) -> Self {
+        self.schemas = schemas;
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -291,10 +299,29 @@ impl Pipeline {
     /// Runs decoded events through the chain, in plugin batches.
     pub async fn run(&mut self, events: Vec<(Origin, String, WireEvent)>) -> Output {
         let mut out = Output::default();
-        let mut pending: Vec<(Origin, Event, Fanout)> = events
-            .into_iter()
-            .map(|(origin, app, e)| (origin, to_plugin_event(app, e), Fanout::default()))
-            .collect();
+        let mut pending: Vec<(Origin, Event, Fanout)> = Vec::with_capacity(events.len());
+        for (origin, app, e) in events {
+            let event = to_plugin_event(app, e);
+            match self.schemas.check(&event) {
+                Ok(()) => pending.push((origin, event, Fanout::default())),
+                Err(reason) => {
+                    crate::metrics::SCHEMA_FAILURES
+                        .with_label_values(&[&event.name])
+                        .inc();
+                    out.dead.push(DeadLetter {
+                        origin,
+                        raw: event_json(&event),
+                        event_id: event.event_id,
+                        app: event.app,
+                        name: event.name,
+                        stage: "schema",
+                        plugin: String::new(),
+                        plugin_version: String::new(),
+                        reason,
+                    });
+                }
+            }
+        }
         for stage in &mut self.chain {
             let mut next = Vec::with_capacity(pending.len());
             let mut iter = pending.into_iter().peekable();
