@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# weir's benchmark scenarios, each one command. Starts the local stack, weir with the
-# scenario's configuration (examples/bench/), runs the load harness (weir-load) and
-# stops weir again. Figures are printed and written to .stack/bench-SCENARIO.json.
+# weir's benchmark scenarios, each one command. Restarts the local stack (the broker
+# starts empty; the weir_bench database is dropped), starts weir with the scenario's
+# configuration (examples/bench/), runs the load harness (weir-load) and stops weir. Figures are printed and written to .stack/bench-SCENARIO.json.
 #
 # Usage: scripts/bench.sh SCENARIO [--smoke] [weir-load options...]
 #   ingest   HTTP -> Kafka only (processor off), at maximum rate
@@ -43,7 +43,11 @@ case "$SCENARIO" in
 esac
 
 scripts/stack.sh install
+# A fresh stack for every run: Tansu keeps everything in memory (a 60 s run at full
+# speed leaves gigabytes), and the figures should not depend on earlier runs.
+scripts/stack.sh down
 scripts/stack.sh up
+curl -sf http://127.0.0.1:8123/ --data-binary "DROP DATABASE IF EXISTS weir_bench" >/dev/null
 
 say "Building weir ($PROFILE), weir-load and the plugins"
 cargo build --profile "$PROFILE" -p weir -p weir-load

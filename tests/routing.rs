@@ -372,10 +372,23 @@ async fn profile_views_land_in_their_table_and_counters_exactly() -> Result<()> 
     );
 
     // The metrics agree with what was sent.
-    let metrics = reqwest::get(format!("http://{}/metrics", weir.ingest))
-        .await?
-        .text()
-        .await?;
+    // (Counters may show before ClickHouse acknowledged the same batch: wait for it.)
+    let started = Instant::now();
+    let metrics = loop {
+        let metrics = reqwest::get(format!("http://{}/metrics", weir.ingest))
+            .await?
+            .text()
+            .await?;
+        let written = metric(
+            &metrics,
+            "weir_sink_rows_total",
+            &[("table", "profile_viewed")],
+        );
+        if written as u64 >= rows + 5 || started.elapsed() > Duration::from_secs(10) {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let counted: i64 = exp.views.values().sum::<i64>() + exp.likes.values().sum::<i64>();
     assert_eq!(
         metric(&metrics, "weir_counter_increments_total", &[]) as i64,

@@ -252,6 +252,56 @@ pub struct PipelineConfig {
     /// JSON Schemas events are validated against before the plugins run.
     #[serde(rename = "schema")]
     pub schemas: Vec<SchemaConfig>,
+    /// HTTP endpoints kept events of chosen names are POSTed to.
+    #[serde(rename = "webhook")]
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+/// `[[pipeline.webhook]]`: POSTs kept events of the listed names to a URL, in batches
+/// (`{"webhook": NAME, "events": [EVENT, ...]}`), at least once, with retries.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Name, `[A-Za-z_][A-Za-z0-9_]*`, used in logs, metrics and dead letters.
+    pub name: String,
+    /// `http://` or `https://` URL.
+    pub url: String,
+    /// Event names sent (after the plugin chain: as the plugins left them).
+    pub events: Vec<String>,
+    /// Most events per POST; 1 sends each event on its own. Default 100.
+    #[serde(default = "default_webhook_batch")]
+    pub batch_size: usize,
+    /// Timeout of one POST, in milliseconds. Default 5000.
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout_ms: u64,
+    /// Attempts of one batch before its events go to dead_letters. Default 8.
+    #[serde(default = "default_webhook_attempts")]
+    pub max_attempts: u32,
+    /// Pause before the first retry, doubled each time up to 30 s. Default 500.
+    #[serde(default = "default_webhook_backoff")]
+    pub retry_backoff_ms: u64,
+    /// Most events queued for delivery; past it the processor waits. Default 10000.
+    #[serde(default = "default_webhook_pending")]
+    pub max_pending: usize,
+    /// Extra request headers (e.g. an API key). Default none.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+fn default_webhook_batch() -> usize {
+    100
+}
+fn default_webhook_timeout() -> u64 {
+    5000
+}
+fn default_webhook_attempts() -> u32 {
+    8
+}
+fn default_webhook_backoff() -> u64 {
+    500
+}
+fn default_webhook_pending() -> usize {
+    10_000
 }
 
 /// `[[pipeline.schema]]`: a JSON Schema for the events of one name. The schema sees
@@ -275,6 +325,7 @@ impl Default for PipelineConfig {
             tables: Vec::new(),
             counters: Vec::new(),
             schemas: Vec::new(),
+            webhooks: Vec::new(),
         }
     }
 }
@@ -511,6 +562,40 @@ impl Config {
             }
         }
         crate::pipeline::route::Routes::new(&self.pipeline).map_err(invalid)?;
+        let mut hooks = std::collections::HashSet::new();
+        for w in &self.pipeline.webhooks {
+            let n = &w.name;
+            if !is_identifier(n) || !hooks.insert(n.as_str()) {
+                return Err(invalid(format!(
+                    "webhook name {n:?} must match [A-Za-z_][A-Za-z0-9_]* and be unique"
+                )));
+            }
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                return Err(invalid(format!(
+                    "webhook {n}: url {:?} must start with http:// or https://",
+                    w.url
+                )));
+            }
+            if w.events.is_empty() {
+                return Err(invalid(format!(
+                    "webhook {n}: events must name at least one event"
+                )));
+            }
+            if let Some(bad) = w
+                .events
+                .iter()
+                .find(|e| crate::ingest::envelope::check_name(e).is_err())
+            {
+                return Err(invalid(format!(
+                    "webhook {n}: {bad:?} is not a valid event name"
+                )));
+            }
+            if w.batch_size == 0 || w.timeout_ms == 0 || w.max_attempts == 0 || w.max_pending == 0 {
+                return Err(invalid(format!(
+                    "webhook {n}: batch_size, timeout_ms, max_attempts and max_pending must be positive"
+                )));
+            }
+        }
         for schema in &self.pipeline.schemas {
             if crate::ingest::envelope::check_name(&schema.event).is_err() {
                 return Err(invalid(format!(

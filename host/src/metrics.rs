@@ -133,6 +133,20 @@ pub static DEAD_LETTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+pub static WEBHOOK_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "weir_webhook_events_total",
+        "Events handed to a webhook, by webhook and result (delivered, dead_letter)",
+        &["webhook", "result"],
+    )
+});
+pub static WEBHOOK_PENDING: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge_vec(
+        "weir_webhook_pending_events",
+        "Events queued for a webhook and not yet delivered",
+        &["webhook"],
+    )
+});
 pub static SCHEMA_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "weir_schema_failures_total",
@@ -179,6 +193,8 @@ pub fn render() -> String {
     LazyLock::force(&REPLAYED_ROWS_SKIPPED);
     LazyLock::force(&DEAD_LETTERS);
     LazyLock::force(&SCHEMA_FAILURES);
+    LazyLock::force(&WEBHOOK_EVENTS);
+    LazyLock::force(&WEBHOOK_PENDING);
     LazyLock::force(&COUNTER_INCREMENTS);
     LazyLock::force(&COUNTER_REPLAYS_SKIPPED);
     LazyLock::force(&COUNTER_PENDING);

@@ -17,6 +17,7 @@ use crate::pipeline::{Pipeline, worker::Worker};
 use crate::runtime::Runtime;
 use crate::sinks::clickhouse::ClickHouseSink;
 use crate::sinks::counters::{CounterReader, CounterSink};
+use crate::sinks::webhook::WebhookSink;
 
 /// Runs weir until `shutdown` resolves.
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -67,6 +68,13 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
                 .context("cannot set up the Redis counter sink")?,
             )
         };
+        let mut webhooks = Vec::new();
+        for w in &config.pipeline.webhooks {
+            webhooks.push(
+                WebhookSink::start(w, sink.clone(), config.pipeline.name.clone())
+                    .map_err(anyhow::Error::msg)?,
+            );
+        }
         let worker = Worker::new(
             consumer,
             config.kafka.topic.clone(),
@@ -74,7 +82,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             sink,
             counters,
             config.processor.clone(),
-        );
+        )
+        .with_webhooks(webhooks);
         Some(tokio::spawn(worker.run(stop_rx.clone())))
     } else {
         None

@@ -12,10 +12,11 @@
 //!   writing, rows whose Kafka coordinates and event id are already in ClickHouse are
 //!   skipped, table by table (checked only for offsets up to what ClickHouse held when
 //!   this instance took the partition), so a replay does not write an event twice;
-//! - counter increments go to Redis after ClickHouse acknowledged, with the partition's
-//!   offset in the same atomic step (see [`crate::sinks::counters`]); while Redis is
-//!   unreachable, ClickHouse writes go on and the offsets of the partitions whose
-//!   increments wait are held back, so Kafka re-delivers them after a crash.
+//! - counter increments go to Redis while ClickHouse writes, with the partition's
+//!   offset in the same atomic step (see [`crate::sinks::counters`]), so a replay
+//!   counts nothing twice whichever sink got further; while Redis is unreachable,
+//!   ClickHouse writes go on and the offsets of the partitions whose increments wait
+//!   are held back, so Kafka re-delivers them after a crash.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -32,10 +33,14 @@ use crate::bus::record::WireEvent;
 use crate::bus::{self, Consumer};
 use crate::config::ProcessorConfig;
 use crate::sinks::clickhouse::{ClickHouseError, ClickHouseSink, Written};
-use crate::sinks::counters::CounterSink;
+use crate::sinks::counters::{CounterError, CounterSink};
+use crate::sinks::webhook::WebhookSink;
 
 /// Longest pause between retries of a failed flush.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// How often held-back offsets are tried again while no batch commits them.
+const HELD_RETRY: Duration = Duration::from_millis(500);
 
 /// Events read from Kafka and not yet written.
 #[derive(Default)]
@@ -97,6 +102,8 @@ pub struct Worker {
     held: BTreeMap<i32, i64>,
     /// When to try Redis again, after a failure.
     counters_retry: Option<(Instant, Duration)>,
+    /// The webhooks, each delivering from its own queue.
+    webhooks: Vec<WebhookSink>,
 }
 
 impl Worker {
@@ -118,7 +125,14 @@ impl Worker {
             counters,
             held: BTreeMap::new(),
             counters_retry: None,
+            webhooks: Vec::new(),
         }
+    }
+
+    /// Also delivers to these webhooks.
+    pub fn with_webhooks(mut self, webhooks: Vec<WebhookSink>) -> Self {
+        self.webhooks = webhooks;
+        self
     }
 
     /// Runs until `shutdown` turns true, then flushes, commits and returns.
@@ -139,8 +153,16 @@ impl Worker {
                     self.apply_counters().await;
                     self.commit(BTreeMap::new());
                 }
+                // Offsets held back for sinks still delivering: commit what they finished.
+                _ = sleep_until((!self.held.is_empty()).then(|| Instant::now() + HELD_RETRY)) => {
+                    self.forget_revoked(&mut buf);
+                    self.commit(BTreeMap::new());
+                }
                 msg = self.consumer.recv() => {
                     let revoked = self.consumer.context().take_revoked();
+                    for w in &self.webhooks {
+                        w.forget(&revoked);
+                    }
                     forget(&revoked, &mut self.watermarks, &mut self.held, &mut self.counters, &mut buf);
                     match msg {
                         Ok(m) => {
@@ -210,10 +232,63 @@ impl Worker {
         output.dead.append(&mut buf.undecodable);
         let plugin_time = started.elapsed();
 
+        // Counters go to Redis while ClickHouse writes: both are safe under replay (the
+        // replay guard; the offsets stored with the counters), so neither waits for the
+        // other. Offsets are committed once ClickHouse acknowledged; partitions whose
+        // increments still wait for Redis are held back.
+        let increments = output.counts.len();
+        let mut counters = self.counters.take();
+        if let Some(c) = &mut counters {
+            c.add(std::mem::take(&mut output.counts));
+        }
+        let (written, applied) = tokio::join!(
+            self.write_until_acked(&mut output, shutdown),
+            apply_pending(&mut counters)
+        );
+        self.counters = counters;
+        self.after_counters(applied);
+        if !written {
+            warn!(
+                events = count,
+                "shutdown during a failing flush: offsets not committed, the events will be re-read"
+            );
+            buf.next_offsets.clear();
+            buf.since = None;
+            return;
+        }
+        failpoint_after_write();
+        for webhook in &self.webhooks {
+            webhook.offer(&output.kept).await;
+        }
+        let offsets = std::mem::take(&mut buf.next_offsets);
+        buf.since = None;
+        self.commit(offsets);
+        info!(
+            events = count,
+            kept = output.kept.len(),
+            routed_rows = output.rows.values().map(Vec::len).sum::<usize>(),
+            increments,
+            dead_letters = output.dead.len(),
+            dropped = output.dropped,
+            plugin_ms = plugin_time.as_millis() as u64,
+            total_ms = started.elapsed().as_millis() as u64,
+            "batch flushed"
+        );
+    }
+}
+
+impl Worker {
+    /// Writes the batch to ClickHouse, retrying with backoff until it is acknowledged.
+    /// False if shutdown came first.
+    async fn write_until_acked(
+        &mut self,
+        output: &mut Output,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
         let mut backoff = Duration::from_millis(self.cfg.retry_backoff_ms);
         loop {
             let write_started = std::time::Instant::now();
-            match self.write(&mut output).await {
+            match self.write(output).await {
                 Ok(()) => {
                     crate::metrics::SINK_FLUSH_DURATION
                         .with_label_values(&["clickhouse"])
@@ -232,7 +307,7 @@ impl Worker {
                             .with_label_values(&[d.stage])
                             .inc();
                     }
-                    break;
+                    return true;
                 }
                 Err(e) => {
                     crate::metrics::SINK_ERRORS
@@ -241,57 +316,34 @@ impl Worker {
                     error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "flush to ClickHouse failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => {
-                            warn!(events = count, "shutdown during a failing flush: offsets not committed, the events will be re-read");
-                            buf.next_offsets.clear();
-                            buf.since = None;
-                            return;
-                        }
+                        _ = shutdown.changed() => return false,
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
-        failpoint_after_write();
-        let offsets = std::mem::take(&mut buf.next_offsets);
-        buf.since = None;
-        let increments = output.counts.len();
-        if let Some(counters) = &mut self.counters {
-            counters.add(std::mem::take(&mut output.counts));
-        }
-        self.apply_counters().await;
-        self.commit(offsets);
-        info!(
-            events = count,
-            kept = output.kept.len(),
-            routed_rows = output.rows.values().map(Vec::len).sum::<usize>(),
-            increments,
-            dead_letters = output.dead.len(),
-            dropped = output.dropped,
-            plugin_ms = plugin_time.as_millis() as u64,
-            total_ms = started.elapsed().as_millis() as u64,
-            "batch flushed"
-        );
     }
-}
 
-impl Worker {
     /// Tries once to apply the pending counter increments; on failure schedules a
     /// retry with backoff. True when nothing waits for Redis any more.
     async fn apply_counters(&mut self) -> bool {
-        let Some(counters) = &mut self.counters else {
-            return true;
-        };
-        if !counters.has_pending() {
+        let mut counters = self.counters.take();
+        let applied = apply_pending(&mut counters).await;
+        self.counters = counters;
+        self.after_counters(applied)
+    }
+
+    /// Books the result of [`apply_pending`]: metrics, logs, the retry schedule.
+    fn after_counters(&mut self, applied: Option<(Result<usize, CounterError>, Duration)>) -> bool {
+        let Some((result, took)) = applied else {
             self.counters_retry = None;
             return true;
-        }
-        let started = std::time::Instant::now();
-        match counters.apply().await {
+        };
+        match result {
             Ok(_) => {
                 crate::metrics::SINK_FLUSH_DURATION
                     .with_label_values(&["redis"])
-                    .observe(started.elapsed().as_secs_f64());
+                    .observe(took.as_secs_f64());
                 if self.counters_retry.take().is_some() {
                     info!("counter increments reached Redis again; held offsets released");
                 }
@@ -313,8 +365,9 @@ impl Worker {
         }
     }
 
-    /// Commits `offsets` and any held ones, except for partitions whose counter
-    /// increments still wait for Redis (those stay held).
+    /// Commits `offsets` and any held ones, as far as every sink got: not at all for
+    /// partitions whose counter increments wait for Redis, and only up to the first
+    /// event a webhook has not delivered yet (the rest stays held).
     fn commit(&mut self, offsets: BTreeMap<i32, i64>) {
         self.held.extend(offsets);
         let waiting: HashSet<i32> = self
@@ -323,12 +376,22 @@ impl Worker {
             .map(|c| c.pending_partitions().collect())
             .unwrap_or_default();
         let mut ready = BTreeMap::new();
+        let webhooks = &self.webhooks;
         self.held.retain(|&p, &mut o| {
             if waiting.contains(&p) {
                 return true;
             }
-            ready.insert(p, o);
-            false
+            let limit = webhooks.iter().filter_map(|w| w.commit_limit(p)).min();
+            match limit {
+                Some(l) if l < o => {
+                    ready.insert(p, l);
+                    true
+                }
+                _ => {
+                    ready.insert(p, o);
+                    false
+                }
+            }
         });
         // Rebalance callbacks run only inside `recv`, and revoked partitions were
         // forgotten before, so every partition here is still ours.
@@ -340,6 +403,9 @@ impl Worker {
     /// Forgets what was buffered from, and known about, partitions just revoked.
     fn forget_revoked(&mut self, buf: &mut Buffer) {
         let revoked = self.consumer.context().take_revoked();
+        for w in &self.webhooks {
+            w.forget(&revoked);
+        }
         forget(
             &revoked,
             &mut self.watermarks,
@@ -443,6 +509,18 @@ fn failpoint_after_write() {
         error!("WEIR_FAILPOINT after_write:{at} reached: aborting");
         std::process::abort();
     }
+}
+
+/// Applies the pending counter increments once, if there are any: the result and how
+/// long it took. A free function so that it can run while `Worker::write_until_acked`
+/// holds the worker.
+async fn apply_pending(
+    counters: &mut Option<CounterSink>,
+) -> Option<(Result<usize, CounterError>, Duration)> {
+    let counters = counters.as_mut().filter(|c| c.has_pending())?;
+    let started = std::time::Instant::now();
+    let result = counters.apply().await;
+    Some((result, started.elapsed()))
 }
 
 /// Forgets the state of revoked partitions: buffered events, ClickHouse watermarks,

@@ -1,0 +1,235 @@
+//! The webhook sink against a real HTTP endpoint run by the test (the role a
+//! customer-engagement tool plays): it answers 500 for a while, then recovers. Every
+//! event of the configured names must be accepted exactly once by the endpoint (by its
+//! `event_id`, the idempotency key), none of the other names ever sent; and an endpoint
+//! that keeps failing sends the events to dead_letters after the retry budget.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use serde_json::{Value, json};
+use weir_tests::{ClickHouse, Tansu, WRITE_KEY, Weir};
+
+/// What the endpoint saw.
+#[derive(Default)]
+struct Seen {
+    /// event_id -> times accepted (answered 200).
+    accepted: BTreeMap<String, u32>,
+    /// Requests answered 500.
+    refused: u32,
+    /// Requests without an Idempotency-Key header.
+    without_key: u32,
+    names: BTreeMap<String, u32>,
+}
+
+struct Endpoint {
+    seen: Mutex<Seen>,
+    /// Answer 500 until this moment (`None`: always).
+    fail_until: Option<Instant>,
+}
+
+async fn hook(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, body: String) -> StatusCode {
+    let mut seen = ep.seen.lock().unwrap();
+    if !headers.contains_key("idempotency-key") {
+        seen.without_key += 1;
+    }
+    if ep.fail_until.is_none_or(|t| Instant::now() < t) {
+        seen.refused += 1;
+        return StatusCode::INTERNAL_SERVER_ERROR;
+    }
+    let body: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    for e in body["events"].as_array().into_iter().flatten() {
+        let id = e["event_id"].as_str().unwrap_or_default().to_owned();
+        *seen.accepted.entry(id).or_default() += 1;
+        *seen
+            .names
+            .entry(e["name"].as_str().unwrap_or_default().to_owned())
+            .or_default() += 1;
+    }
+    StatusCode::OK
+}
+
+async fn endpoint(fail_for: Option<Duration>) -> Result<(SocketAddr, Arc<Endpoint>)> {
+    let ep = Arc::new(Endpoint {
+        seen: Mutex::default(),
+        fail_until: fail_for.map(|d| Instant::now() + d),
+    });
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(hook))
+        .with_state(ep.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((addr, ep))
+}
+
+fn config(
+    tansu: &Tansu,
+    clickhouse: &ClickHouse,
+    db: &str,
+    hook: SocketAddr,
+    attempts: u32,
+) -> String {
+    format!(
+        r#"
+[ingest]
+listen = "{{ingest}}"
+[[app]]
+name = "hooks"
+write_keys = ["{WRITE_KEY}"]
+[kafka]
+brokers = "{}"
+session_timeout_ms = 6000
+[clickhouse]
+url = "{}"
+database = "{db}"
+[processor]
+flush_max_events = 500
+flush_interval_ms = 100
+[[pipeline.webhook]]
+name = "crm"
+url = "http://{hook}/hook"
+events = ["signup_completed"]
+batch_size = 50
+max_attempts = {attempts}
+retry_backoff_ms = 100
+headers = {{ "X-Api-Key" = "test" }}
+"#,
+        tansu.bootstrap(),
+        clickhouse.url(),
+    )
+}
+
+async fn post_events(weir: &Weir, n: usize) -> Result<usize> {
+    let http = reqwest::Client::new();
+    let mut signups = 0;
+    for chunk in 0..n / 100 {
+        let batch: Vec<Value> = (0..100)
+            .map(|i| {
+                let k = chunk * 100 + i;
+                let name = if k % 3 == 0 {
+                    "signup_completed"
+                } else {
+                    "app_opened"
+                };
+                signups += usize::from(k % 3 == 0);
+                json!({"name": name, "event_id": format!("h{k:05}"), "user_id": format!("u{k}")})
+            })
+            .collect();
+        let resp = http
+            .post(weir.events_url())
+            .bearer_auth(WRITE_KEY)
+            .json(&batch)
+            .send()
+            .await?;
+        if resp.status() != 202 {
+            bail!("ingest answered {}", resp.status());
+        }
+    }
+    Ok(signups)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_then_recovering_endpoint_gets_each_event_once() -> Result<()> {
+    let tansu = Tansu::start()?;
+    tansu.create_topic("weir.events", 4)?;
+    let clickhouse = ClickHouse::start()?;
+    let (addr, ep) = endpoint(Some(Duration::from_secs(4))).await?;
+    let weir = Weir::start(&config(&tansu, &clickhouse, "hooks", addr, 20))?;
+    weir.wait_for_log("partitions assigned", Duration::from_secs(30))?;
+
+    let signups = post_events(&weir, 3_000).await?;
+    let started = Instant::now();
+    loop {
+        let done = ep.seen.lock().unwrap().accepted.len();
+        if done >= signups {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "{done} of {signups} events delivered after 60 s; log:\n{}",
+                weir.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    {
+        let seen = ep.seen.lock().unwrap();
+        assert!(seen.refused > 0, "the endpoint failed for a while");
+        assert_eq!(seen.without_key, 0, "every POST has an Idempotency-Key");
+        assert_eq!(seen.accepted.len(), signups);
+        let twice: Vec<_> = seen.accepted.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "accepted more than once: {twice:?}");
+        assert_eq!(seen.names.keys().collect::<Vec<_>>(), ["signup_completed"]);
+    }
+    assert_eq!(
+        clickhouse
+            .count("SELECT count() FROM hooks.dead_letters")
+            .await?,
+        0
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", weir.ingest))
+        .await?
+        .text()
+        .await?;
+    let delivered = weir_tests::metric(
+        &metrics,
+        "weir_webhook_events_total",
+        &[("webhook", "crm"), ("result", "delivered")],
+    );
+    assert_eq!(delivered as usize, signups);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_keeps_failing_sends_events_to_dead_letters() -> Result<()> {
+    let tansu = Tansu::start()?;
+    tansu.create_topic("weir.events", 4)?;
+    let clickhouse = ClickHouse::start()?;
+    let (addr, ep) = endpoint(None).await?;
+    let weir = Weir::start(&config(&tansu, &clickhouse, "dead_hooks", addr, 3))?;
+    weir.wait_for_log("partitions assigned", Duration::from_secs(30))?;
+
+    let signups = post_events(&weir, 300).await?;
+    let started = Instant::now();
+    loop {
+        let dead = clickhouse
+            .count("SELECT count() FROM dead_hooks.dead_letters WHERE stage = 'webhook'")
+            .await
+            .unwrap_or(0);
+        if dead as usize >= signups {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "{dead} of {signups} dead letters after 60 s; log:\n{}",
+                weir.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reason = clickhouse
+        .query("SELECT any(reason), any(plugin), uniqExact(event_id) FROM dead_hooks.dead_letters")
+        .await?;
+    assert!(
+        reason.starts_with("webhook crm answered 500 Internal Server Error: ")
+            && reason.contains("after 3 attempts\tcrm\t"),
+        "{reason}"
+    );
+    assert!(reason.ends_with(&format!("\t{signups}")), "{reason}");
+    assert!(ep.seen.lock().unwrap().accepted.is_empty());
+    // The events themselves are in `events` regardless.
+    assert_eq!(
+        clickhouse
+            .count("SELECT count() FROM dead_hooks.events")
+            .await?,
+        300
+    );
+    Ok(())
+}
