@@ -320,3 +320,69 @@ async fn a_crash_between_write_and_commit_does_not_double_rows() -> Result<()> {
     );
     Ok(())
 }
+
+/// ClickHouse refuses one INSERT of a flush after the INSERT into `events` succeeded
+/// (a failpoint fails the 2nd INSERT into `profile_viewed`). The retry must write only
+/// what is missing: `events` stays free of doubles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partly_failed_flush_is_retried_without_doubling() -> Result<()> {
+    let tansu = Tansu::start()?;
+    tansu.create_topic("weir.events", 4)?;
+    let clickhouse = ClickHouse::start()?;
+    let redis = Redis::start()?;
+    let ingest = Weir::start(&config(&tansu, &clickhouse, &redis, false))?;
+    let processor = Weir::start_with_env(
+        &config(&tansu, &clickhouse, &redis, true),
+        &[("WEIR_FAILPOINT", "insert_error:profile_viewed:2")],
+    )?;
+    processor.wait_for_log("partitions assigned", Duration::from_secs(30))?;
+
+    let http = reqwest::Client::new();
+    let mut sent = Sent::default();
+    for chunk in 0..20 {
+        let batch: Vec<Value> = (0..100).map(|i| sent.event(chunk * 100 + i)).collect();
+        let resp = http
+            .post(ingest.events_url())
+            .bearer_auth(WRITE_KEY)
+            .json(&batch)
+            .send()
+            .await?;
+        assert_eq!(resp.status(), 202);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let want = sent.kept.len() as u64;
+    let started = Instant::now();
+    while clickhouse
+        .count("SELECT count() FROM crash.profile_viewed")
+        .await?
+        < sent.views.len() as u64
+        || clickhouse.count("SELECT count() FROM crash.events").await? < want
+    {
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("rows missing; log:\n{}", processor.log());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let log = processor.log();
+    assert!(
+        log.contains("WEIR_FAILPOINT insert_error:profile_viewed:2 reached"),
+        "{log}"
+    );
+    assert!(log.contains("flush to ClickHouse failed; retrying"));
+    for (table, want) in [
+        ("events", want),
+        ("profile_viewed", sent.views.len() as u64),
+    ] {
+        assert_eq!(
+            clickhouse
+                .query(&format!(
+                    "SELECT count(), uniqExact(event_id) FROM crash.{table}"
+                ))
+                .await?,
+            format!("{want}\t{want}"),
+            "{table}"
+        );
+    }
+    Ok(())
+}

@@ -5,9 +5,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
 use serde_json::{Value, json};
 use weir_tests::{Tansu, WRITE_KEY, Weir};
 
@@ -63,30 +60,10 @@ async fn post(url: &str, key: Option<&str>, content_type: Option<&str>, body: Ve
     }
 }
 
-/// Reads the whole topic from the start with a fresh group until it stays idle.
+/// The payloads of the events topic, from the start.
 async fn read_topic(bootstrap: &str) -> Result<Vec<Vec<u8>>> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("reader-{}", weir_tests::free_port()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .set("session.timeout.ms", "6000")
-        .create()?;
-    consumer.subscribe(&[TOPIC])?;
-    let mut records = Vec::new();
-    // Joining a Tansu group takes about half the session timeout: wait for the first
-    // record generously, then stop once the topic stays idle.
-    let mut idle = Duration::from_secs(20);
-    loop {
-        match tokio::time::timeout(idle, consumer.recv()).await {
-            Ok(Ok(m)) => {
-                records.push(m.payload().unwrap_or_default().to_vec());
-                idle = Duration::from_secs(3);
-            }
-            Ok(Err(e)) => anyhow::bail!("consume failed: {e}"),
-            Err(_) => return Ok(records),
-        }
-    }
+    let records = weir_tests::read_topic(bootstrap, TOPIC).await?;
+    Ok(records.into_iter().map(|(_, payload)| payload).collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -145,6 +145,26 @@ async fn clickhouse_down_for_30_s_loses_and_doubles_nothing() -> Result<()> {
         );
     }
     assert_eq!(redis.hgetall("weir:c:outage:profile_views")?, views);
+    // The consumer lag of every partition, reported by librdkafka, is back to 0.
+    let started = Instant::now();
+    loop {
+        let metrics = reqwest::get(format!("http://{}/metrics", weir.ingest))
+            .await?
+            .text()
+            .await?;
+        let partitions = metrics
+            .lines()
+            .filter(|l| l.starts_with("weir_consumer_lag_records{"))
+            .count();
+        let lag = metric(&metrics, "weir_consumer_lag_records", &[]);
+        if partitions == 4 && lag == 0.0 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            bail!("consumer lag {lag} over {partitions} partitions 20 s after the drain");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     assert!(
         weir.log().contains("flush to ClickHouse failed; retrying"),
         "the outage is logged"

@@ -1,8 +1,10 @@
-//! The webhook sink against a real HTTP endpoint run by the test (the role a
-//! customer-engagement tool plays): it answers 500 for a while, then recovers. Every
-//! event of the configured names must be accepted exactly once by the endpoint (by its
-//! `event_id`, the idempotency key), none of the other names ever sent; and an endpoint
-//! that keeps failing sends the events to dead_letters after the retry budget.
+//! The forwarding sinks. The webhook sink against a real HTTP endpoint run by the test
+//! (the role a customer-engagement tool plays): it answers 500 for a while, then
+//! recovers. Every event of the configured names must be accepted exactly once by the
+//! endpoint (by its `event_id`, the idempotency key), none of the other names ever sent;
+//! and an endpoint that keeps failing sends the events to dead_letters after the retry
+//! budget. The Kafka topic sink: every event of its names in the output topic once,
+//! keyed by user.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -231,5 +233,69 @@ async fn an_endpoint_that_keeps_failing_sends_events_to_dead_letters() -> Result
             .await?,
         300
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_sink_forwards_each_event_of_its_names_once() -> Result<()> {
+    let tansu = Tansu::start()?;
+    tansu.create_topic("weir.events", 4)?;
+    let clickhouse = ClickHouse::start()?;
+    let config = format!(
+        r#"
+[ingest]
+listen = "{{ingest}}"
+[[app]]
+name = "fwd"
+write_keys = ["{WRITE_KEY}"]
+[kafka]
+brokers = "{}"
+session_timeout_ms = 6000
+[clickhouse]
+url = "{}"
+database = "fwd"
+[processor]
+flush_max_events = 500
+flush_interval_ms = 100
+[[pipeline.topic]]
+name = "signups"
+topic = "weir.signups"
+events = ["signup_completed"]
+"#,
+        tansu.bootstrap(),
+        clickhouse.url(),
+    );
+    let weir = Weir::start(&config)?;
+    weir.wait_for_log("partitions assigned", Duration::from_secs(30))?;
+    let signups = post_events(&weir, 1_000).await?;
+    let started = Instant::now();
+    while clickhouse
+        .count("SELECT count() FROM fwd.events")
+        .await
+        .unwrap_or(0)
+        < 1_000
+    {
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("events not written; log:\n{}", weir.log());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let records = weir_tests::read_topic(&tansu.bootstrap(), "weir.signups").await?;
+    let mut seen = BTreeMap::new();
+    for (key, payload) in &records {
+        let event: Value = serde_json::from_slice(payload)?;
+        assert_eq!(event["app"], "fwd");
+        assert_eq!(event["name"], "signup_completed");
+        assert_eq!(
+            event["user_id"].as_str().unwrap_or_default().as_bytes(),
+            key.as_slice(),
+            "keyed by user"
+        );
+        *seen
+            .entry(event["event_id"].as_str().unwrap_or_default().to_owned())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), signups, "every signup forwarded");
+    assert!(seen.values().all(|n| *n == 1), "none twice");
     Ok(())
 }

@@ -255,6 +255,34 @@ pub struct PipelineConfig {
     /// HTTP endpoints kept events of chosen names are POSTed to.
     #[serde(rename = "webhook")]
     pub webhooks: Vec<WebhookConfig>,
+    /// Kafka topics kept events of chosen names are forwarded to.
+    #[serde(rename = "topic")]
+    pub topics: Vec<TopicConfig>,
+}
+
+/// `[[pipeline.topic]]`: forwards kept events of the listed names to a Kafka topic
+/// (created if missing), one JSON record per event, at least once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    /// Name, `[A-Za-z_][A-Za-z0-9_]*`, used in logs and metrics.
+    pub name: String,
+    /// The topic; must differ from `kafka.topic`.
+    pub topic: String,
+    /// Event names forwarded (as the plugins left them).
+    pub events: Vec<String>,
+    /// Record key: `user_id` (default; the event id when there is no user) or `event_id`.
+    #[serde(default)]
+    pub key: TopicKey,
+}
+
+/// What a forwarded record is keyed by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopicKey {
+    #[default]
+    UserId,
+    EventId,
 }
 
 /// `[[pipeline.webhook]]`: POSTs kept events of the listed names to a URL, in batches
@@ -326,6 +354,7 @@ impl Default for PipelineConfig {
             counters: Vec::new(),
             schemas: Vec::new(),
             webhooks: Vec::new(),
+            topics: Vec::new(),
         }
     }
 }
@@ -593,6 +622,34 @@ impl Config {
             if w.batch_size == 0 || w.timeout_ms == 0 || w.max_attempts == 0 || w.max_pending == 0 {
                 return Err(invalid(format!(
                     "webhook {n}: batch_size, timeout_ms, max_attempts and max_pending must be positive"
+                )));
+            }
+        }
+        for t in &self.pipeline.topics {
+            let n = &t.name;
+            if !is_identifier(n) || !hooks.insert(n.as_str()) {
+                return Err(invalid(format!(
+                    "topic sink name {n:?} must match [A-Za-z_][A-Za-z0-9_]* and be unique among webhooks and topics"
+                )));
+            }
+            let valid_topic = !t.topic.is_empty()
+                && t.topic.len() <= 249
+                && t.topic
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !valid_topic || t.topic == self.kafka.topic {
+                return Err(invalid(format!(
+                    "topic sink {n}: topic {:?} must be 1-249 of [A-Za-z0-9._-] and not the events topic",
+                    t.topic
+                )));
+            }
+            if t.events.is_empty()
+                || t.events
+                    .iter()
+                    .any(|e| crate::ingest::envelope::check_name(e).is_err())
+            {
+                return Err(invalid(format!(
+                    "topic sink {n}: events must list valid event names"
                 )));
             }
         }

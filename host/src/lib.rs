@@ -2,12 +2,14 @@
 //!
 //! Follow one event through the modules, top to bottom:
 //! [`ingest`] (HTTP, envelope checks) → [`bus`] (Kafka) → [`pipeline`] (decode, plugin
-//! chain, outcomes) → [`runtime`] (the Wasm sandbox) → [`sinks`] (ClickHouse).
+//! chain, outcomes, routing) → [`runtime`] (the Wasm sandbox) → [`sinks`] (ClickHouse,
+//! Redis counters, webhooks).
 //! [`config`] is the TOML configuration; [`serve`] wires everything together.
 
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod failpoint;
 pub mod ingest;
 pub mod metrics;
 pub mod pipeline;

@@ -133,6 +133,13 @@ pub static DEAD_LETTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+pub static CONSUMER_LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge_vec(
+        "weir_consumer_lag_records",
+        "Kafka records of an assigned partition not yet committed (end of log - committed offset)",
+        &["partition"],
+    )
+});
 pub static WEBHOOK_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "weir_webhook_events_total",
@@ -192,6 +199,7 @@ pub fn render() -> String {
     LazyLock::force(&SINK_ERRORS);
     LazyLock::force(&REPLAYED_ROWS_SKIPPED);
     LazyLock::force(&DEAD_LETTERS);
+    LazyLock::force(&CONSUMER_LAG);
     LazyLock::force(&SCHEMA_FAILURES);
     LazyLock::force(&WEBHOOK_EVENTS);
     LazyLock::force(&WEBHOOK_PENDING);

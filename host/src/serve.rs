@@ -17,6 +17,7 @@ use crate::pipeline::{Pipeline, worker::Worker};
 use crate::runtime::Runtime;
 use crate::sinks::clickhouse::ClickHouseSink;
 use crate::sinks::counters::{CounterReader, CounterSink};
+use crate::sinks::topic::TopicSink;
 use crate::sinks::webhook::WebhookSink;
 
 /// Runs weir until `shutdown` resolves.
@@ -68,6 +69,13 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
                 .context("cannot set up the Redis counter sink")?,
             )
         };
+        let mut topics = Vec::new();
+        for t in &config.pipeline.topics {
+            bus::ensure_named_topic(&config.kafka, &t.topic)
+                .await
+                .with_context(|| format!("cannot create topic {} of sink {}", t.topic, t.name))?;
+            topics.push(TopicSink::new(t, &config.kafka)?);
+        }
         let mut webhooks = Vec::new();
         for w in &config.pipeline.webhooks {
             webhooks.push(
@@ -83,7 +91,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             counters,
             config.processor.clone(),
         )
-        .with_webhooks(webhooks);
+        .with_webhooks(webhooks)
+        .with_topics(topics);
         Some(tokio::spawn(worker.run(stop_rx.clone())))
     } else {
         None

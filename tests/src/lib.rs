@@ -626,3 +626,36 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .sum()
 }
+
+/// Reads a whole topic from the start with a fresh consumer group until it stays idle
+/// for 3 s: each record's key and payload.
+pub async fn read_topic(bootstrap: &str, topic: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("reader-{}", free_port()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("session.timeout.ms", "6000")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut records = Vec::new();
+    // Joining a Tansu group takes about half the session timeout: wait for the first
+    // record generously, then stop once the topic stays idle.
+    let mut idle = Duration::from_secs(20);
+    loop {
+        match tokio::time::timeout(idle, consumer.recv()).await {
+            Ok(Ok(m)) => {
+                records.push((
+                    m.key().unwrap_or_default().to_vec(),
+                    m.payload().unwrap_or_default().to_vec(),
+                ));
+                idle = Duration::from_secs(3);
+            }
+            Ok(Err(e)) => bail!("consume failed: {e}"),
+            Err(_) => return Ok(records),
+        }
+    }
+}

@@ -119,10 +119,16 @@ impl Producer {
 
 /// Creates the events topic if it does not exist yet.
 pub async fn ensure_topic(cfg: &KafkaConfig) -> Result<(), BusError> {
+    ensure_named_topic(cfg, &cfg.topic).await
+}
+
+/// Creates topic `name` (with the events topic's partitions and replication) if it
+/// does not exist yet.
+pub async fn ensure_named_topic(cfg: &KafkaConfig, name: &str) -> Result<(), BusError> {
     let admin: AdminClient<DefaultClientContext> = client_config(cfg).create()?;
     let max_bytes = MAX_RECORD_BYTES.to_string();
     let topic = NewTopic::new(
-        &cfg.topic,
+        name,
         cfg.partitions,
         TopicReplication::Fixed(cfg.replication_factor),
     )
@@ -157,7 +163,30 @@ impl GroupContext {
     }
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    /// librdkafka's statistics (every `STATS_INTERVAL_MS`): the consumer lag of each
+    /// assigned partition, i.e. how far the committed offset trails the end of the log.
+    fn stats(&self, stats: rdkafka::Statistics) {
+        for topic in stats.topics.values() {
+            for (&partition, p) in &topic.partitions {
+                if partition < 0 {
+                    continue; // librdkafka's internal "unassigned" partition
+                }
+                let label = partition.to_string();
+                if p.consumer_lag >= 0 {
+                    crate::metrics::CONSUMER_LAG
+                        .with_label_values(&[&label])
+                        .set(p.consumer_lag);
+                } else {
+                    let _ = crate::metrics::CONSUMER_LAG.remove_label_values(&[&label]);
+                }
+            }
+        }
+    }
+}
+
+/// How often librdkafka reports statistics (consumer lag), in milliseconds.
+const STATS_INTERVAL_MS: &str = "2000";
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -190,6 +219,7 @@ pub fn consumer(cfg: &KafkaConfig) -> Result<Consumer, BusError> {
         .set("fetch.max.bytes", (4 * MAX_RECORD_BYTES).to_string())
         .set("max.partition.fetch.bytes", MAX_RECORD_BYTES.to_string())
         .set("reconnect.backoff.max.ms", "1000")
+        .set("statistics.interval.ms", STATS_INTERVAL_MS)
         .create_with_context(GroupContext::default())?;
     rdkafka::consumer::Consumer::subscribe(&consumer, &[&cfg.topic])?;
     Ok(consumer)

@@ -34,6 +34,7 @@ use crate::bus::{self, Consumer};
 use crate::config::ProcessorConfig;
 use crate::sinks::clickhouse::{ClickHouseError, ClickHouseSink, Written};
 use crate::sinks::counters::{CounterError, CounterSink};
+use crate::sinks::topic::{TopicError, TopicSink};
 use crate::sinks::webhook::WebhookSink;
 
 /// Longest pause between retries of a failed flush.
@@ -85,6 +86,26 @@ impl Buffer {
     }
 }
 
+/// What part of a batch's write succeeded (see `Worker::write`).
+#[derive(Default)]
+struct Done {
+    checked: bool,
+    events: bool,
+    dead_letters: bool,
+    routed: HashSet<usize>,
+    /// Per topic sink, the kept events already acknowledged.
+    forwarded: HashMap<usize, HashSet<usize>>,
+}
+
+/// Why a flush attempt failed.
+#[derive(Debug, thiserror::Error)]
+enum FlushError {
+    #[error(transparent)]
+    ClickHouse(#[from] ClickHouseError),
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+}
+
 /// The processor of one instance.
 pub struct Worker {
     consumer: Consumer,
@@ -104,6 +125,8 @@ pub struct Worker {
     counters_retry: Option<(Instant, Duration)>,
     /// The webhooks, each delivering from its own queue.
     webhooks: Vec<WebhookSink>,
+    /// The Kafka topic sinks, written as part of each flush.
+    topics: Vec<TopicSink>,
 }
 
 impl Worker {
@@ -126,7 +149,14 @@ impl Worker {
             held: BTreeMap::new(),
             counters_retry: None,
             webhooks: Vec::new(),
+            topics: Vec::new(),
         }
+    }
+
+    /// Also forwards to these topics.
+    pub fn with_topics(mut self, topics: Vec<TopicSink>) -> Self {
+        self.topics = topics;
+        self
     }
 
     /// Also delivers to these webhooks.
@@ -256,7 +286,7 @@ impl Worker {
             buf.since = None;
             return;
         }
-        failpoint_after_write();
+        crate::failpoint::after_write();
         for webhook in &self.webhooks {
             webhook.offer(&output.kept).await;
         }
@@ -286,9 +316,10 @@ impl Worker {
         shutdown: &mut watch::Receiver<bool>,
     ) -> bool {
         let mut backoff = Duration::from_millis(self.cfg.retry_backoff_ms);
+        let mut done = Done::default();
         loop {
             let write_started = std::time::Instant::now();
-            match self.write(output).await {
+            match self.write(output, &mut done).await {
                 Ok(()) => {
                     crate::metrics::SINK_FLUSH_DURATION
                         .with_label_values(&["clickhouse"])
@@ -310,10 +341,21 @@ impl Worker {
                     return true;
                 }
                 Err(e) => {
-                    crate::metrics::SINK_ERRORS
-                        .with_label_values(&["clickhouse"])
-                        .inc();
-                    error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "flush to ClickHouse failed; retrying");
+                    let retry_in_ms = backoff.as_millis() as u64;
+                    match &e {
+                        FlushError::ClickHouse(e) => {
+                            crate::metrics::SINK_ERRORS
+                                .with_label_values(&["clickhouse"])
+                                .inc();
+                            error!(error = %e, retry_in_ms, "flush to ClickHouse failed; retrying");
+                        }
+                        FlushError::Topic(e) => {
+                            crate::metrics::SINK_ERRORS
+                                .with_label_values(&["topic"])
+                                .inc();
+                            error!(error = %e, retry_in_ms, "flush to a Kafka topic sink failed; retrying");
+                        }
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.changed() => return false,
@@ -415,14 +457,45 @@ impl Worker {
         );
     }
 
-    /// Skips rows a previous run already wrote, then writes the rest.
-    async fn write(&mut self, output: &mut Output) -> Result<(), ClickHouseError> {
-        self.skip_replayed(output).await?;
-        let plugins = self.pipeline.versions();
-        self.sink
-            .write(&output.kept, &output.dead, self.pipeline.name(), plugins)
-            .await?;
-        self.sink.write_routed(&output.rows, plugins).await
+    /// Skips rows a previous run already wrote, then writes the rest, one INSERT per
+    /// table. `done` records what succeeded, so that a retry after a partial failure
+    /// (ClickHouse died between two INSERTs) does not write a table twice.
+    async fn write(&mut self, output: &mut Output, done: &mut Done) -> Result<(), FlushError> {
+        if !done.checked {
+            self.skip_replayed(output).await?;
+            done.checked = true;
+        }
+        let (pipeline, plugins) = (self.pipeline.name(), self.pipeline.versions());
+        if !done.events {
+            self.sink
+                .insert_events(&output.kept, pipeline, plugins)
+                .await?;
+            done.events = true;
+        }
+        if !done.dead_letters {
+            self.sink
+                .insert_dead_letters(&output.dead, pipeline)
+                .await?;
+            done.dead_letters = true;
+        }
+        for (&t, rows) in &output.rows {
+            if done.routed.insert(t)
+                && let Err(e) = self.sink.insert_routed(t, rows, plugins).await
+            {
+                done.routed.remove(&t);
+                return Err(e.into());
+            }
+        }
+        for (i, topic) in self.topics.iter().enumerate() {
+            let sent = done.forwarded.entry(i).or_default();
+            let n = topic.write(&output.kept, sent).await?;
+            if n > 0 {
+                crate::metrics::SINK_ROWS
+                    .with_label_values(&[&format!("topic:{}", topic.topic())])
+                    .inc_by(n as u64);
+            }
+        }
+        Ok(())
     }
 
     async fn skip_replayed(&mut self, output: &mut Output) -> Result<(), ClickHouseError> {
@@ -487,27 +560,6 @@ impl Worker {
             );
         }
         Ok(())
-    }
-}
-
-/// Fault injection for crash tests: with `WEIR_FAILPOINT=after_write:N` the process
-/// aborts right after its Nth flush was written to ClickHouse and before the offsets
-/// were committed: the window in which a crash makes Kafka replay written rows.
-fn failpoint_after_write() {
-    use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static AT: OnceLock<Option<u64>> = OnceLock::new();
-    static FLUSHES: AtomicU64 = AtomicU64::new(0);
-    let at = AT.get_or_init(|| {
-        std::env::var("WEIR_FAILPOINT")
-            .ok()
-            .and_then(|v| v.strip_prefix("after_write:")?.parse().ok())
-    });
-    if let Some(at) = at
-        && FLUSHES.fetch_add(1, Ordering::SeqCst) + 1 == *at
-    {
-        error!("WEIR_FAILPOINT after_write:{at} reached: aborting");
-        std::process::abort();
     }
 }
 

@@ -3,4 +3,5 @@
 
 pub mod clickhouse;
 pub mod counters;
+pub mod topic;
 pub mod webhook;

@@ -6,7 +6,7 @@
 //! `String` JSON text (no JSON type), and `RowBinary` inserts without the server-side
 //! type header (`with_validation(false)`), which 18.16 lacks.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use clickhouse::{Client, Row};
@@ -27,6 +27,16 @@ pub enum ClickHouseError {
     },
     #[error("{0}")]
     Schema(String),
+    #[error("insert into {0} failed on purpose (WEIR_FAILPOINT)")]
+    Injected(String),
+}
+
+/// `Err` when the `insert_error` failpoint of `table` fires (tests only).
+fn failpoint(table: &str) -> Result<(), ClickHouseError> {
+    if crate::failpoint::insert_error(table) {
+        return Err(ClickHouseError::Injected(table.to_owned()));
+    }
+    Ok(())
 }
 
 #[derive(Row, Deserialize)]
@@ -268,116 +278,123 @@ impl ClickHouseSink {
             .collect())
     }
 
-    /// Inserts one batch: one INSERT per table. Returns when ClickHouse acknowledged.
-    pub async fn write(
+    /// Inserts kept events into `events`, in one INSERT. Returns when ClickHouse
+    /// acknowledged.
+    pub async fn insert_events(
         &self,
         kept: &[Kept],
-        dead: &[DeadLetter],
         pipeline: &str,
         plugins: &str,
     ) -> Result<(), ClickHouseError> {
-        if !kept.is_empty() {
-            let mut insert = self
-                .client
-                .insert::<EventRow<'_>>("events")
-                .await
-                .map_err(query_err("insert into events"))?;
-            for k in kept {
-                let e = &k.event;
-                insert
-                    .write(&EventRow {
-                        event_id: &e.event_id,
-                        app: &e.app,
-                        name: &e.name,
-                        user_id: e.user_id.as_deref(),
-                        timestamp: datetime(e.timestamp_ms),
-                        timestamp_ms: e.timestamp_ms,
-                        received_at: datetime(k.origin.received_ms),
-                        properties: &e.properties,
-                        context: &e.context,
-                        pipeline,
-                        plugins,
-                        kafka_partition: k.origin.partition as u32,
-                        kafka_offset: k.origin.offset as u64,
-                        kafka_index: k.origin.index,
-                    })
-                    .await
-                    .map_err(query_err("insert into events"))?;
-            }
+        if kept.is_empty() {
+            return Ok(());
+        }
+        failpoint("events")?;
+        let mut insert = self
+            .client
+            .insert::<EventRow<'_>>("events")
+            .await
+            .map_err(query_err("insert into events"))?;
+        for k in kept {
+            let e = &k.event;
             insert
-                .end()
+                .write(&EventRow {
+                    event_id: &e.event_id,
+                    app: &e.app,
+                    name: &e.name,
+                    user_id: e.user_id.as_deref(),
+                    timestamp: datetime(e.timestamp_ms),
+                    timestamp_ms: e.timestamp_ms,
+                    received_at: datetime(k.origin.received_ms),
+                    properties: &e.properties,
+                    context: &e.context,
+                    pipeline,
+                    plugins,
+                    kafka_partition: k.origin.partition as u32,
+                    kafka_offset: k.origin.offset as u64,
+                    kafka_index: k.origin.index,
+                })
                 .await
                 .map_err(query_err("insert into events"))?;
         }
-        if !dead.is_empty() {
-            let mut insert = self
-                .client
-                .insert::<DeadLetterRow<'_>>("dead_letters")
-                .await
-                .map_err(query_err("insert into dead_letters"))?;
-            let now = datetime(crate::now_ms());
-            for d in dead {
-                insert
-                    .write(&DeadLetterRow {
-                        event_id: &d.event_id,
-                        app: &d.app,
-                        name: &d.name,
-                        stage: d.stage,
-                        plugin: &d.plugin,
-                        plugin_version: &d.plugin_version,
-                        reason: &d.reason,
-                        raw: &d.raw,
-                        failed_at: now,
-                        pipeline,
-                        kafka_partition: d.origin.partition as u32,
-                        kafka_offset: d.origin.offset as u64,
-                        kafka_index: d.origin.index,
-                    })
-                    .await
-                    .map_err(query_err("insert into dead_letters"))?;
-            }
-            insert
-                .end()
-                .await
-                .map_err(query_err("insert into dead_letters"))?;
-        }
-        Ok(())
+        insert.end().await.map_err(query_err("insert into events"))
     }
 
-    /// Inserts routed rows: one INSERT per table, the system columns then the
-    /// plugin's, already encoded in RowBinary.
-    pub async fn write_routed(
+    /// Inserts dead letters into `dead_letters`, in one INSERT.
+    pub async fn insert_dead_letters(
         &self,
-        rows: &BTreeMap<usize, Vec<RoutedRow>>,
+        dead: &[DeadLetter],
+        pipeline: &str,
+    ) -> Result<(), ClickHouseError> {
+        if dead.is_empty() {
+            return Ok(());
+        }
+        failpoint("dead_letters")?;
+        let mut insert = self
+            .client
+            .insert::<DeadLetterRow<'_>>("dead_letters")
+            .await
+            .map_err(query_err("insert into dead_letters"))?;
+        let now = datetime(crate::now_ms());
+        for d in dead {
+            insert
+                .write(&DeadLetterRow {
+                    event_id: &d.event_id,
+                    app: &d.app,
+                    name: &d.name,
+                    stage: d.stage,
+                    plugin: &d.plugin,
+                    plugin_version: &d.plugin_version,
+                    reason: &d.reason,
+                    raw: &d.raw,
+                    failed_at: now,
+                    pipeline,
+                    kafka_partition: d.origin.partition as u32,
+                    kafka_offset: d.origin.offset as u64,
+                    kafka_index: d.origin.index,
+                })
+                .await
+                .map_err(query_err("insert into dead_letters"))?;
+        }
+        insert
+            .end()
+            .await
+            .map_err(query_err("insert into dead_letters"))
+    }
+
+    /// Inserts the rows of routed table `t` in one INSERT: weir's columns, then the
+    /// plugin's, already encoded in RowBinary.
+    pub async fn insert_routed(
+        &self,
+        t: usize,
+        rows: &[RoutedRow],
         plugins: &str,
     ) -> Result<(), ClickHouseError> {
-        for (&t, rows) in rows {
-            if rows.is_empty() {
-                continue;
-            }
-            let table = &self.routes.tables[t];
-            let what = || format!("insert into {}", table.name);
-            let mut body = Vec::with_capacity(rows.iter().map(|r| r.data.len() + 64).sum());
-            for r in rows {
-                put_string(&mut body, &r.event_id);
-                put_string(&mut body, &r.app);
-                body.extend_from_slice(&datetime(r.timestamp_ms).to_le_bytes());
-                put_string(&mut body, plugins);
-                body.extend_from_slice(&(r.origin.partition as u32).to_le_bytes());
-                body.extend_from_slice(&(r.origin.offset as u64).to_le_bytes());
-                body.extend_from_slice(&r.origin.index.to_le_bytes());
-                body.extend_from_slice(&r.data);
-            }
-            let sql = format!(
-                "INSERT INTO {} ({}) FORMAT RowBinary",
-                table.name,
-                table.insert_columns()
-            );
-            let mut insert = self.client.insert_formatted_with(sql);
-            insert.send(body.into()).await.map_err(query_err(what()))?;
-            insert.end().await.map_err(query_err(what()))?;
+        if rows.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let table = &self.routes.tables[t];
+        failpoint(&table.name)?;
+        let what = || format!("insert into {}", table.name);
+        let mut body = Vec::with_capacity(rows.iter().map(|r| r.data.len() + 64).sum());
+        for r in rows {
+            put_string(&mut body, &r.event_id);
+            put_string(&mut body, &r.app);
+            body.extend_from_slice(&datetime(r.timestamp_ms).to_le_bytes());
+            put_string(&mut body, plugins);
+            body.extend_from_slice(&(r.origin.partition as u32).to_le_bytes());
+            body.extend_from_slice(&(r.origin.offset as u64).to_le_bytes());
+            body.extend_from_slice(&r.origin.index.to_le_bytes());
+            body.extend_from_slice(&r.data);
+        }
+        let sql = format!(
+            "INSERT INTO {} ({}) FORMAT RowBinary",
+            table.name,
+            table.insert_columns()
+        );
+        let mut insert = self.client.insert_formatted_with(sql);
+        insert.send(body.into()).await.map_err(query_err(what()))?;
+        insert.end().await.map_err(query_err(what()))
     }
 
     /// The name of routed table `t`.

@@ -284,7 +284,7 @@ impl Delivery {
         let mut backoff = self.backoff;
         while let Err(e) = self
             .dead_letters
-            .write(&[], &dead, &self.pipeline, "")
+            .insert_dead_letters(&dead, &self.pipeline)
             .await
         {
             warn!(webhook = %self.name, error = %e, "cannot write webhook dead letters; retrying");

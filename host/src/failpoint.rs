@@ -1,0 +1,77 @@
+//! Fault injection for tests, from the `WEIR_FAILPOINT` environment variable: a comma
+//! separated list of
+//! - `after_write:N`: abort the process right after the Nth flush was written to
+//!   ClickHouse, before its offsets are committed (the crash window a replay covers);
+//! - `insert_error:TABLE:N`: the Nth INSERT into TABLE fails as if ClickHouse had
+//!   refused it (after the INSERTs before it in the same flush succeeded).
+//!
+//! Unset (production), every check is one relaxed atomic load of a cached `None`.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::OnceLock;
+
+use tracing::error;
+
+#[derive(Default)]
+struct Points {
+    after_write: Option<u64>,
+    insert_error: HashMap<String, u64>,
+    /// Calls seen so far, per point.
+    seen: Mutex<HashMap<String, u64>>,
+}
+
+fn points() -> Option<&'static Points> {
+    static POINTS: OnceLock<Option<Points>> = OnceLock::new();
+    POINTS
+        .get_or_init(|| {
+            let spec = std::env::var("WEIR_FAILPOINT").ok()?;
+            let mut p = Points::default();
+            for item in spec.split(',') {
+                let parts: Vec<&str> = item.trim().split(':').collect();
+                match parts.as_slice() {
+                    ["after_write", n] => p.after_write = n.parse().ok(),
+                    ["insert_error", table, n] => {
+                        if let Ok(n) = n.parse() {
+                            p.insert_error.insert((*table).to_owned(), n);
+                        }
+                    }
+                    _ => error!(item, "unknown WEIR_FAILPOINT item ignored"),
+                }
+            }
+            Some(p)
+        })
+        .as_ref()
+}
+
+/// Counts a call of point `key` and returns how many there were, this one included.
+fn count(p: &Points, key: &str) -> u64 {
+    let mut seen = p.seen.lock().expect("failpoint lock");
+    let n = seen.entry(key.to_owned()).or_default();
+    *n += 1;
+    *n
+}
+
+/// `after_write:N`: aborts the process at the Nth call.
+pub fn after_write() {
+    let Some(p) = points() else { return };
+    if let Some(at) = p.after_write
+        && count(p, "after_write") == at
+    {
+        error!("WEIR_FAILPOINT after_write:{at} reached: aborting");
+        std::process::abort();
+    }
+}
+
+/// `insert_error:TABLE:N`: true at the Nth INSERT into `table`.
+pub fn insert_error(table: &str) -> bool {
+    let Some(p) = points() else { return false };
+    let Some(&at) = p.insert_error.get(table) else {
+        return false;
+    };
+    let hit = count(p, &format!("insert_error:{table}")) == at;
+    if hit {
+        error!("WEIR_FAILPOINT insert_error:{table}:{at} reached: failing this INSERT");
+    }
+    hit
+}
