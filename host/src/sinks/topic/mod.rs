@@ -26,7 +26,7 @@ pub enum TopicError {
     #[error("topic sink {name}: cannot create its producer: {source}")]
     Create {
         name: String,
-        source: rdkafka::error::KafkaError,
+        source: Box<rdkafka::error::KafkaError>,
     },
     #[error("topic sink {name}: {failed} of {total} records not acknowledged by {topic}: {first}")]
     Produce {
@@ -34,7 +34,7 @@ pub enum TopicError {
         topic: String,
         failed: usize,
         total: usize,
-        first: rdkafka::error::KafkaError,
+        first: String,
     },
 }
 
@@ -62,7 +62,7 @@ impl TopicSink {
             .create()
             .map_err(|source| TopicError::Create {
                 name: cfg.name.clone(),
-                source,
+                source: Box::new(source),
             })?;
         Ok(Self {
             name: cfg.name.clone(),
@@ -130,7 +130,7 @@ impl TopicSink {
                 }
                 Err((e, _)) => {
                     failed += 1;
-                    first.get_or_insert(e);
+                    first.get_or_insert_with(|| e.to_string());
                 }
             }
         }
