@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
-use weir_tests::{ClickHouse, Redis, Tansu, WRITE_KEY, Weir, plugin_path};
+use weir_tests::{ClickHouse, Redis, Tansu, WRITE_KEY, Weir, engagement_pipeline};
 
 const EVENTS: usize = 12_000;
 const KILLS: usize = 5;
@@ -38,26 +38,12 @@ url = "{}"
 enabled = {processor}
 flush_max_events = 400
 flush_interval_ms = 100
-[[pipeline.plugin]]
-name = "enrich"
-path = "{}"
-[[pipeline.plugin]]
-name = "route"
-path = "{}"
-[[pipeline.table]]
-name = "profile_viewed"
-columns = ["profile_id String", "viewer_id Nullable(String)", "self_view Bool", "source Nullable(String)"]
-[[pipeline.counter]]
-name = "profile_views"
-by_day = true
-[[pipeline.counter]]
-name = "post_likes"
+{}
 "#,
         tansu.bootstrap(),
         clickhouse.url(),
         redis.url(),
-        plugin_path("enrich").display(),
-        plugin_path("route-engagement").display(),
+        engagement_pipeline(),
     )
 }
 

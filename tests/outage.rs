@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
-use weir_tests::{ClickHouse, Redis, Tansu, WRITE_KEY, Weir, metric, plugin_path};
+use weir_tests::{ClickHouse, Redis, Tansu, WRITE_KEY, Weir, engagement_pipeline, metric};
 
 const OUTAGE: Duration = Duration::from_secs(30);
 
@@ -34,25 +34,12 @@ url = "{}"
 flush_max_events = 2000
 flush_interval_ms = 200
 retry_backoff_ms = 250
-[[pipeline.plugin]]
-name = "enrich"
-path = "{}"
-[[pipeline.plugin]]
-name = "route"
-path = "{}"
-[[pipeline.table]]
-name = "profile_viewed"
-columns = ["profile_id String", "viewer_id Nullable(String)", "self_view Bool", "source Nullable(String)"]
-[[pipeline.counter]]
-name = "profile_views"
-[[pipeline.counter]]
-name = "post_likes"
+{}
 "#,
         tansu.bootstrap(),
         clickhouse.url(),
         redis.url(),
-        plugin_path("enrich").display(),
-        plugin_path("route-engagement").display(),
+        engagement_pipeline(),
     )
 }
 
@@ -83,10 +70,7 @@ async fn clickhouse_down_for_30_s_loses_and_doubles_nothing() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     eprintln!("ClickHouse down for {OUTAGE:?}: {sent} events accepted, slowest POST {slowest:?}");
-    let metrics = reqwest::get(format!("http://{}/metrics", weir.ingest))
-        .await?
-        .text()
-        .await?;
+    let metrics = weir.metrics().await?;
     assert!(
         metric(
             &metrics,
@@ -148,10 +132,7 @@ async fn clickhouse_down_for_30_s_loses_and_doubles_nothing() -> Result<()> {
     // The consumer lag of every partition, reported by librdkafka, is back to 0.
     let started = Instant::now();
     loop {
-        let metrics = reqwest::get(format!("http://{}/metrics", weir.ingest))
-            .await?
-            .text()
-            .await?;
+        let metrics = weir.metrics().await?;
         let partitions = metrics
             .lines()
             .filter(|l| l.starts_with("weir_consumer_lag_records{"))

@@ -18,7 +18,8 @@ use weir::pipeline::route::Routes;
 use weir::pipeline::{Origin, Pipeline, Stage};
 use weir::runtime::Runtime;
 use weir_tests::{
-    ClickHouse, READ_KEY, Redis, Tansu, WRITE_KEY, Weir, metric, plugin_path, repo_root,
+    ClickHouse, READ_KEY, Redis, Tansu, WRITE_KEY, Weir, engagement_pipeline, metric, plugin_path,
+    repo_root,
 };
 
 const PROFILES: usize = 40;
@@ -47,33 +48,18 @@ flush_interval_ms = 100
 retry_backoff_ms = 200
 [pipeline]
 name = "engagement"
-[[pipeline.plugin]]
-name = "enrich"
-path = "{}"
-[[pipeline.plugin]]
-name = "route"
-path = "{}"
-[[pipeline.table]]
-name = "profile_viewed"
-columns = ["profile_id String", "viewer_id Nullable(String)", "self_view Bool", "source Nullable(String)"]
-order_by = ["profile_id", "timestamp"]
-[[pipeline.counter]]
-name = "profile_views"
-by_day = true
-[[pipeline.counter]]
-name = "post_likes"
 [[pipeline.schema]]
 event = "profile_viewed"
 path = "{}"
+{}
 "#,
         tansu.bootstrap(),
         clickhouse.url(),
         redis.url(),
-        plugin_path("enrich").display(),
-        plugin_path("route-engagement").display(),
         repo_root()
             .join("examples/schemas/profile_viewed.json")
             .display(),
+        engagement_pipeline(),
     )
 }
 
@@ -375,10 +361,7 @@ async fn profile_views_land_in_their_table_and_counters_exactly() -> Result<()> 
     // (Counters may show before ClickHouse acknowledged the same batch: wait for it.)
     let started = Instant::now();
     let metrics = loop {
-        let metrics = reqwest::get(format!("http://{}/metrics", weir.ingest))
-            .await?
-            .text()
-            .await?;
+        let metrics = weir.metrics().await?;
         let written = metric(
             &metrics,
             "weir_sink_rows_total",
@@ -451,10 +434,7 @@ async fn a_redis_outage_and_a_crash_neither_stop_clickhouse_nor_double_count() -
     .await?;
     let (status, _) = counter(&http, &weir, "profile_views", "p1", "").await?;
     assert_eq!(status, 503, "counters API while Redis is down");
-    let metrics = reqwest::get(format!("http://{}/metrics", weir.ingest))
-        .await?
-        .text()
-        .await?;
+    let metrics = weir.metrics().await?;
     assert!(metric(&metrics, "weir_counter_pending_increments", &[]) > 0.0);
     assert!(metric(&metrics, "weir_sink_errors_total", &[("sink", "redis")]) > 0.0);
 

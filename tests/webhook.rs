@@ -176,10 +176,7 @@ async fn a_failing_then_recovering_endpoint_gets_each_event_once() -> Result<()>
             .await?,
         0
     );
-    let metrics = reqwest::get(format!("http://{}/metrics", weir.ingest))
-        .await?
-        .text()
-        .await?;
+    let metrics = weir.metrics().await?;
     let delivered = weir_tests::metric(
         &metrics,
         "weir_webhook_events_total",

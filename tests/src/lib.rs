@@ -604,6 +604,12 @@ impl Weir {
         format!("http://{}/v1/events", self.ingest)
     }
 
+    /// The text of `GET /metrics`.
+    pub async fn metrics(&self) -> Result<String> {
+        let url = format!("http://{}/metrics", self.ingest);
+        Ok(reqwest::get(url).await?.error_for_status()?.text().await?)
+    }
+
     /// URL of `GET /v1/counters/{counter}/{key}`.
     pub fn counter_url(&self, counter: &str, key: &str) -> String {
         format!("http://{}/v1/counters/{counter}/{key}", self.ingest)
@@ -658,4 +664,31 @@ pub async fn read_topic(bootstrap: &str, topic: &str) -> Result<Vec<(Vec<u8>, Ve
             Err(_) => return Ok(records),
         }
     }
+}
+
+/// The engagement pipeline of the examples, as configuration: `enrich` then
+/// `route-engagement`, the `profile_viewed` table it routes to, and the
+/// `profile_views` (per day too) and `post_likes` counters it increments.
+pub fn engagement_pipeline() -> String {
+    format!(
+        r#"
+[[pipeline.plugin]]
+name = "enrich"
+path = "{}"
+[[pipeline.plugin]]
+name = "route"
+path = "{}"
+[[pipeline.table]]
+name = "profile_viewed"
+columns = ["profile_id String", "viewer_id Nullable(String)", "self_view Bool", "source Nullable(String)"]
+order_by = ["profile_id", "timestamp"]
+[[pipeline.counter]]
+name = "profile_views"
+by_day = true
+[[pipeline.counter]]
+name = "post_likes"
+"#,
+        plugin_path("enrich").display(),
+        plugin_path("route-engagement").display(),
+    )
 }
