@@ -1,7 +1,8 @@
 //! ClickHouse down for 30 s under continuous traffic, then back.
 //!
 //! Ingest does not depend on ClickHouse: every POST keeps getting 202 (Kafka holds the
-//! events). The processor retries its flush with backoff and commits nothing meanwhile;
+//! events). The processor retries its flush with backoff and commits nothing meanwhile,
+//! with consumption paused but still polling (it stays in its group);
 //! once ClickHouse is back the backlog drains, and every accepted event is in `events`
 //! once, every view in `profile_viewed` once, and every count in Redis once.
 
@@ -79,6 +80,11 @@ async fn clickhouse_down_for_30_s_loses_and_doubles_nothing() -> Result<()> {
         ) > 0.0,
         "the failing flushes show in the metrics"
     );
+    assert_eq!(
+        metric(&metrics, "weir_processor_paused", &[]),
+        1.0,
+        "consumption is paused while the batch cannot be written"
+    );
     tokio::task::block_in_place(|| clickhouse.restart())?;
     let back = Instant::now();
     for _ in 0..10 {
@@ -146,9 +152,16 @@ async fn clickhouse_down_for_30_s_loses_and_doubles_nothing() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    let log = weir.log();
     assert!(
-        weir.log().contains("flush to ClickHouse failed; retrying"),
+        log.contains("flush to ClickHouse failed; retrying"),
         "the outage is logged"
+    );
+    assert!(log.contains("consumption paused until the sinks accept the batch"));
+    assert!(log.contains("consumption resumed"));
+    assert_eq!(
+        metric(&weir.metrics().await?, "weir_processor_paused", &[]),
+        0.0
     );
     Ok(())
 }
@@ -178,4 +191,80 @@ async fn post(http: &reqwest::Client, weir: &Weir, events: Vec<Value>) -> Result
         bail!("ingest answered {}: {}", resp.status(), resp.text().await?);
     }
     Ok(started.elapsed())
+}
+
+/// A second processor joins while ClickHouse is down and the first is paused in a
+/// failing flush: the rebalance takes partitions from it mid-batch. Whatever it had
+/// buffered from them is left to their new owner, so once ClickHouse is back every
+/// event is written once and counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_during_an_outage_loses_and_doubles_nothing() -> Result<()> {
+    let tansu = Tansu::start()?;
+    tansu.create_topic("weir.events", 4)?;
+    let mut clickhouse = ClickHouse::start()?;
+    let redis = Redis::start()?;
+    let a = Weir::start(&config(&tansu, &clickhouse, &redis))?;
+    a.wait_for_log("partitions assigned", Duration::from_secs(30))?;
+    let http = reqwest::Client::new();
+    let mut views = BTreeMap::new();
+    let mut sent = 0;
+    while sent < 1_000 {
+        post(&http, &a, batch(sent, &mut views)).await?;
+        sent += 100;
+    }
+    clickhouse
+        .wait_for_count(
+            "SELECT count() FROM outage.events",
+            1_000,
+            Duration::from_secs(60),
+        )
+        .await?;
+
+    clickhouse.stop();
+    while sent < 3_000 {
+        post(&http, &a, batch(sent, &mut views)).await?;
+        sent += 100;
+    }
+    a.wait_for_log("consumption paused", Duration::from_secs(30))?;
+    let b = Weir::start(&config(&tansu, &clickhouse, &redis))?;
+    b.wait_for_log("partitions assigned", Duration::from_secs(60))?;
+    a.wait_for_log(
+        "partitions revoked during a failing flush",
+        Duration::from_secs(60),
+    )?;
+    while sent < 4_000 {
+        post(&http, &a, batch(sent, &mut views)).await?;
+        sent += 100;
+    }
+    tokio::task::block_in_place(|| clickhouse.restart())?;
+
+    clickhouse
+        .wait_for_count(
+            "SELECT count() FROM outage.events",
+            sent as u64,
+            Duration::from_secs(90),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\nA:\n{}\nB:\n{}", a.log(), b.log()))?;
+    let started = Instant::now();
+    while redis.hgetall("weir:c:outage:profile_views")? != views {
+        if started.elapsed() > Duration::from_secs(20) {
+            bail!(
+                "counters differ: {:?}",
+                redis.hgetall("weir:c:outage:profile_views")?
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for table in ["events", "profile_viewed"] {
+        let sql = format!("SELECT count(), uniqExact(event_id) FROM outage.{table}");
+        assert_eq!(
+            clickhouse.query(&sql).await?,
+            format!("{sent}\t{sent}"),
+            "{table}"
+        );
+    }
+    assert_eq!(redis.hgetall("weir:c:outage:profile_views")?, views);
+    Ok(())
 }

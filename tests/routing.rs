@@ -224,6 +224,18 @@ async fn profile_views_land_in_their_table_and_counters_exactly() -> Result<()> 
     let weir = Weir::start(&config(&tansu, &clickhouse, &redis, "seed"))?;
     weir.wait_for_log("partitions assigned", Duration::from_secs(30))?;
     let http = reqwest::Client::new();
+    // The README's materialized view over the routed table, verbatim but for the database.
+    let readme = std::fs::read_to_string(repo_root().join("README.md"))?;
+    let view = readme
+        .split("```sql\n")
+        .find_map(|block| {
+            block
+                .split(";\n")
+                .find(|s| s.starts_with("CREATE MATERIALIZED VIEW"))
+        })
+        .expect("README shows a materialized view")
+        .replace("weir.", "seed.");
+    clickhouse.query(&view).await?;
 
     let mut exp = Expected::default();
     post_events(&http, &weir, "seed", 6_000, &mut exp).await?;
@@ -290,6 +302,19 @@ async fn profile_views_land_in_their_table_and_counters_exactly() -> Result<()> 
         exp.schema_rejected,
         "nothing else is a dead letter"
     );
+
+    // The materialized view agrees with the counters (both leave self views out).
+    let daily = clickhouse
+        .query(
+            "SELECT profile_id, sum(views) FROM seed.profile_views_daily GROUP BY profile_id ORDER BY profile_id",
+        )
+        .await?;
+    let daily: BTreeMap<String, i64> = daily
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(p, n)| (p.to_owned(), n.parse().unwrap_or(0)))
+        .collect();
+    assert_eq!(daily, exp.views, "the README's materialized view");
 
     // The counters API: per day too, and its refusals.
     let (status, body) = counter(&http, &weir, "profile_views", "p1", "?days=2").await?;

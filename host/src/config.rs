@@ -185,6 +185,9 @@ impl Default for KafkaConfig {
 pub struct ClickHouseConfig {
     /// HTTP URL of the server. Default `http://127.0.0.1:8123`.
     pub url: String,
+    /// Other endpoints serving the same tables (replicas, a second load balancer),
+    /// tried in order when the current one fails. Default none.
+    pub failover_urls: Vec<String>,
     /// Database; weir creates it and its tables. Default `weir`.
     pub database: String,
     /// User. Default `default`.
@@ -197,6 +200,7 @@ impl Default for ClickHouseConfig {
     fn default() -> Self {
         Self {
             url: "http://127.0.0.1:8123".into(),
+            failover_urls: Vec::new(),
             database: "weir".into(),
             user: "default".into(),
             password: String::new(),

@@ -133,6 +133,21 @@ pub static DEAD_LETTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+pub static PROCESSOR_PAUSED: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
+    let g = prometheus::IntGauge::new(
+        "weir_processor_paused",
+        "1 while consumption is paused because a sink does not accept the current batch",
+    )
+    .expect("valid metric");
+    prometheus::register(Box::new(g.clone())).expect("metric registered once");
+    g
+});
+pub static CLICKHOUSE_FAILOVERS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "weir_clickhouse_failovers_total",
+        "Switches to the next ClickHouse endpoint after a failed operation",
+    )
+});
 pub static CONSUMER_LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     gauge_vec(
         "weir_consumer_lag_records",
@@ -199,6 +214,8 @@ pub fn render() -> String {
     LazyLock::force(&SINK_ERRORS);
     LazyLock::force(&REPLAYED_ROWS_SKIPPED);
     LazyLock::force(&DEAD_LETTERS);
+    LazyLock::force(&PROCESSOR_PAUSED);
+    LazyLock::force(&CLICKHOUSE_FAILOVERS);
     LazyLock::force(&CONSUMER_LAG);
     LazyLock::force(&SCHEMA_FAILURES);
     LazyLock::force(&WEBHOOK_EVENTS);

@@ -15,7 +15,7 @@ use crate::ingest::{self, Counters, Ingest};
 use crate::pipeline::route::Routes;
 use crate::pipeline::{Pipeline, worker::Worker};
 use crate::runtime::Runtime;
-use crate::sinks::clickhouse::ClickHouseSink;
+use crate::sinks::clickhouse::{ClickHouseError, ClickHouseSink};
 use crate::sinks::counters::{CounterReader, CounterSink};
 use crate::sinks::topic::TopicSink;
 use crate::sinks::webhook::WebhookSink;
@@ -52,9 +52,18 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         .context("cannot load the pipeline")?;
         let routes = pipeline.routes().clone();
         let sink = ClickHouseSink::new(&config.clickhouse, routes.clone());
-        sink.ensure_schema()
-            .await
-            .with_context(|| format!("cannot prepare ClickHouse at {}", config.clickhouse.url))?;
+        // A table that does not match the pipeline is a configuration error; an
+        // unreachable ClickHouse is an outage: ingest must come up regardless, and the
+        // processor creates the tables before its first write.
+        match sink.ensure_schema().await {
+            Ok(()) => {}
+            Err(e @ ClickHouseError::Schema(_)) => return Err(e.into()),
+            Err(e) => warn!(
+                error = %e,
+                url = %config.clickhouse.url,
+                "ClickHouse is unreachable; starting anyway: the processor creates its tables before the first write and holds its events until then"
+            ),
+        }
         let consumer = bus::consumer(&config.kafka).context("cannot create the Kafka consumer")?;
         let counters = if routes.counters.is_empty() {
             None

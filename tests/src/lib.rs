@@ -387,6 +387,21 @@ impl ClickHouse {
         Ok(text.trim().to_owned())
     }
 
+    /// Waits until a query returning one number returns at least `want`.
+    pub async fn wait_for_count(&self, sql: &str, want: u64, timeout: Duration) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            let have = self.count(sql).await.unwrap_or(0);
+            if have >= want {
+                return Ok(());
+            }
+            if started.elapsed() > timeout {
+                bail!("{sql}: {have} of {want} after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Runs a query returning one number.
     pub async fn count(&self, sql: &str) -> Result<u64> {
         let text = self.query(sql).await?;

@@ -85,6 +85,20 @@ pub struct Output {
     pub counts: Vec<CountRow>,
 }
 
+impl Output {
+    /// Takes the events of `partitions` out of the batch (a rebalance gave them to
+    /// another instance, which re-reads them).
+    pub fn drop_partitions(&mut self, partitions: &std::collections::HashSet<i32>) {
+        let keep = |o: &Origin| !partitions.contains(&o.partition);
+        self.kept.retain(|k| keep(&k.origin));
+        self.dead.retain(|d| keep(&d.origin));
+        for rows in self.rows.values_mut() {
+            rows.retain(|r| keep(&r.origin));
+        }
+        self.counts.retain(|c| keep(&c.origin));
+    }
+}
+
 /// Errors while building a pipeline.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {

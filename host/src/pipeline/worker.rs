@@ -55,6 +55,19 @@ struct Buffer {
 }
 
 impl Buffer {
+    /// Decodes a record into the buffer (or its dead letter, if it is not weir's).
+    fn add(&mut self, partition: i32, offset: i64, payload: Option<&[u8]>) {
+        match super::decode(partition, offset, payload) {
+            Ok(events) => self.events.extend(events),
+            Err(dead) => {
+                warn!(partition, offset, reason = %dead.reason, "undecodable Kafka record sent to dead letters");
+                self.undecodable.push(*dead);
+            }
+        }
+        self.next_offsets.insert(partition, offset + 1);
+        self.since.get_or_insert_with(Instant::now);
+    }
+
     fn len(&self) -> usize {
         self.events.len() + self.undecodable.len()
     }
@@ -127,6 +140,9 @@ pub struct Worker {
     webhooks: Vec<WebhookSink>,
     /// The Kafka topic sinks, written as part of each flush.
     topics: Vec<TopicSink>,
+    /// Records received while a failing flush polled with its partitions paused; they
+    /// are buffered once the flush is done.
+    early: Vec<rdkafka::message::OwnedMessage>,
 }
 
 impl Worker {
@@ -150,6 +166,7 @@ impl Worker {
             counters_retry: None,
             webhooks: Vec::new(),
             topics: Vec::new(),
+            early: Vec::new(),
         }
     }
 
@@ -171,6 +188,12 @@ impl Worker {
         let interval = Duration::from_millis(self.cfg.flush_interval_ms);
         info!(pipeline = %self.pipeline.name(), plugins = %self.pipeline.versions(), "processor started");
         loop {
+            for m in std::mem::take(&mut self.early) {
+                buf.add(m.partition(), m.offset(), m.payload());
+            }
+            if buf.len() >= self.cfg.flush_max_events {
+                self.flush(&mut buf, &mut shutdown).await;
+            }
             let deadline = buf.since.map(|t| t + interval);
             tokio::select! {
                 biased;
@@ -196,16 +219,7 @@ impl Worker {
                     forget(&revoked, &mut self.watermarks, &mut self.held, &mut self.counters, &mut buf);
                     match msg {
                         Ok(m) => {
-                            let (partition, offset) = (m.partition(), m.offset());
-                            match super::decode(partition, offset, m.payload()) {
-                                Ok(events) => buf.events.extend(events),
-                                Err(dead) => {
-                                    warn!(partition, offset, reason = %dead.reason, "undecodable Kafka record sent to dead letters");
-                                    buf.undecodable.push(*dead);
-                                }
-                            }
-                            buf.next_offsets.insert(partition, offset + 1);
-                            buf.since.get_or_insert_with(Instant::now);
+                            buf.add(m.partition(), m.offset(), m.payload());
                             if buf.len() >= self.cfg.flush_max_events {
                                 self.flush(&mut buf, &mut shutdown).await;
                             }
@@ -271,12 +285,26 @@ impl Worker {
         if let Some(c) = &mut counters {
             c.add(std::mem::take(&mut output.counts));
         }
-        let (written, applied) = tokio::join!(
+        let ((written, revoked), applied) = tokio::join!(
             self.write_until_acked(&mut output, shutdown),
             apply_pending(&mut counters)
         );
         self.counters = counters;
         self.after_counters(applied);
+        // Partitions revoked while the flush polled: their rows were taken out of the
+        // batch before the next attempt; drop what else this instance knew of them.
+        if !revoked.is_empty() {
+            for w in &self.webhooks {
+                w.forget(&revoked);
+            }
+            forget(
+                &revoked,
+                &mut self.watermarks,
+                &mut self.held,
+                &mut self.counters,
+                buf,
+            );
+        }
         if !written {
             warn!(
                 events = count,
@@ -308,17 +336,23 @@ impl Worker {
 }
 
 impl Worker {
-    /// Writes the batch to ClickHouse, retrying with backoff until it is acknowledged.
-    /// False if shutdown came first.
+    /// Writes the batch to ClickHouse (and the topic sinks), retrying with backoff
+    /// until it is acknowledged. Between attempts the consumer keeps polling with its
+    /// partitions paused, so the instance stays in its group however long the outage
+    /// lasts; a partition revoked meanwhile is taken out of the batch (its new owner
+    /// re-reads it) and returned. False if shutdown came first.
     async fn write_until_acked(
         &mut self,
         output: &mut Output,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> bool {
+    ) -> (bool, HashSet<i32>) {
         let mut backoff = Duration::from_millis(self.cfg.retry_backoff_ms);
         let mut done = Done::default();
-        loop {
+        let mut paused = None;
+        let mut revoked = HashSet::new();
+        let written = loop {
             let write_started = std::time::Instant::now();
+            let url = self.sink.url().to_owned();
             match self.write(output, &mut done).await {
                 Ok(()) => {
                     crate::metrics::SINK_FLUSH_DURATION
@@ -338,7 +372,7 @@ impl Worker {
                             .with_label_values(&[d.stage])
                             .inc();
                     }
-                    return true;
+                    break true;
                 }
                 Err(e) => {
                     let retry_in_ms = backoff.as_millis() as u64;
@@ -347,7 +381,8 @@ impl Worker {
                             crate::metrics::SINK_ERRORS
                                 .with_label_values(&["clickhouse"])
                                 .inc();
-                            error!(error = %e, retry_in_ms, "flush to ClickHouse failed; retrying");
+                            error!(error = %e, %url, retry_in_ms, "flush to ClickHouse failed; retrying");
+                            self.sink.fail_over(&url);
                         }
                         FlushError::Topic(e) => {
                             crate::metrics::SINK_ERRORS
@@ -356,14 +391,69 @@ impl Worker {
                             error!(error = %e, retry_in_ms, "flush to a Kafka topic sink failed; retrying");
                         }
                     }
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => return false,
+                    if paused.is_none() {
+                        paused = self.pause();
                     }
+                    let until = Instant::now() + backoff;
+                    let stop = loop {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(until) => break false,
+                            _ = shutdown.changed() => break true,
+                            msg = self.consumer.recv() => {
+                                // A rebalance is served inside `recv` before the record it
+                                // returns: what was received earlier from a revoked
+                                // partition is stale, `msg` is not.
+                                absorb_revoked(&self.consumer, &mut self.early, output, &mut revoked);
+                                match msg {
+                                    Ok(m) => self.early.push(m.detach()),
+                                    Err(e) => warn!(error = %e, "Kafka consume error while paused"),
+                                }
+                            }
+                        }
+                    };
+                    if stop {
+                        break false;
+                    }
+                    // With every partition paused, `recv` may not return at all: a
+                    // rebalance it served meanwhile is only seen here.
+                    absorb_revoked(&self.consumer, &mut self.early, output, &mut revoked);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
+        };
+        if let Some(list) = paused {
+            self.resume(&list);
         }
+        (written, revoked)
+    }
+
+    /// Pauses every assigned partition (the consumer keeps polling: heartbeats,
+    /// rebalances). Returns what was paused.
+    fn pause(&self) -> Option<rdkafka::TopicPartitionList> {
+        use rdkafka::consumer::Consumer as _;
+        let list = self.consumer.assignment().ok()?;
+        if let Err(e) = self.consumer.pause(&list) {
+            warn!(error = %e, "cannot pause consumption");
+            return None;
+        }
+        crate::metrics::PROCESSOR_PAUSED.set(1);
+        warn!(
+            partitions = list.count(),
+            "consumption paused until the sinks accept the batch (still polling to stay in the group)"
+        );
+        Some(list)
+    }
+
+    fn resume(&self, list: &rdkafka::TopicPartitionList) {
+        use rdkafka::consumer::Consumer as _;
+        // Resume everything that was paused, assigned or not: librdkafka keeps a
+        // partition's pause flag across a rebalance, so a partition revoked and then
+        // assigned again to this instance would otherwise stay paused for good.
+        if let Err(e) = self.consumer.resume(list) {
+            warn!(error = %e, "cannot resume consumption");
+        }
+        crate::metrics::PROCESSOR_PAUSED.set(0);
+        info!("consumption resumed");
     }
 
     /// Tries once to apply the pending counter increments; on failure schedules a
@@ -461,6 +551,7 @@ impl Worker {
     /// table. `done` records what succeeded, so that a retry after a partial failure
     /// (ClickHouse died between two INSERTs) does not write a table twice.
     async fn write(&mut self, output: &mut Output, done: &mut Done) -> Result<(), FlushError> {
+        self.sink.ensure_current().await?;
         if !done.checked {
             self.skip_replayed(output).await?;
             done.checked = true;
@@ -561,6 +652,24 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// Takes the partitions revoked since the last look out of the batch and out of the
+/// records received while paused; adds them to `revoked`.
+fn absorb_revoked(
+    consumer: &Consumer,
+    early: &mut Vec<rdkafka::message::OwnedMessage>,
+    output: &mut Output,
+    revoked: &mut HashSet<i32>,
+) {
+    let gone = consumer.context().take_revoked();
+    if gone.is_empty() {
+        return;
+    }
+    warn!(partitions = ?gone, "partitions revoked during a failing flush: their events are left to the new owner");
+    output.drop_partitions(&gone);
+    early.retain(|m| !gone.contains(&m.partition()));
+    revoked.extend(gone);
 }
 
 /// Applies the pending counter increments once, if there are any: the result and how

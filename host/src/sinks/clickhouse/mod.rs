@@ -8,10 +8,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::config::ClickHouseConfig;
 use crate::pipeline::route::Routes;
@@ -152,40 +153,131 @@ fn datetime(ms: i64) -> u32 {
     (ms.div_euclid(1000)).clamp(0, u32::MAX as i64) as u32
 }
 
-/// Writes processed batches to ClickHouse.
+/// One ClickHouse server (or load balancer) weir can write to.
+struct Endpoint {
+    url: String,
+    /// For DDL: no default database (it may not exist yet); names are qualified.
+    admin: Client,
+    /// For everything else: the configured database is the default one.
+    client: Client,
+    /// Its database and tables are known to exist and match.
+    ready: AtomicBool,
+}
+
+/// Writes processed batches to ClickHouse: to the current endpoint, failing over to
+/// the next configured one when an operation fails.
 #[derive(Clone)]
 pub struct ClickHouseSink {
     /// The routed tables of the pipeline.
     routes: Arc<Routes>,
-    /// For DDL: no default database (it may not exist yet); names are qualified.
-    admin: Client,
-    /// For inserts: the configured database is the default one.
-    client: Client,
+    endpoints: Arc<Vec<Endpoint>>,
+    current: Arc<AtomicUsize>,
     database: String,
 }
 
 impl ClickHouseSink {
     pub fn new(cfg: &ClickHouseConfig, routes: Arc<Routes>) -> Self {
-        let client = Client::default()
-            .with_url(&cfg.url)
-            .with_user(&cfg.user)
-            .with_password(&cfg.password)
-            .with_validation(false);
+        let endpoints = std::iter::once(&cfg.url)
+            .chain(&cfg.failover_urls)
+            .map(|url| {
+                let client = Client::default()
+                    .with_url(url)
+                    .with_user(&cfg.user)
+                    .with_password(&cfg.password)
+                    .with_validation(false);
+                Endpoint {
+                    url: url.clone(),
+                    admin: client.clone(),
+                    client: client.with_database(&cfg.database),
+                    ready: AtomicBool::new(false),
+                }
+            })
+            .collect();
         Self {
             routes,
-            admin: client.clone(),
-            client: client.with_database(&cfg.database),
+            endpoints: Arc::new(endpoints),
+            current: Arc::new(AtomicUsize::new(0)),
             database: cfg.database.clone(),
         }
     }
 
-    /// Creates the database and tables if missing, and checks that routed tables that
-    /// exist already have the declared columns.
+    fn endpoint(&self) -> &Endpoint {
+        &self.endpoints[self.current.load(Ordering::Relaxed) % self.endpoints.len()]
+    }
+
+    fn client(&self) -> &Client {
+        &self.endpoint().client
+    }
+
+    /// URL of the endpoint in use.
+    pub fn url(&self) -> &str {
+        &self.endpoint().url
+    }
+
+    /// After a failed operation on `url`: switch to the next endpoint (if there is
+    /// another and nobody switched already).
+    pub fn fail_over(&self, url: &str) {
+        let n = self.endpoints.len();
+        if n < 2 {
+            return;
+        }
+        let cur = self.current.load(Ordering::Relaxed);
+        if self.endpoints[cur % n].url != url {
+            return;
+        }
+        let next = (cur + 1) % n;
+        if self
+            .current
+            .compare_exchange(cur, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            crate::metrics::CLICKHOUSE_FAILOVERS.inc();
+            warn!(from = %url, to = %self.endpoints[next].url, "ClickHouse endpoint failed; failing over");
+        }
+    }
+
+    /// Creates the database and tables where missing, on every endpoint that answers,
+    /// and checks that routed tables that exist already have the declared columns.
+    /// Fails if no endpoint answers or a table does not match; an endpoint down now is
+    /// prepared when weir first fails over to it.
     pub async fn ensure_schema(&self) -> Result<(), ClickHouseError> {
+        let mut first_err = None;
+        let mut ready = 0;
+        for (i, ep) in self.endpoints.iter().enumerate() {
+            match self.prepare(ep).await {
+                Ok(()) => {
+                    if ready == 0 {
+                        self.current.store(i, Ordering::Relaxed);
+                    }
+                    ready += 1;
+                }
+                Err(e @ ClickHouseError::Schema(_)) => return Err(e),
+                Err(e) => {
+                    warn!(url = %ep.url, error = %e, "ClickHouse endpoint not ready");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) if ready == 0 => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Prepares the current endpoint if it was not yet (after a failover).
+    pub async fn ensure_current(&self) -> Result<(), ClickHouseError> {
+        let ep = self.endpoint();
+        if ep.ready.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.prepare(ep).await
+    }
+
+    async fn prepare(&self, ep: &Endpoint) -> Result<(), ClickHouseError> {
         let db = &self.database;
         let routed = self.routes.tables.iter().map(|t| t.ddl(db));
         for ddl in schema(db).into_iter().chain(routed) {
-            self.admin
+            ep.admin
                 .query(&ddl)
                 .execute()
                 .await
@@ -196,7 +288,7 @@ impl ClickHouseSink {
                 "SELECT name, type FROM system.columns WHERE database = '{db}' AND table = '{}'",
                 table.name
             );
-            let have: HashMap<String, String> = self
+            let have: HashMap<String, String> = ep
                 .admin
                 .query(&sql)
                 .fetch_all::<ColumnRow>()
@@ -211,9 +303,10 @@ impl ClickHouseSink {
                     Some(t) if *t == want => {}
                     found => {
                         return Err(ClickHouseError::Schema(format!(
-                            "table {db}.{} exists with column {} {}, but the pipeline declares {want}; \
+                            "table {db}.{} at {} exists with column {} {}, but the pipeline declares {want}; \
                              alter or drop the table, or rename the pipeline's table",
                             table.name,
+                            ep.url,
                             c.name,
                             found.map_or("missing", |t| t.as_str()),
                         )));
@@ -221,7 +314,8 @@ impl ClickHouseSink {
                 }
             }
         }
-        info!(database = %self.database, routed = self.routes.tables.len(), "ClickHouse tables ready");
+        ep.ready.store(true, Ordering::Relaxed);
+        info!(url = %ep.url, database = %self.database, routed = self.routes.tables.len(), "ClickHouse tables ready");
         Ok(())
     }
 
@@ -241,7 +335,7 @@ impl ClickHouseSink {
                 "SELECT max(kafka_offset) AS max_offset, count() AS rows FROM {table} WHERE kafka_partition = {partition}"
             );
             let row: MaxRow = self
-                .client
+                .client()
                 .query(&sql)
                 .fetch_one()
                 .await
@@ -267,7 +361,7 @@ impl ClickHouseSink {
              WHERE kafka_partition = {partition} AND kafka_offset >= {lo} AND kafka_offset <= {hi}"
         );
         let rows: Vec<KeyRow> = self
-            .client
+            .client()
             .query(&sql)
             .fetch_all()
             .await
@@ -291,7 +385,7 @@ impl ClickHouseSink {
         }
         failpoint("events")?;
         let mut insert = self
-            .client
+            .client()
             .insert::<EventRow<'_>>("events")
             .await
             .map_err(query_err("insert into events"))?;
@@ -331,7 +425,7 @@ impl ClickHouseSink {
         }
         failpoint("dead_letters")?;
         let mut insert = self
-            .client
+            .client()
             .insert::<DeadLetterRow<'_>>("dead_letters")
             .await
             .map_err(query_err("insert into dead_letters"))?;
@@ -392,7 +486,7 @@ impl ClickHouseSink {
             table.name,
             table.insert_columns()
         );
-        let mut insert = self.client.insert_formatted_with(sql);
+        let mut insert = self.client().insert_formatted_with(sql);
         insert.send(body.into()).await.map_err(query_err(what()))?;
         insert.end().await.map_err(query_err(what()))
     }
