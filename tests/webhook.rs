@@ -296,3 +296,81 @@ events = ["signup_completed"]
     assert!(seen.values().all(|n| *n == 1), "none twice");
     Ok(())
 }
+
+/// A plugin forwards events to a webhook that takes no event by name: the
+/// `route-engagement` plugin sends each view of someone else's profile to `notify`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_forwards_events_to_a_webhook() -> Result<()> {
+    let tansu = Tansu::start()?;
+    tansu.create_topic("weir.events", 4)?;
+    let clickhouse = ClickHouse::start()?;
+    let (addr, ep) = endpoint(Some(Duration::ZERO)).await?;
+    let config = format!(
+        r#"
+[ingest]
+listen = "{{ingest}}"
+[[app]]
+name = "fwd"
+write_keys = ["{WRITE_KEY}"]
+[kafka]
+brokers = "{}"
+session_timeout_ms = 6000
+[clickhouse]
+url = "{}"
+database = "plugin_fwd"
+[processor]
+flush_max_events = 500
+flush_interval_ms = 100
+[[pipeline.plugin]]
+name = "enrich"
+path = "{}"
+[[pipeline.plugin]]
+name = "route"
+path = "{}"
+config = {{ views_table = "", views_counter = "", likes_counter = "", forward_views_to = "notify" }}
+[[pipeline.webhook]]
+name = "notify"
+url = "http://{addr}/hook"
+"#,
+        tansu.bootstrap(),
+        clickhouse.url(),
+        weir_tests::plugin_path("enrich").display(),
+        weir_tests::plugin_path("route-engagement").display(),
+    );
+    let weir = Weir::start(&config)?;
+    weir.wait_for_log("partitions assigned", Duration::from_secs(30))?;
+    let http = reqwest::Client::new();
+    let mut want = BTreeMap::new();
+    let batch: Vec<Value> = (0..300)
+        .map(|n| {
+            let id = format!("v{n:04}");
+            match n % 3 {
+                // A view of someone else's profile: forwarded.
+                0 => {
+                    want.insert(id.clone(), 1);
+                    json!({"name": "profile_viewed", "event_id": id, "user_id": "u1", "properties": {"profile_id": format!("p{n}")}})
+                }
+                // A self view: not forwarded.
+                1 => json!({"name": "profile_viewed", "event_id": id, "user_id": "p1", "properties": {"profile_id": "p1"}}),
+                _ => json!({"name": "app_opened", "event_id": id}),
+            }
+        })
+        .collect();
+    let resp = http
+        .post(weir.events_url())
+        .bearer_auth(WRITE_KEY)
+        .json(&batch)
+        .send()
+        .await?;
+    assert_eq!(resp.status(), 202);
+    let started = Instant::now();
+    while ep.seen.lock().unwrap().accepted.len() < want.len() {
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("forwards missing; log:\n{}", weir.log());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(ep.seen.lock().unwrap().accepted, want);
+    Ok(())
+}

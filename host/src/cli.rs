@@ -260,5 +260,6 @@ fn output_json(output: &crate::runtime::Output) -> serde_json::Value {
         Output::Count(c) => {
             json!({"count": {"counter": c.counter, "key": c.key, "delta": c.delta}})
         }
+        Output::Forward(sink) => json!({"forward": sink}),
     }
 }

@@ -273,7 +273,9 @@ pub struct TopicConfig {
     pub name: String,
     /// The topic; must differ from `kafka.topic`.
     pub topic: String,
-    /// Event names forwarded (as the plugins left them).
+    /// Event names forwarded (as the plugins left them). Plugins can also forward any
+    /// event here by the sink's name. Default none.
+    #[serde(default)]
     pub events: Vec<String>,
     /// Record key: `user_id` (default; the event id when there is no user) or `event_id`.
     #[serde(default)]
@@ -298,7 +300,9 @@ pub struct WebhookConfig {
     pub name: String,
     /// `http://` or `https://` URL.
     pub url: String,
-    /// Event names sent (after the plugin chain: as the plugins left them).
+    /// Event names sent (after the plugin chain: as the plugins left them). Plugins
+    /// can also forward any event here by the webhook's name. Default none.
+    #[serde(default)]
     pub events: Vec<String>,
     /// Most events per POST; 1 sends each event on its own. Default 100.
     #[serde(default = "default_webhook_batch")]
@@ -609,11 +613,6 @@ impl Config {
                     w.url
                 )));
             }
-            if w.events.is_empty() {
-                return Err(invalid(format!(
-                    "webhook {n}: events must name at least one event"
-                )));
-            }
             if let Some(bad) = w
                 .events
                 .iter()
@@ -647,10 +646,9 @@ impl Config {
                     t.topic
                 )));
             }
-            if t.events.is_empty()
-                || t.events
-                    .iter()
-                    .any(|e| crate::ingest::envelope::check_name(e).is_err())
+            if t.events
+                .iter()
+                .any(|e| crate::ingest::envelope::check_name(e).is_err())
             {
                 return Err(invalid(format!(
                     "topic sink {n}: events must list valid event names"

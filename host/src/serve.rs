@@ -79,16 +79,16 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             )
         };
         let mut topics = Vec::new();
-        for t in &config.pipeline.topics {
+        for (i, t) in config.pipeline.topics.iter().enumerate() {
             bus::ensure_named_topic(&config.kafka, &t.topic)
                 .await
                 .with_context(|| format!("cannot create topic {} of sink {}", t.topic, t.name))?;
-            topics.push(TopicSink::new(t, &config.kafka)?);
+            topics.push(TopicSink::new(t, i, &config.kafka)?);
         }
         let mut webhooks = Vec::new();
-        for w in &config.pipeline.webhooks {
+        for (i, w) in config.pipeline.webhooks.iter().enumerate() {
             webhooks.push(
-                WebhookSink::start(w, sink.clone(), config.pipeline.name.clone())
+                WebhookSink::start(w, i, sink.clone(), config.pipeline.name.clone())
                     .map_err(anyhow::Error::msg)?,
             );
         }

@@ -135,6 +135,8 @@ pub enum Emitted {
         key: String,
         delta: i64,
     },
+    /// The event sent to the webhook or topic sink of this name.
+    Forward(String),
 }
 
 impl Event {
@@ -276,7 +278,13 @@ impl Event {
         });
     }
 
-    /// The rows and counts emitted so far (for tests).
+    /// Sends the event, as it leaves the chain, to the pipeline's webhook or Kafka topic
+    /// sink named `sink` (`[[pipeline.webhook]]`, `[[pipeline.topic]]`).
+    pub fn forward(&mut self, sink: impl Into<String>) {
+        self.outputs.push(Emitted::Forward(sink.into()));
+    }
+
+    /// The rows, counts and forwards emitted so far (for tests).
     pub fn outputs(&self) -> &[Emitted] {
         &self.outputs
     }
@@ -369,6 +377,7 @@ impl Outcome {
                             key,
                             delta,
                         }),
+                        Emitted::Forward(sink) => wit::Output::Forward(sink),
                     })
                     .collect();
                 let event = e.is_changed().then(|| e.into_wit());

@@ -32,6 +32,8 @@ pub struct Origin {
 pub struct Kept {
     pub origin: Origin,
     pub event: Event,
+    /// Webhooks and topic sinks a plugin forwarded the event to (usually none).
+    pub forwards: Vec<route::Target>,
 }
 
 /// An event that was refused or failed, with the stage and reason.
@@ -413,7 +415,11 @@ impl Pipeline {
                     timestamp_ms: event.timestamp_ms,
                 });
             }
-            out.kept.push(Kept { origin, event });
+            out.kept.push(Kept {
+                origin,
+                event,
+                forwards: fanout.forwards,
+            });
         }
         out
     }

@@ -374,11 +374,21 @@ pub struct Increment {
     pub delta: i64,
 }
 
+/// A forwarding sink a plugin can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Index into the pipeline's webhooks.
+    Webhook(usize),
+    /// Index into the pipeline's topic sinks.
+    Topic(usize),
+}
+
 /// What one event sends besides itself, accumulated over the chain.
 #[derive(Debug, Clone, Default)]
 pub struct Fanout {
     pub rows: Vec<RowData>,
     pub increments: Vec<Increment>,
+    pub forwards: Vec<Target>,
 }
 
 /// The tables and counters of a pipeline.
@@ -388,6 +398,7 @@ pub struct Routes {
     pub counters: Vec<Counter>,
     table_index: HashMap<String, usize>,
     counter_index: HashMap<String, usize>,
+    targets: HashMap<String, Target>,
 }
 
 impl Routes {
@@ -404,6 +415,12 @@ impl Routes {
                 return Err(format!("table {} is declared twice", table.name));
             }
             routes.tables.push(table);
+        }
+        for (i, w) in cfg.webhooks.iter().enumerate() {
+            routes.targets.insert(w.name.clone(), Target::Webhook(i));
+        }
+        for (i, t) in cfg.topics.iter().enumerate() {
+            routes.targets.insert(t.name.clone(), Target::Topic(i));
         }
         for c in &cfg.counters {
             let counter = Counter::new(c)?;
@@ -429,8 +446,19 @@ impl Routes {
     pub fn resolve(&self, outputs: Vec<Output>, fanout: &mut Fanout) -> Result<(), String> {
         let mut rows = Vec::new();
         let mut increments = Vec::new();
+        let mut forwards = Vec::new();
         for output in outputs {
             match output {
+                Output::Forward(name) => {
+                    let &target = self.targets.get(&name).ok_or_else(|| {
+                        format!(
+                            "forward to {name:?}, which is no webhook or topic sink of the pipeline"
+                        )
+                    })?;
+                    if !forwards.contains(&target) {
+                        forwards.push(target);
+                    }
+                }
                 Output::Row(Row { table, columns }) => {
                     let &i = self.table_index.get(&table).ok_or_else(|| {
                         format!("row for table {table:?}, which the pipeline does not declare")
@@ -468,6 +496,11 @@ impl Routes {
         }
         fanout.rows.append(&mut rows);
         fanout.increments.append(&mut increments);
+        for t in forwards {
+            if !fanout.forwards.contains(&t) {
+                fanout.forwards.push(t);
+            }
+        }
         Ok(())
     }
 }
@@ -578,6 +611,29 @@ mod tests {
                 .is_err()
         );
         assert_eq!(f.increments.len(), 1, "a failed resolve adds nothing");
+    }
+
+    #[test]
+    fn forwards_name_a_webhook_or_topic_sink() {
+        let r = routes(
+            "[[webhook]]\nname = \"crm\"\nurl = \"http://x/\"\n[[topic]]\nname = \"out\"\ntopic = \"o\"\n",
+        )
+        .unwrap();
+        let mut f = Fanout::default();
+        r.resolve(
+            vec![
+                Output::Forward("out".into()),
+                Output::Forward("crm".into()),
+                Output::Forward("out".into()),
+            ],
+            &mut f,
+        )
+        .unwrap();
+        assert_eq!(f.forwards, vec![Target::Topic(0), Target::Webhook(0)]);
+        let err = r
+            .resolve(vec![Output::Forward("nope".into())], &mut Fanout::default())
+            .unwrap_err();
+        assert!(err.contains("no webhook or topic sink"), "{err}");
     }
 
     #[test]

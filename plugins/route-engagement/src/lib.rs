@@ -6,12 +6,16 @@
 //! - A `post_liked` event with a string `properties.post_id` adds one to the counter
 //!   `post_likes` for the post.
 //!
+//! - With `forward_views_to` set, each view of someone else's profile is also forwarded
+//!   to that webhook or topic sink (e.g. to notify the profile's owner).
+//!
 //! Every event is kept unchanged: the plugin only fans out. It expects to run after
 //! `enrich`, which guarantees `profile_id` and sets `self_view`.
 //!
 //! Configuration (JSON, from the pipeline), every key optional; an empty name turns
 //! that output off: `{"views_table": "profile_viewed", "views_counter":
-//! "profile_views", "likes_counter": "post_likes", "count_self_views": false}`.
+//! "profile_views", "likes_counter": "post_likes", "count_self_views": false,
+//! "forward_views_to": ""}`.
 
 use serde::{Deserialize, Serialize};
 use weir_plugin_sdk::{Event, Outcome, plugin};
@@ -24,6 +28,8 @@ pub struct Config {
     pub likes_counter: String,
     /// Count a user's views of their own profile too.
     pub count_self_views: bool,
+    /// A webhook or topic sink each view of someone else's profile is forwarded to.
+    pub forward_views_to: String,
 }
 
 impl Default for Config {
@@ -33,6 +39,7 @@ impl Default for Config {
             views_counter: "profile_views".into(),
             likes_counter: "post_likes".into(),
             count_self_views: false,
+            forward_views_to: String::new(),
         }
     }
 }
@@ -67,6 +74,9 @@ pub fn route(mut event: Event, config: &Config) -> Outcome {
             }
             if !config.views_counter.is_empty() && (config.count_self_views || !self_view) {
                 event.count(config.views_counter.clone(), profile, 1);
+            }
+            if !config.forward_views_to.is_empty() && !self_view {
+                event.forward(config.forward_views_to.clone());
             }
         }
         "post_liked" if !config.likes_counter.is_empty() => {
@@ -127,6 +137,20 @@ mod tests {
         let out = outputs(e);
         assert_eq!(out.len(), 1);
         assert!(matches!(out[0], Emitted::Row { .. }));
+    }
+
+    #[test]
+    fn views_are_forwarded_when_configured() {
+        let config = Config {
+            forward_views_to: "notify".into(),
+            ..Config::default()
+        };
+        let e = Event::new("profile_viewed")
+            .with_user("u1")
+            .with_properties(json!({"profile_id": "p9", "self_view": false}));
+        let outcome = route(e, &config);
+        let out = outcome.kept().unwrap().outputs();
+        assert_eq!(out.last(), Some(&Emitted::Forward("notify".into())));
     }
 
     #[test]

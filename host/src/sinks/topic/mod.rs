@@ -18,6 +18,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 
 use crate::config::{KafkaConfig, TopicConfig, TopicKey};
+use crate::pipeline::route::Target;
 use crate::pipeline::{Kept, event_json};
 
 /// Errors producing to the topic.
@@ -41,6 +42,8 @@ pub enum TopicError {
 /// One configured topic sink.
 pub struct TopicSink {
     name: String,
+    /// Position among the pipeline's topic sinks (what plugins' `forward` outputs name).
+    index: usize,
     topic: String,
     events: HashSet<String>,
     key: TopicKey,
@@ -49,7 +52,7 @@ pub struct TopicSink {
 }
 
 impl TopicSink {
-    pub fn new(cfg: &TopicConfig, kafka: &KafkaConfig) -> Result<Self, TopicError> {
+    pub fn new(cfg: &TopicConfig, index: usize, kafka: &KafkaConfig) -> Result<Self, TopicError> {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &kafka.brokers);
         for (k, v) in &kafka.properties {
@@ -66,6 +69,7 @@ impl TopicSink {
             })?;
         Ok(Self {
             name: cfg.name.clone(),
+            index,
             topic: cfg.topic.clone(),
             events: cfg.events.iter().cloned().collect(),
             key: cfg.key,
@@ -83,7 +87,8 @@ impl TopicSink {
         &self.topic
     }
 
-    /// Produces a record per kept event of this sink's names not yet in `sent` (indices
+    /// Produces a record per kept event of this sink's names (or forwarded to it by a
+    /// plugin) not yet in `sent` (indices
     /// into `kept`), and waits for the acknowledgements. Acknowledged indices are added
     /// to `sent`, so a retry produces only what failed. Returns the records produced.
     pub async fn write(
@@ -94,7 +99,11 @@ impl TopicSink {
         let todo: Vec<(usize, &Kept)> = kept
             .iter()
             .enumerate()
-            .filter(|(i, k)| self.events.contains(&k.event.name) && !sent.contains(i))
+            .filter(|(i, k)| {
+                (self.events.contains(&k.event.name)
+                    || k.forwards.contains(&Target::Topic(self.index)))
+                    && !sent.contains(i)
+            })
             .collect();
         let payloads: Vec<String> = todo
             .iter()

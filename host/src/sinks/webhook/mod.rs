@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::config::WebhookConfig;
+use crate::pipeline::route::Target;
 use crate::pipeline::{DeadLetter, Kept, Origin, event_json};
 use crate::sinks::clickhouse::ClickHouseSink;
 
@@ -42,6 +43,8 @@ type Outstanding = Arc<Mutex<HashMap<i32, BTreeMap<i64, usize>>>>;
 /// A running webhook: the queue into its delivery task.
 pub struct WebhookSink {
     name: String,
+    /// Position among the pipeline's webhooks (what plugins' `forward` outputs name).
+    index: usize,
     events: HashSet<String>,
     tx: mpsc::Sender<Item>,
     outstanding: Outstanding,
@@ -51,6 +54,7 @@ impl WebhookSink {
     /// Starts the delivery task. Dead letters are written through `dead_letters`.
     pub fn start(
         cfg: &WebhookConfig,
+        index: usize,
         dead_letters: ClickHouseSink,
         pipeline: String,
     ) -> Result<Self, String> {
@@ -84,15 +88,20 @@ impl WebhookSink {
         tokio::spawn(task.run(rx));
         Ok(Self {
             name: cfg.name.clone(),
+            index,
             events: cfg.events.iter().cloned().collect(),
             tx,
             outstanding,
         })
     }
 
-    /// Queues the kept events this webhook takes. Waits while the queue is full.
+    /// Queues the kept events this webhook takes (by name, or forwarded to it by a
+    /// plugin). Waits while the queue is full.
     pub async fn offer(&self, kept: &[Kept]) {
-        for k in kept.iter().filter(|k| self.events.contains(&k.event.name)) {
+        let mine = |k: &&Kept| {
+            self.events.contains(&k.event.name) || k.forwards.contains(&Target::Webhook(self.index))
+        };
+        for k in kept.iter().filter(mine) {
             *self
                 .outstanding
                 .lock()
