@@ -3,6 +3,8 @@
 //! sandbox crossing, lifting and lowering the events, checking the outcomes), and of
 //! the `enrich` example plugin, which parses and re-serialises the properties.
 //!
+//! Also instantiation, with memory on demand and with the pooling allocator.
+//!
 //! Run: `cargo bench -p weir-tests --bench plugin_call`. Figures go in BENCHMARKS.md.
 
 use std::time::Duration;
@@ -61,9 +63,39 @@ fn bench(c: &mut Criterion) {
     }
 }
 
+/// Instantiation (at load, and for each fresh instance of a bisection after a trap),
+/// with memory on demand and with the pooling allocator.
+fn instantiate(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let limits = Limits {
+        deadline: Duration::from_secs(1),
+        memory_bytes: 64 << 20,
+    };
+    for (strategy, runtime) in [
+        ("ondemand", Runtime::new().unwrap()),
+        ("pooling", Runtime::with_pooling().unwrap()),
+    ] {
+        let mut group = c.benchmark_group(format!("instantiate/{strategy}"));
+        let plugins = ["passthrough", "enrich"].map(|p| (p, plugin_path(p)));
+        for (plugin, path) in plugins {
+            let bytes = std::fs::read(path).unwrap();
+            let loaded = rt
+                .block_on(runtime.load(plugin, &bytes, "{}".into(), limits))
+                .unwrap();
+            group.bench_function(plugin, |b| {
+                b.iter(|| rt.block_on(loaded.instantiate()).unwrap())
+            });
+        }
+        group.finish();
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = bench
+    targets = bench, instantiate
 }
 criterion_main!(benches);
