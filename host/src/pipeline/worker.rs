@@ -213,10 +213,7 @@ impl Worker {
                 }
                 msg = self.consumer.recv() => {
                     let revoked = self.consumer.context().take_revoked();
-                    for w in &self.webhooks {
-                        w.forget(&revoked);
-                    }
-                    forget(&revoked, &mut self.watermarks, &mut self.held, &mut self.counters, &mut buf);
+                    forget(&revoked, &mut self.watermarks, &mut self.held, &mut self.counters, &self.webhooks, &mut buf);
                     match msg {
                         Ok(m) => {
                             buf.add(m.partition(), m.offset(), m.payload());
@@ -293,18 +290,7 @@ impl Worker {
         self.after_counters(applied);
         // Partitions revoked while the flush polled: their rows were taken out of the
         // batch before the next attempt; drop what else this instance knew of them.
-        if !revoked.is_empty() {
-            for w in &self.webhooks {
-                w.forget(&revoked);
-            }
-            forget(
-                &revoked,
-                &mut self.watermarks,
-                &mut self.held,
-                &mut self.counters,
-                buf,
-            );
-        }
+        self.forget_partitions(&revoked, buf);
         if !written {
             warn!(
                 events = count,
@@ -535,14 +521,17 @@ impl Worker {
     /// Forgets what was buffered from, and known about, partitions just revoked.
     fn forget_revoked(&mut self, buf: &mut Buffer) {
         let revoked = self.consumer.context().take_revoked();
-        for w in &self.webhooks {
-            w.forget(&revoked);
-        }
+        self.forget_partitions(&revoked, buf);
+    }
+
+    /// Forgets what this instance buffered from, and knew about, `partitions`.
+    fn forget_partitions(&mut self, partitions: &HashSet<i32>, buf: &mut Buffer) {
         forget(
-            &revoked,
+            partitions,
             &mut self.watermarks,
             &mut self.held,
             &mut self.counters,
+            &self.webhooks,
             buf,
         );
     }
@@ -691,6 +680,7 @@ fn forget(
     watermarks: &mut HashMap<i32, Option<i64>>,
     held: &mut BTreeMap<i32, i64>,
     counters: &mut Option<CounterSink>,
+    webhooks: &[WebhookSink],
     buf: &mut Buffer,
 ) {
     if revoked.is_empty() {
@@ -702,6 +692,9 @@ fn forget(
     }
     if let Some(c) = counters {
         c.forget(revoked);
+    }
+    for w in webhooks {
+        w.forget(revoked);
     }
     buf.forget(revoked);
 }
