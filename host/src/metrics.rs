@@ -4,7 +4,7 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     TextEncoder,
 };
 
@@ -18,6 +18,12 @@ fn counter(name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("valid metric");
     prometheus::register(Box::new(c.clone())).expect("metric registered once");
     c
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    prometheus::register(Box::new(g.clone())).expect("metric registered once");
+    g
 }
 
 fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -133,14 +139,11 @@ pub static DEAD_LETTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
-pub static PROCESSOR_PAUSED: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
-    let g = prometheus::IntGauge::new(
+pub static PROCESSOR_PAUSED: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
         "weir_processor_paused",
         "1 while consumption is paused because a sink does not accept the current batch",
     )
-    .expect("valid metric");
-    prometheus::register(Box::new(g.clone())).expect("metric registered once");
-    g
 });
 pub static CLICKHOUSE_FAILOVERS: LazyLock<IntCounter> = LazyLock::new(|| {
     counter(
@@ -188,14 +191,11 @@ pub static COUNTER_REPLAYS_SKIPPED: LazyLock<IntCounter> = LazyLock::new(|| {
         "Increments of replayed Kafka records that Redis already held",
     )
 });
-pub static COUNTER_PENDING: LazyLock<prometheus::IntGauge> = LazyLock::new(|| {
-    let g = prometheus::IntGauge::new(
+pub static COUNTER_PENDING: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
         "weir_counter_pending_increments",
         "Counter increments waiting for Redis (non-zero while Redis is unreachable)",
     )
-    .expect("valid metric");
-    prometheus::register(Box::new(g.clone())).expect("metric registered once");
-    g
 });
 
 /// All metrics in Prometheus' text format.

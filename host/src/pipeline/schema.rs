@@ -64,10 +64,6 @@ impl Schemas {
         Ok(())
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
-    }
-
     /// Validates an event if its name has a schema. `Err` lists each error as
     /// `pointer: message`.
     pub fn check(&self, event: &Event) -> Result<(), String> {

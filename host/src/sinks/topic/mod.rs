@@ -78,10 +78,6 @@ impl TopicSink {
         })
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// The topic written to.
     pub fn topic(&self) -> &str {
         &self.topic
