@@ -20,6 +20,7 @@ INGEST="http://127.0.0.1:8080"
 CLICKHOUSE="http://127.0.0.1:8123"
 WRITE_KEY="wk_dev_0000000000000000"
 READ_KEY="rk_dev_0000000000000000"
+ADMIN_TOKEN="at_dev_0000000000000000"
 PIDFILE="$STACK_DIR/weir.pid"
 LOG="$STACK_DIR/weir.log"
 
@@ -73,6 +74,7 @@ echo "weir is running (pid $(cat "$PIDFILE"), log $LOG)"
 echo "  ingest:    $INGEST/v1/events"
 echo "  write key: $WRITE_KEY   (development only)"
 echo "  read key:  $READ_KEY   (counters API; development only)"
+echo "  admin:     http://127.0.0.1:8081 with token $ADMIN_TOKEN   (development only)"
 
 post() { # content-type body
   curl -sS -X POST "$INGEST/v1/events" -H "Authorization: Bearer $WRITE_KEY" \
@@ -138,6 +140,25 @@ for _ in $(seq 1 50); do
 done
 echo "$counter"
 
+say "Hot swap: the same pipeline from the control plane (weir apply -f examples/demo/control.toml)"
+export WEIR_ADMIN_TOKEN="$ADMIN_TOKEN"
+"$WEIR" apply -f examples/demo/control.toml
+version=$("$WEIR" status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["control_version"])')
+for _ in $(seq 1 100); do
+  "$WEIR" status --json | python3 -c 'import json,sys; s=json.load(sys.stdin); sys.exit(0 if s["instances"] and all(i["control_version"] >= '"$version"' for i in s["instances"]) else 1)' && break
+  sleep 0.1
+done
+"$WEIR" status
+echo "-- a view sent now is processed by the uploaded versions:"
+post application/json '{"name":"profile_viewed","user_id":"carol","properties":{"profile_id":"bob","source":"search"}}'
+for _ in $(seq 1 100); do
+  n=$(curl -sf "$CLICKHOUSE/" --data-binary "SELECT count() FROM weir.events WHERE user_id = 'carol' AND control_version >= $version" || echo 0)
+  [ "${n:-0}" -ge 1 ] && break
+  sleep 0.1
+done
+[ "${n:-0}" -ge 1 ] || { tail -n 30 "$LOG"; die "the view sent after weir apply did not reach ClickHouse"; }
+q "SELECT name, user_id, plugins, control_version FROM weir.events WHERE user_id = 'carol' ORDER BY received_at DESC LIMIT 1"
+
 cat <<EOT
 
 weir is still running. Try:
@@ -145,5 +166,6 @@ weir is still running. Try:
        -H 'Content-Type: application/json' -d '{"name":"post_liked","user_id":"me"}'
   clickhouse-client --query 'SELECT count() FROM weir.events'
   curl $INGEST/v1/counters/post_likes/p1 -H 'Authorization: Bearer $READ_KEY'
+  WEIR_ADMIN_TOKEN=$ADMIN_TOKEN $WEIR status
 Stop everything with: scripts/demo.sh stop
 EOT

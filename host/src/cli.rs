@@ -5,13 +5,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use serde_json::json;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::Config;
-use crate::ingest::envelope::{self, BodyFormat};
-use crate::pipeline::{Pipeline, event_json};
-use crate::runtime::{Limits, Runtime, Verdict};
+use crate::control::client::AdminClient;
+use crate::pipeline::{Pipeline, dry_run};
+use crate::runtime::{Limits, Runtime};
 
 #[derive(Parser)]
 #[command(name = "weir", version, about = "A WebAssembly-plugin event processor")]
@@ -36,10 +35,97 @@ enum Command {
         #[arg(short, long, env = "WEIR_CONFIG", default_value = "weir.toml")]
         config: PathBuf,
     },
-    /// Works with plugins locally.
+    /// Plugins: test one locally, or upload, list and roll back through the admin API.
     Plugin {
         #[command(subcommand)]
         command: PluginCommand,
+    },
+    /// JSON Schemas of events, through the admin API.
+    Schema {
+        #[command(subcommand)]
+        command: SchemaCommand,
+    },
+    /// Pipelines, through the admin API.
+    Pipeline {
+        #[command(subcommand)]
+        command: PipelineCommand,
+    },
+    /// Applies a declarative file of plugins, schemas and pipelines (idempotent: what
+    /// is already in force is left alone).
+    Apply {
+        /// The file (TOML); paths in it are relative to it.
+        #[arg(short, long)]
+        file: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// The control-plane version and every live instance: what it runs, its lag.
+    Status {
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// Where the admin API is, and the token to use.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Base URL of a weir instance's admin API.
+    #[arg(long, env = "WEIR_ADMIN_URL", default_value = "http://127.0.0.1:8081")]
+    admin_url: String,
+    /// Admin token.
+    #[arg(
+        long,
+        env = "WEIR_ADMIN_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    token: String,
+}
+
+impl AdminArgs {
+    fn client(&self) -> anyhow::Result<AdminClient> {
+        AdminClient::new(&self.admin_url, &self.token)
+    }
+}
+
+#[derive(Subcommand)]
+enum SchemaCommand {
+    /// Uploads the JSON Schema of an event name (a new version, in force at once).
+    Put {
+        event: String,
+        /// The schema (JSON).
+        file: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum PipelineCommand {
+    /// Uploads a pipeline document (JSON, or TOML if the file ends in .toml) as the
+    /// pipeline's next version, active at once.
+    Put {
+        name: String,
+        file: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Shows a pipeline's versions and which is active.
+    Get {
+        name: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Activates the version that was active before the current one (or --to N).
+    Rollback {
+        name: String,
+        #[arg(long)]
+        to: Option<u32>,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -66,6 +152,37 @@ enum PluginCommand {
         /// Events per call.
         #[arg(long, default_value_t = 256)]
         batch_size: usize,
+    },
+    /// Uploads a component: validated, stored content-addressed, given the next
+    /// version of its name. Uploading the same bytes again changes nothing.
+    Push {
+        file: PathBuf,
+        /// The plugin's name (default: the file name without `.wasm` and a
+        /// `weir_plugin_` prefix).
+        #[arg(long)]
+        name: Option<String>,
+        /// Accept an import family the sandbox grants nothing to (`wasi:filesystem`,
+        /// `wasi:sockets`); repeatable.
+        #[arg(long)]
+        allow: Vec<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Lists the uploaded plugins and their versions.
+    List {
+        /// Only this plugin.
+        name: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Puts the previous version of a plugin back into a pipeline (a new pipeline
+    /// version; `weir pipeline rollback` undoes a whole change instead).
+    Rollback {
+        name: String,
+        #[arg(long)]
+        pipeline: String,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
 }
 
@@ -120,6 +237,218 @@ pub fn main() -> anyhow::Result<()> {
             };
             rt.block_on(plugin_test(&component, &events, config, limits, batch_size))
         }
+        Command::Plugin {
+            command:
+                PluginCommand::Push {
+                    file,
+                    name,
+                    allow,
+                    admin,
+                },
+        } => {
+            let name = name.unwrap_or_else(|| default_plugin_name(&file));
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let (created, body) = rt.block_on(admin.client()?.push_plugin(&name, bytes, &allow))?;
+            println!(
+                "{name}@{} {} (sha256 {}, {} bytes)",
+                body["version"],
+                if created {
+                    "uploaded"
+                } else {
+                    "unchanged: these bytes are that version already"
+                },
+                body["sha256"].as_str().unwrap_or_default(),
+                body["size"]
+            );
+            Ok(())
+        }
+        Command::Plugin {
+            command: PluginCommand::List { name, admin },
+        } => {
+            let path = match &name {
+                Some(n) => format!("/admin/v1/plugins/{n}"),
+                None => "/admin/v1/plugins".into(),
+            };
+            let body = rt.block_on(admin.client()?.get(&path))?;
+            println!("{}", serde_json::to_string_pretty(&body)?);
+            Ok(())
+        }
+        Command::Plugin {
+            command:
+                PluginCommand::Rollback {
+                    name,
+                    pipeline,
+                    admin,
+                },
+        } => rt.block_on(plugin_rollback(&admin.client()?, &name, &pipeline)),
+        Command::Schema {
+            command: SchemaCommand::Put { event, file, admin },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let schema: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", file.display()))?;
+            let (created, body) = rt.block_on(
+                admin
+                    .client()?
+                    .put_json(&format!("/admin/v1/schemas/{event}"), &schema),
+            )?;
+            println!(
+                "schema {event}@{} {}",
+                body["version"],
+                if created { "created" } else { "unchanged" }
+            );
+            Ok(())
+        }
+        Command::Pipeline {
+            command: PipelineCommand::Put { name, file, admin },
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let doc: crate::control::PipelineDoc = if file.extension().is_some_and(|e| e == "toml")
+            {
+                toml::from_str(&text)
+                    .with_context(|| format!("invalid pipeline {}", file.display()))?
+            } else {
+                serde_json::from_str(&text)
+                    .with_context(|| format!("invalid pipeline {}", file.display()))?
+            };
+            let (created, body) = rt.block_on(admin.client()?.put_json(
+                &format!("/admin/v1/pipelines/{name}"),
+                &serde_json::json!(doc),
+            ))?;
+            println!(
+                "pipeline {name}@{} {}",
+                body["version"],
+                if created {
+                    "created and active"
+                } else {
+                    "unchanged: that document is active already"
+                }
+            );
+            Ok(())
+        }
+        Command::Pipeline {
+            command: PipelineCommand::Get { name, admin },
+        } => {
+            let body = rt.block_on(admin.client()?.get(&format!("/admin/v1/pipelines/{name}")))?;
+            println!("{}", serde_json::to_string_pretty(&body)?);
+            Ok(())
+        }
+        Command::Pipeline {
+            command: PipelineCommand::Rollback { name, to, admin },
+        } => {
+            let query: Vec<(&str, String)> =
+                to.map(|v| ("to", v.to_string())).into_iter().collect();
+            let body = rt.block_on(
+                admin
+                    .client()?
+                    .post(&format!("/admin/v1/pipelines/{name}/rollback"), &query),
+            )?;
+            println!("pipeline {name}: version {} active", body["version"]);
+            Ok(())
+        }
+        Command::Apply { file, admin } => {
+            for line in rt.block_on(crate::control::client::apply(&admin.client()?, &file))? {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Status { json, admin } => {
+            let body = rt.block_on(admin.client()?.get("/admin/v1/status"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&body)?);
+            } else {
+                print_status(&body);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `enrich` for `weir_plugin_enrich.wasm` or `enrich.wasm`.
+fn default_plugin_name(file: &std::path::Path) -> String {
+    let stem = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "plugin".into());
+    stem.strip_prefix("weir_plugin_")
+        .unwrap_or(&stem)
+        .replace('_', "-")
+}
+
+async fn plugin_rollback(client: &AdminClient, name: &str, pipeline: &str) -> anyhow::Result<()> {
+    let record = client
+        .get(&format!("/admin/v1/pipelines/{pipeline}"))
+        .await?;
+    let active = record["active"]
+        .as_u64()
+        .context("pipeline without an active version")?;
+    let doc = record["versions"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["version"].as_u64() == Some(active)))
+        .map(|v| v["doc"].clone())
+        .context("active version missing from the answer")?;
+    let mut doc: crate::control::PipelineDoc = serde_json::from_value(doc)?;
+    let entry = doc
+        .plugins
+        .iter_mut()
+        .find(|e| e.reference().is_ok_and(|(n, _)| n == name))
+        .with_context(|| format!("pipeline {pipeline} does not run plugin {name}"))?;
+    let (_, current) = entry.reference().map_err(anyhow::Error::msg)?;
+    let versions = client.get(&format!("/admin/v1/plugins/{name}")).await?;
+    let previous = versions["versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["version"].as_u64())
+        .filter(|v| *v < current as u64)
+        .max()
+        .with_context(|| format!("plugin {name} has no version before {current}"))?;
+    entry.plugin = format!("{name}@{previous}");
+    let (_, body) = client
+        .put_json(
+            &format!("/admin/v1/pipelines/{pipeline}"),
+            &serde_json::json!(doc),
+        )
+        .await?;
+    println!(
+        "pipeline {pipeline}@{}: {name}@{current} replaced by {name}@{previous}",
+        body["version"]
+    );
+    Ok(())
+}
+
+fn print_status(status: &serde_json::Value) {
+    println!(
+        "control plane version {} ({}), store {}",
+        status["control_version"],
+        status["change"].as_str().unwrap_or(""),
+        status["store"].as_str().unwrap_or("")
+    );
+    let instances = status["instances"].as_array().cloned().unwrap_or_default();
+    println!("{} live instance(s)", instances.len());
+    for i in instances {
+        let plugins: Vec<&str> = i["plugins"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.as_str())
+            .collect();
+        println!(
+            "  {}  version {}  pipeline {}@{}  plugins [{}]  lag {}{}",
+            i["id"].as_str().unwrap_or(""),
+            i["control_version"],
+            i["pipeline"].as_str().unwrap_or(""),
+            i["pipeline_version"],
+            plugins.join(", "),
+            i["consumer_lag"],
+            i["error"]
+                .as_str()
+                .map(|e| format!("\n    ERROR: {e}"))
+                .unwrap_or_default()
+        );
     }
 }
 
@@ -137,40 +466,8 @@ async fn plugin_test(
         std::fs::read(component).with_context(|| format!("cannot read {}", component.display()))?;
     let body =
         std::fs::read(events).with_context(|| format!("cannot read {}", events.display()))?;
-    let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    let is_single_document = match first {
-        Some(b'[') => true,
-        Some(b'{') => serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok(),
-        _ => false,
-    };
-    let format = if is_single_document {
-        BodyFormat::Json
-    } else {
-        BodyFormat::Ndjson
-    };
-    let sample_limits = envelope::Limits {
-        max_event_bytes: 32 * 1024,
-        max_events: usize::MAX,
-        max_depth: 32,
-    };
-    let mut n = 0;
-    let events = envelope::parse_body(&body, format, &sample_limits, crate::now_ms(), || {
-        n += 1;
-        format!("sample-{n}")
-    })
-    .map_err(|e| {
-        anyhow::anyhow!(
-            "{}: {}{}",
-            events.display(),
-            e.message,
-            e.index.map(|i| format!(" (event {i})")).unwrap_or_default()
-        )
-    })?;
-    let events: Vec<crate::runtime::Event> = events
-        .into_iter()
-        .map(|e| crate::pipeline::to_plugin_event("sample".into(), e))
-        .collect();
-
+    let events =
+        dry_run::parse_samples(&body).map_err(|e| anyhow::anyhow!("{}: {e}", events.display()))?;
     let name = component
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -179,87 +476,28 @@ async fn plugin_test(
     let compile = Instant::now();
     let plugin = runtime.load(&name, &bytes, config, limits).await?;
     let compile = compile.elapsed();
-    let mut instance = plugin.instantiate().await?;
-
-    let mut call_time = Duration::ZERO;
-    let mut tally = [0usize; 4];
-    let mut index = 0;
-    for batch in events.chunks(batch_size.max(1)) {
-        let started = Instant::now();
-        let verdicts = instance.process(batch).await;
-        call_time += started.elapsed();
-        for (event, verdict) in batch.iter().zip(verdicts) {
-            let line = match verdict {
-                Verdict::Pass => {
-                    tally[0] += 1;
-                    let kept: serde_json::Value = serde_json::from_str(&event_json(event))?;
-                    json!({"index": index, "event_id": event.event_id, "outcome": "keep", "changed": false, "event": kept})
-                }
-                Verdict::Keep(kept) => {
-                    tally[0] += 1;
-                    let kept: serde_json::Value = serde_json::from_str(&event_json(&kept))?;
-                    json!({"index": index, "event_id": event.event_id, "outcome": "keep", "changed": true, "event": kept})
-                }
-                Verdict::Route(kept, outputs) => {
-                    tally[0] += 1;
-                    let changed = kept.is_some();
-                    let kept = kept.as_ref().unwrap_or(event);
-                    let kept: serde_json::Value = serde_json::from_str(&event_json(kept))?;
-                    let outputs: Vec<serde_json::Value> = outputs.iter().map(output_json).collect();
-                    json!({"index": index, "event_id": event.event_id, "outcome": "keep", "changed": changed, "event": kept, "outputs": outputs})
-                }
-                Verdict::Drop(reason) => {
-                    tally[1] += 1;
-                    json!({"index": index, "event_id": event.event_id, "outcome": "drop", "reason": reason})
-                }
-                Verdict::Reject(reason) => {
-                    tally[2] += 1;
-                    json!({"index": index, "event_id": event.event_id, "outcome": "reject", "reason": reason})
-                }
-                Verdict::Failed(reason) => {
-                    tally[3] += 1;
-                    json!({"index": index, "event_id": event.event_id, "outcome": "failed", "reason": reason})
-                }
-            };
-            println!("{line}");
-            index += 1;
-        }
+    let report = dry_run::run(&plugin, &events, batch_size).await?;
+    for line in &report.outcomes {
+        println!("{line}");
     }
-    let per_event = call_time.as_secs_f64() * 1e6 / events.len().max(1) as f64;
+    let per_event = report.call_time.as_secs_f64() * 1e6 / events.len().max(1) as f64;
     eprintln!(
         "{}@{}: {} events: {} kept, {} dropped, {} rejected, {} failed",
         plugin.name(),
         plugin.version(),
         events.len(),
-        tally[0],
-        tally[1],
-        tally[2],
-        tally[3]
+        report.kept,
+        report.dropped,
+        report.rejected,
+        report.failed
     );
     eprintln!(
         "compile {:.1} ms; calls {:.3} ms in all, {per_event:.2} us/event (batch {batch_size}); peak memory {} KiB of {} MiB; counters {:?}",
         compile.as_secs_f64() * 1e3,
-        call_time.as_secs_f64() * 1e3,
-        instance.peak_memory() / 1024,
+        report.call_time.as_secs_f64() * 1e3,
+        report.peak_memory_bytes / 1024,
         limits.memory_bytes >> 20,
-        instance.counters()
+        report.counters
     );
     Ok(())
-}
-
-/// A plugin output as JSON for `weir plugin test` (a row's columns parsed when they
-/// are JSON, kept as text otherwise, so that a bad row shows as the plugin sent it).
-fn output_json(output: &crate::runtime::Output) -> serde_json::Value {
-    use crate::runtime::Output;
-    match output {
-        Output::Row(row) => {
-            let columns = serde_json::from_str::<serde_json::Value>(&row.columns)
-                .unwrap_or_else(|_| json!(row.columns));
-            json!({"row": {"table": row.table, "columns": columns}})
-        }
-        Output::Count(c) => {
-            json!({"count": {"counter": c.counter, "key": c.key, "delta": c.delta}})
-        }
-        Output::Forward(sink) => json!({"forward": sink}),
-    }
 }

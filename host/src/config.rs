@@ -19,6 +19,9 @@ pub const DEV_WRITE_KEY: &str = "wk_dev_0000000000000000";
 /// The development read key of the demo configuration: refused off loopback too.
 pub const DEV_READ_KEY: &str = "rk_dev_0000000000000000";
 
+/// The development admin token of the demo configuration: refused off loopback too.
+pub const DEV_ADMIN_TOKEN: &str = "at_dev_0000000000000000";
+
 /// Errors found while loading or validating a configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -66,6 +69,75 @@ pub struct Config {
     /// counters.
     #[serde(default)]
     pub redis: RedisConfig,
+    /// The admin API. Absent: no admin port (the control plane is still read).
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    /// Where the control plane (uploaded plugins, schemas, pipelines) is kept.
+    #[serde(default)]
+    pub control: ControlConfig,
+}
+
+/// `[admin]`: the admin API, on its own port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address to listen on. Default `127.0.0.1:8081`.
+    pub listen: SocketAddr,
+    /// Bearer tokens accepted by the admin API (at least 16 characters each).
+    pub tokens: Vec<String>,
+    /// Largest plugin component accepted, in bytes. Default 64 MiB.
+    pub max_plugin_bytes: usize,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            tokens: Vec::new(),
+            max_plugin_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Where the control plane lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    /// A local directory: a single node (any number of processes on it).
+    #[default]
+    Dir,
+    /// The `[redis]` server: a fleet. Changes are announced on pub/sub.
+    Redis,
+}
+
+/// `[control]`: the control-plane store and how instances follow it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// `dir` (default) or `redis`.
+    pub store: StoreKind,
+    /// The directory of the `dir` store, relative to the config file. Default
+    /// `weir-control`.
+    pub dir: PathBuf,
+    /// How often an instance re-reads the control-plane version even without a change
+    /// notice, in milliseconds. Default 1000 (the `dir` store has no notices).
+    pub reconcile_ms: u64,
+    /// How often an instance reports its status, in milliseconds. Default 1000.
+    pub heartbeat_ms: u64,
+    /// An instance not heard from for this long is no longer listed. Default 10000.
+    pub instance_ttl_ms: u64,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            store: StoreKind::Dir,
+            dir: PathBuf::from("weir-control"),
+            reconcile_ms: 1000,
+            heartbeat_ms: 1000,
+            instance_ttl_ms: 10_000,
+        }
+    }
 }
 
 /// `[redis]`: where counters live.
@@ -244,6 +316,9 @@ impl Default for ProcessorConfig {
 pub struct PipelineConfig {
     /// Name of the pipeline, recorded with each row (`pipeline` column). Default `default`.
     pub name: String,
+    /// Names of the events that go through the schemas and the plugin chain; other
+    /// events are written to `events` untouched. Default: every event.
+    pub events: Vec<String>,
     /// The plugins, in the order they run.
     #[serde(rename = "plugin")]
     pub plugins: Vec<PluginConfig>,
@@ -357,6 +432,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             name: "default".into(),
+            events: Vec::new(),
             plugins: Vec::new(),
             tables: Vec::new(),
             counters: Vec::new(),
@@ -437,7 +513,7 @@ pub struct PluginConfig {
 }
 
 /// What a pipeline does with events a quarantined plugin cannot process.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailurePolicy {
     /// Fail closed: dead-letter the events.
@@ -507,6 +583,9 @@ impl Config {
                 schema.path = base.join(&schema.path);
             }
         }
+        if config.control.dir.is_relative() {
+            config.control.dir = base.join(&config.control.dir);
+        }
         Ok(config)
     }
 
@@ -562,6 +641,37 @@ impl Config {
                     ingest.listen
                 )));
             }
+        }
+        if let Some(admin) = &self.admin {
+            for token in &admin.tokens {
+                if token.len() < 16 {
+                    return Err(invalid("an [admin] token is shorter than 16 characters"));
+                }
+                if seen.contains_key(token.as_str()) {
+                    return Err(invalid(
+                        "an [admin] token is also an app's write or read key",
+                    ));
+                }
+            }
+            if admin.tokens.is_empty() {
+                return Err(invalid("[admin] needs at least one token (admin.tokens)"));
+            }
+            if !admin.listen.ip().is_loopback() && admin.tokens.iter().any(|t| t == DEV_ADMIN_TOKEN)
+            {
+                return Err(invalid(format!(
+                    "admin listens on {} (not loopback) with the development admin token; set your own admin.tokens",
+                    admin.listen
+                )));
+            }
+            if admin.max_plugin_bytes == 0 {
+                return Err(invalid("admin.max_plugin_bytes must be positive"));
+            }
+        }
+        let c = &self.control;
+        if c.reconcile_ms == 0 || c.heartbeat_ms == 0 || c.instance_ttl_ms <= c.heartbeat_ms {
+            return Err(invalid(
+                "control.reconcile_ms and heartbeat_ms must be positive, and instance_ttl_ms above heartbeat_ms",
+            ));
         }
         if self.kafka.topic.is_empty() || self.kafka.group.is_empty() {
             return Err(invalid("kafka.topic and kafka.group must not be empty"));
@@ -654,6 +764,16 @@ impl Config {
                     "topic sink {n}: events must list valid event names"
                 )));
             }
+        }
+        if let Some(bad) = self
+            .pipeline
+            .events
+            .iter()
+            .find(|e| crate::ingest::envelope::check_name(e).is_err())
+        {
+            return Err(invalid(format!(
+                "pipeline.events: {bad:?} is not a valid event name"
+            )));
         }
         for schema in &self.pipeline.schemas {
             if crate::ingest::envelope::check_name(&schema.event).is_err() {

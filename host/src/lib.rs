@@ -9,6 +9,7 @@
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod failpoint;
 pub mod ingest;
 pub mod metrics;

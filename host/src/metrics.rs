@@ -1,4 +1,4 @@
-//! Prometheus metrics, served at `GET /metrics` on the ingest port. Names follow
+//! Prometheus metrics, served at `GET /metrics` on the ingest and admin ports. Names follow
 //! Prometheus' conventions: `weir_<noun>_<unit>`, counters end in `_total`.
 
 use std::sync::LazyLock;
@@ -198,6 +198,28 @@ pub static COUNTER_PENDING: LazyLock<IntGauge> = LazyLock::new(|| {
     )
 });
 
+pub static CONTROL_VERSION: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "weir_control_version",
+        "The control-plane version this instance runs",
+    )
+});
+
+pub static CONTROL_CHANGES: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "weir_control_changes_total",
+        "Control-plane changes made through this instance's admin API",
+    )
+});
+
+pub static CONTROL_SWAPS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "weir_control_swaps_total",
+        "Pipeline versions prepared for a hot swap, by result (swapped, failed)",
+        &["result"],
+    )
+});
+
 /// All metrics in Prometheus' text format.
 pub fn render() -> String {
     // Touch every metric so that it is listed from the start, not after first use.
@@ -223,6 +245,9 @@ pub fn render() -> String {
     LazyLock::force(&COUNTER_INCREMENTS);
     LazyLock::force(&COUNTER_REPLAYS_SKIPPED);
     LazyLock::force(&COUNTER_PENDING);
+    LazyLock::force(&CONTROL_VERSION);
+    LazyLock::force(&CONTROL_CHANGES);
+    LazyLock::force(&CONTROL_SWAPS);
     TextEncoder::new()
         .encode_to_string(&prometheus::gather())
         .unwrap_or_default()

@@ -6,14 +6,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::bus::{self, Producer};
-use crate::config::{Config, DEV_WRITE_KEY};
+use crate::config::{Config, DEV_ADMIN_TOKEN, DEV_WRITE_KEY};
+use crate::control::Control;
+use crate::control::admin::{self, Admin};
+use crate::control::agent::{Agent, Preparer, Running};
+use crate::control::store::Store;
 use crate::ingest::{self, Counters, Ingest};
 use crate::pipeline::route::Routes;
-use crate::pipeline::{Pipeline, worker::Worker};
+use crate::pipeline::worker::Worker;
 use crate::runtime::Runtime;
 use crate::sinks::clickhouse::{ClickHouseError, ClickHouseSink};
 use crate::sinks::counters::{CounterReader, CounterSink};
@@ -41,79 +45,135 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     })?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let worker = if config.processor.enabled {
-        let runtime = Runtime::new().context("cannot start the WebAssembly runtime")?;
-        let pipeline = Pipeline::load(
-            &runtime,
-            &config.pipeline,
-            config.processor.plugin_batch_size,
-        )
-        .await
-        .context("cannot load the pipeline")?;
-        let routes = pipeline.routes().clone();
-        let sink = ClickHouseSink::new(&config.clickhouse, routes.clone());
-        // A table that does not match the pipeline is a configuration error; an
-        // unreachable ClickHouse is an outage: ingest must come up regardless, and the
-        // processor creates the tables before its first write.
-        match sink.ensure_schema().await {
-            Ok(()) => {}
-            Err(e @ ClickHouseError::Schema(_)) => return Err(e.into()),
-            Err(e) => warn!(
-                error = %e,
-                url = %config.clickhouse.url,
-                "ClickHouse is unreachable; starting anyway: the processor creates its tables before the first write and holds its events until then"
-            ),
-        }
-        let consumer = bus::consumer(&config.kafka).context("cannot create the Kafka consumer")?;
-        let counters = if routes.counters.is_empty() {
-            None
-        } else {
-            Some(
-                CounterSink::new(
-                    &config.redis,
-                    &config.kafka.group,
-                    &config.kafka.topic,
-                    routes,
+    let runtime = Runtime::new().context("cannot start the WebAssembly runtime")?;
+    let routes = Arc::new(Routes::new(&config.pipeline).map_err(anyhow::Error::msg)?);
+    let store = Store::open(&config.control, &config.redis)
+        .context("cannot open the control-plane store")?;
+    let id = instance_id();
+    let preparer = Preparer::new(
+        store.clone(),
+        runtime.clone(),
+        config.pipeline.clone(),
+        routes.clone(),
+        config.processor.plugin_batch_size,
+    );
+    let (mut agent, pipeline) = Agent::start(
+        store.clone(),
+        config.control.clone(),
+        preparer,
+        id.clone(),
+        config.processor.enabled,
+    )
+    .await
+    .context("cannot load the pipeline")?;
+    info!(instance = %id, store = %store.describe(), "control plane read");
+    let worker = match pipeline {
+        Some(pipeline) => {
+            let sink = ClickHouseSink::new(&config.clickhouse, routes.clone());
+            // A table that does not match the pipeline is a configuration error; an
+            // unreachable ClickHouse is an outage: ingest must come up regardless, and the
+            // processor creates the tables before its first write.
+            match sink.ensure_schema().await {
+                Ok(()) => {}
+                Err(e @ ClickHouseError::Schema(_)) => return Err(e.into()),
+                Err(e) => warn!(
+                    error = %e,
+                    url = %config.clickhouse.url,
+                    "ClickHouse is unreachable; starting anyway: the processor creates its tables before the first write and holds its events until then"
+                ),
+            }
+            let consumer =
+                bus::consumer(&config.kafka).context("cannot create the Kafka consumer")?;
+            let counters = if routes.counters.is_empty() {
+                None
+            } else {
+                Some(
+                    CounterSink::new(
+                        &config.redis,
+                        &config.kafka.group,
+                        &config.kafka.topic,
+                        routes.clone(),
+                    )
+                    .context("cannot set up the Redis counter sink")?,
                 )
-                .context("cannot set up the Redis counter sink")?,
+            };
+            let mut topics = Vec::new();
+            for (i, t) in config.pipeline.topics.iter().enumerate() {
+                bus::ensure_named_topic(&config.kafka, &t.topic)
+                    .await
+                    .with_context(|| {
+                        format!("cannot create topic {} of sink {}", t.topic, t.name)
+                    })?;
+                topics.push(TopicSink::new(t, i, &config.kafka)?);
+            }
+            let mut webhooks = Vec::new();
+            for (i, w) in config.pipeline.webhooks.iter().enumerate() {
+                webhooks.push(
+                    WebhookSink::start(w, i, sink.clone(), config.pipeline.name.clone())
+                        .map_err(anyhow::Error::msg)?,
+                );
+            }
+            let (swap_tx, swap_rx) = mpsc::channel(4);
+            let (running_tx, running_rx) = watch::channel(Running::of(&pipeline));
+            agent = agent.with_processor(swap_tx, running_rx);
+            let worker = Worker::new(
+                consumer,
+                config.kafka.topic.clone(),
+                pipeline,
+                sink,
+                counters,
+                config.processor.clone(),
             )
-        };
-        let mut topics = Vec::new();
-        for (i, t) in config.pipeline.topics.iter().enumerate() {
-            bus::ensure_named_topic(&config.kafka, &t.topic)
+            .with_webhooks(webhooks)
+            .with_topics(topics)
+            .with_control(swap_rx, running_tx);
+            Some(tokio::spawn(worker.run(stop_rx.clone())))
+        }
+        None => None,
+    };
+    let agent = tokio::spawn(agent.run(stop_rx.clone()));
+
+    let admin_server = match &config.admin {
+        Some(admin_cfg) => {
+            if admin_cfg.tokens.iter().any(|t| t == DEV_ADMIN_TOKEN) {
+                warn!(
+                    admin_token = DEV_ADMIN_TOKEN,
+                    "using the DEVELOPMENT admin token; set your own for production"
+                );
+            }
+            let control = Control::new(store.clone(), runtime.clone(), admin_cfg.max_plugin_bytes);
+            let app_keys = config
+                .write_keys()
+                .into_keys()
+                .chain(config.read_keys().into_keys())
+                .collect();
+            let state = Arc::new(Admin {
+                control,
+                tokens: admin_cfg.tokens.iter().cloned().collect(),
+                app_keys,
+                max_plugin_bytes: admin_cfg.max_plugin_bytes,
+                instance_ttl: Duration::from_millis(config.control.instance_ttl_ms),
+            });
+            let listener = tokio::net::TcpListener::bind(admin_cfg.listen)
                 .await
-                .with_context(|| format!("cannot create topic {} of sink {}", t.topic, t.name))?;
-            topics.push(TopicSink::new(t, i, &config.kafka)?);
+                .with_context(|| format!("cannot listen on {} (admin)", admin_cfg.listen))?;
+            info!(addr = %admin_cfg.listen, "admin API listening");
+            let mut stop = stop_rx.clone();
+            let server =
+                axum::serve(listener, admin::app(state)).with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                });
+            Some(tokio::spawn(async move { server.await }))
         }
-        let mut webhooks = Vec::new();
-        for (i, w) in config.pipeline.webhooks.iter().enumerate() {
-            webhooks.push(
-                WebhookSink::start(w, i, sink.clone(), config.pipeline.name.clone())
-                    .map_err(anyhow::Error::msg)?,
-            );
-        }
-        let worker = Worker::new(
-            consumer,
-            config.kafka.topic.clone(),
-            pipeline,
-            sink,
-            counters,
-            config.processor.clone(),
-        )
-        .with_webhooks(webhooks)
-        .with_topics(topics);
-        Some(tokio::spawn(worker.run(stop_rx.clone())))
-    } else {
-        None
+        None => None,
     };
 
     let producer = Producer::new(&config.kafka).context("cannot create the Kafka producer")?;
     let mut ingest = Ingest::new(&config.ingest, keys, producer.clone());
     if !config.pipeline.counters.is_empty() {
-        let routes = Routes::new(&config.pipeline).map_err(anyhow::Error::msg)?;
         ingest = ingest.with_counters(Counters {
             read_keys: config.read_keys(),
-            routes: Arc::new(routes),
+            routes: routes.clone(),
             reader: CounterReader::new(&config.redis)
                 .context("cannot set up the Redis counter reader")?,
         });
@@ -148,8 +208,28 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     {
         warn!("processor did not stop within 30 s");
     }
+    if let Some(admin) = admin_server {
+        let _ = tokio::time::timeout(Duration::from_secs(5), admin).await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), agent).await;
     info!("stopped");
     Ok(())
+}
+
+/// A name for this instance in the control plane's status: host, process, and a
+/// random suffix (a restarted process is a new instance).
+fn instance_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "weir".into());
+    let random = uuid::Uuid::now_v7().simple().to_string();
+    format!(
+        "{host}-{}-{}",
+        std::process::id(),
+        &random[random.len() - 6..]
+    )
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -483,6 +483,8 @@ impl Redis {
 /// A running `weir serve` process.
 pub struct Weir {
     pub ingest: SocketAddr,
+    /// The address `{admin}` in the configuration was replaced with.
+    pub admin: SocketAddr,
     /// Extra environment of the next start.
     pub env: Vec<(String, String)>,
     config: PathBuf,
@@ -509,7 +511,8 @@ pub const WRITE_KEY: &str = "wk_test_1234567890abcdef";
 pub const READ_KEY: &str = "rk_test_1234567890abcdef";
 
 impl Weir {
-    /// Writes `config` (TOML; `{ingest}` is replaced by a free address) and starts weir.
+    /// Writes `config` (TOML; `{ingest}` and `{admin}` are replaced by free addresses)
+    /// and starts weir.
     pub fn start(config: &str) -> Result<Weir> {
         Self::start_with_env(config, &[])
     }
@@ -518,10 +521,15 @@ impl Weir {
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Result<Weir> {
         let dir = TempDir::new("weir");
         let ingest = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let path = dir.path().join("weir.toml");
-        std::fs::write(&path, config.replace("{ingest}", &ingest.to_string()))?;
+        let config = config
+            .replace("{ingest}", &ingest.to_string())
+            .replace("{admin}", &admin.to_string());
+        std::fs::write(&path, config)?;
         let mut weir = Weir {
             ingest,
+            admin,
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -623,6 +631,16 @@ impl Weir {
     pub async fn metrics(&self) -> Result<String> {
         let url = format!("http://{}/metrics", self.ingest);
         Ok(reqwest::get(url).await?.error_for_status()?.text().await?)
+    }
+
+    /// URL of an admin API path, e.g. `admin_url("/admin/v1/status")`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// The directory of its configuration file (where a `dir` control store lives).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// URL of `GET /v1/counters/{counter}/{key}`.

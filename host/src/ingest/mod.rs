@@ -132,7 +132,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -184,7 +184,7 @@ fn authenticate<'a, S>(state: &'a Ingest<S>, headers: &HeaderMap) -> Result<&'a 
 }
 
 /// The bearer token of a request.
-fn bearer<'h>(headers: &'h HeaderMap, what: &str) -> Result<&'h str, ApiError> {
+pub(crate) fn bearer<'h>(headers: &'h HeaderMap, what: &str) -> Result<&'h str, ApiError> {
     let unauthorized = |msg: String| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", msg);
     let value = headers
         .get(header::AUTHORIZATION)

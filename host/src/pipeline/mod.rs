@@ -1,6 +1,7 @@
 //! The pipeline: decode Kafka records, run each event through the plugin chain, and
 //! sort the results into what the sinks write (kept events) and dead letters.
 
+pub mod dry_run;
 pub mod route;
 pub mod schema;
 pub mod worker;
@@ -133,11 +134,26 @@ pub struct Stage {
 
 impl Stage {
     pub fn new(instance: PluginInstance, cfg: &PluginConfig) -> Self {
+        Self::with_policy(
+            instance,
+            cfg.failure_policy,
+            cfg.quarantine_after,
+            Duration::from_secs(cfg.quarantine_secs),
+        )
+    }
+
+    /// A stage quarantined after `quarantine_after` failing calls for `quarantine_for`.
+    pub fn with_policy(
+        instance: PluginInstance,
+        policy: FailurePolicy,
+        quarantine_after: u32,
+        quarantine_for: Duration,
+    ) -> Self {
         Self {
             instance,
-            policy: cfg.failure_policy,
-            quarantine_after: cfg.quarantine_after,
-            quarantine_for: Duration::from_secs(cfg.quarantine_secs),
+            policy,
+            quarantine_after,
+            quarantine_for,
             failing_calls: 0,
             quarantined_until: None,
             last_failure: String::new(),
@@ -233,9 +249,21 @@ impl Stage {
     }
 }
 
+/// Which control-plane version a pipeline comes from; recorded with every row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tag {
+    /// The control-plane version the instance had applied.
+    pub control_version: u64,
+    /// The pipeline's version (0: the configuration file's pipeline).
+    pub pipeline_version: u32,
+}
+
 /// A pipeline ready to run: one live instance per plugin, in chain order.
 pub struct Pipeline {
     name: String,
+    tag: Tag,
+    /// Events of other names skip the schemas and the chain (`None`: every event runs).
+    events: Option<std::collections::HashSet<String>>,
     schemas: Schemas,
     chain: Vec<Stage>,
     routes: Arc<Routes>,
@@ -265,7 +293,11 @@ impl Pipeline {
         }
         let routes = Routes::new(cfg).map_err(PipelineError::Routes)?;
         let schemas = Schemas::load(&cfg.schemas).map_err(PipelineError::Schema)?;
-        Ok(Self::new(cfg.name.clone(), chain, Arc::new(routes), batch_size).with_schemas(schemas))
+        Ok(
+            Self::new(cfg.name.clone(), chain, Arc::new(routes), batch_size)
+                .with_schemas(schemas)
+                .with_events(&cfg.events),
+        )
     }
 
     pub fn new(name: String, chain: Vec<Stage>, routes: Arc<Routes>, batch_size: usize) -> Self {
@@ -279,6 +311,8 @@ impl Pipeline {
             .join(",");
         Self {
             name,
+            tag: Tag::default(),
+            events: None,
             schemas: Schemas::default(),
             chain,
             routes,
@@ -293,8 +327,35 @@ impl Pipeline {
         self
     }
 
+    /// Runs only events of these names through the schemas and the chain (all when
+    /// empty).
+    pub fn with_events(mut self, names: &[String]) -> Self {
+        self.events = (!names.is_empty()).then(|| names.iter().cloned().collect());
+        self
+    }
+
+    pub fn with_tag(mut self, tag: Tag) -> Self {
+        self.tag = tag;
+        self
+    }
+
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    pub fn tag(&self) -> Tag {
+        self.tag
+    }
+
+    /// A control-plane change that does not concern this pipeline: only the version
+    /// recorded with rows moves.
+    pub fn set_control_version(&mut self, version: u64) {
+        self.tag.control_version = version;
+    }
+
+    /// `event@version` of the schemas in force.
+    pub fn schema_versions(&self) -> Vec<String> {
+        self.schemas.versions()
     }
 
     /// `name@version,...` of the chain.
@@ -318,6 +379,18 @@ impl Pipeline {
         let mut pending: Vec<(Origin, Event, Fanout)> = Vec::with_capacity(events.len());
         for (origin, app, e) in events {
             let event = to_plugin_event(app, e);
+            if self
+                .events
+                .as_ref()
+                .is_some_and(|n| !n.contains(&event.name))
+            {
+                out.kept.push(Kept {
+                    origin,
+                    event,
+                    forwards: Vec::new(),
+                });
+                continue;
+            }
             match self.schemas.check(&event) {
                 Ok(()) => pending.push((origin, event, Fanout::default())),
                 Err(reason) => {

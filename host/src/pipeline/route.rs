@@ -14,11 +14,12 @@ use crate::config::{CounterConfig, PipelineConfig, TableConfig, is_identifier};
 use crate::runtime::{Count, Output, Row};
 
 /// Columns weir fills in every routed table, in this order, before the declared ones.
-pub const SYSTEM_COLUMNS: [(&str, &str); 7] = [
+pub const SYSTEM_COLUMNS: [(&str, &str); 8] = [
     ("event_id", "String"),
     ("app", "String"),
     ("timestamp", "DateTime"),
     ("plugins", "String"),
+    ("control_version", "UInt64"),
     ("kafka_partition", "UInt32"),
     ("kafka_offset", "UInt64"),
     ("kafka_index", "UInt32"),

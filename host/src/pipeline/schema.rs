@@ -21,6 +21,8 @@ const MAX_ERRORS: usize = 10;
 #[derive(Default)]
 pub struct Schemas {
     by_name: HashMap<String, jsonschema::Validator>,
+    /// `event@version` (`event@file` for a configuration file's schema), sorted.
+    versions: std::collections::BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for Schemas {
@@ -61,7 +63,26 @@ impl Schemas {
         if self.by_name.insert(name.to_owned(), validator).is_some() {
             return Err(format!("event {name} has two schemas"));
         }
+        self.versions.insert(name.to_owned(), "file".into());
         Ok(())
+    }
+
+    /// Sets the schema of event `name` (replacing any), from the control plane.
+    pub fn put(&mut self, name: &str, schema: &Value, version: u32) -> Result<(), String> {
+        let validator = jsonschema::validator_for(schema).map_err(|e| {
+            format!("schema of {name} version {version} is not a valid JSON Schema: {e}")
+        })?;
+        self.by_name.insert(name.to_owned(), validator);
+        self.versions.insert(name.to_owned(), version.to_string());
+        Ok(())
+    }
+
+    /// `event@version` of each schema, by event name.
+    pub fn versions(&self) -> Vec<String> {
+        self.versions
+            .iter()
+            .map(|(e, v)| format!("{e}@{v}"))
+            .collect()
     }
 
     /// Validates an event if its name has a schema. `Err` lists each error as

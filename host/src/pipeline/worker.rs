@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use rdkafka::Message;
 use rdkafka::consumer::Consumer as _;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
@@ -32,6 +32,7 @@ use super::{DeadLetter, Origin, Output, Pipeline};
 use crate::bus::record::WireEvent;
 use crate::bus::{self, Consumer};
 use crate::config::ProcessorConfig;
+use crate::control::agent::{Running, Swap};
 use crate::sinks::clickhouse::{ClickHouseError, ClickHouseSink, Written};
 use crate::sinks::counters::{CounterError, CounterSink};
 use crate::sinks::topic::{TopicError, TopicSink};
@@ -143,6 +144,10 @@ pub struct Worker {
     /// Records received while a failing flush polled with its partitions paused; they
     /// are buffered once the flush is done.
     early: Vec<rdkafka::message::OwnedMessage>,
+    /// New pipelines from the control agent, swapped in between batches.
+    swaps: Option<mpsc::Receiver<Swap>>,
+    /// What runs now, for the agent's status reports.
+    running: Option<watch::Sender<Running>>,
 }
 
 impl Worker {
@@ -167,6 +172,45 @@ impl Worker {
             webhooks: Vec::new(),
             topics: Vec::new(),
             early: Vec::new(),
+            swaps: None,
+            running: None,
+        }
+    }
+
+    /// Takes new pipelines from the control agent and reports what runs.
+    pub fn with_control(
+        mut self,
+        swaps: mpsc::Receiver<Swap>,
+        running: watch::Sender<Running>,
+    ) -> Self {
+        self.swaps = Some(swaps);
+        self.running = Some(running);
+        self
+    }
+
+    /// Swaps in a new pipeline. Called between batches only: every event of a batch
+    /// is processed by one version, and a partition's events after the swap by the new
+    /// one.
+    fn swap(&mut self, swap: Swap) {
+        match swap.pipeline {
+            Some(pipeline) => {
+                let old = self.pipeline.tag();
+                self.pipeline = pipeline;
+                let new = self.pipeline.tag();
+                info!(
+                    pipeline = %self.pipeline.name(),
+                    from_version = old.pipeline_version,
+                    to_version = new.pipeline_version,
+                    control_version = new.control_version,
+                    plugins = %self.pipeline.versions(),
+                    "pipeline swapped"
+                );
+            }
+            None => self.pipeline.set_control_version(swap.control_version),
+        }
+        crate::metrics::CONTROL_VERSION.set(swap.control_version as i64);
+        if let Some(running) = &self.running {
+            running.send_replace(Running::of(&self.pipeline));
         }
     }
 
@@ -198,6 +242,7 @@ impl Worker {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
+                Some(swap) = recv_swap(&mut self.swaps) => self.swap(swap),
                 _ = sleep_until(deadline) => {
                     self.flush(&mut buf, &mut shutdown).await;
                 }
@@ -546,21 +591,22 @@ impl Worker {
             done.checked = true;
         }
         let (pipeline, plugins) = (self.pipeline.name(), self.pipeline.versions());
+        let version = self.pipeline.tag().control_version;
         if !done.events {
             self.sink
-                .insert_events(&output.kept, pipeline, plugins)
+                .insert_events(&output.kept, pipeline, plugins, version)
                 .await?;
             done.events = true;
         }
         if !done.dead_letters {
             self.sink
-                .insert_dead_letters(&output.dead, pipeline)
+                .insert_dead_letters(&output.dead, pipeline, version)
                 .await?;
             done.dead_letters = true;
         }
         for (&t, rows) in &output.rows {
             if done.routed.insert(t)
-                && let Err(e) = self.sink.insert_routed(t, rows, plugins).await
+                && let Err(e) = self.sink.insert_routed(t, rows, plugins, version).await
             {
                 done.routed.remove(&t);
                 return Err(e.into());
@@ -697,6 +743,13 @@ fn forget(
         w.forget(revoked);
     }
     buf.forget(revoked);
+}
+
+async fn recv_swap(rx: &mut Option<mpsc::Receiver<Swap>>) -> Option<Swap> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

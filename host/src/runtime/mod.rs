@@ -127,6 +127,7 @@ impl Runtime {
 
     /// Compiles a component and checks it against the weir world. Compilation is the
     /// slow part (tens of ms to seconds): do it once per version, off the hot path.
+    /// The version is the first 12 hex digits of the component's sha256.
     pub async fn load(
         &self,
         name: &str,
@@ -134,22 +135,50 @@ impl Runtime {
         config_json: String,
         limits: Limits,
     ) -> Result<Plugin, RuntimeError> {
-        let invalid = |reason: String| RuntimeError::Invalid {
-            name: name.to_owned(),
-            reason,
-        };
-        let component =
-            Component::new(&self.engine, bytes).map_err(|e| invalid(format!("{e:#}")))?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| invalid(format!("{e:#}")))?;
-        let pre = bindings::PluginPre::new(pre).map_err(|e| invalid(format!("{e:#}")))?;
         let version = hex::encode(&Sha256::digest(bytes)[..6]);
+        self.load_as(name, &version, bytes, config_json, limits)
+            .await
+    }
+
+    /// Like [`Runtime::load`], with the version label given (the control plane's
+    /// version number of the plugin).
+    pub async fn load_as(
+        &self,
+        name: &str,
+        version: &str,
+        bytes: &[u8],
+        config_json: String,
+        limits: Limits,
+    ) -> Result<Plugin, RuntimeError> {
+        let compiled = self.compile(name, bytes).await?;
+        self.load_compiled(name, version, &compiled, config_json, limits)
+            .await
+    }
+
+    /// Compiles a component (on a blocking thread: it can take seconds), to make
+    /// plugins of it later with [`Runtime::load_compiled`].
+    pub async fn compile(&self, name: &str, bytes: &[u8]) -> Result<Compiled, RuntimeError> {
+        Ok(Compiled {
+            component: self.compile_blocking(name, bytes).await?,
+            size: bytes.len(),
+        })
+    }
+
+    /// Makes a plugin of a compiled component: checks it against the weir world and
+    /// instantiates it once. Milliseconds: no compilation.
+    pub async fn load_compiled(
+        &self,
+        name: &str,
+        version: &str,
+        compiled: &Compiled,
+        config_json: String,
+        limits: Limits,
+    ) -> Result<Plugin, RuntimeError> {
+        let pre = self.check_world(name, compiled.component.clone())?;
         let plugin = Plugin {
             inner: Arc::new(PluginInner {
                 name: name.to_owned(),
-                version,
+                version: version.to_owned(),
                 config: config_json,
                 limits,
                 engine: self.engine.clone(),
@@ -158,9 +187,87 @@ impl Runtime {
         };
         // Instantiate once now, so a plugin that cannot start fails at load, not mid-stream.
         plugin.instantiate().await?;
-        info!(plugin = %name, version = %plugin.version(), size = bytes.len(), "plugin loaded");
+        info!(plugin = %name, version = %plugin.version(), size = compiled.size, "plugin loaded");
         Ok(plugin)
     }
+
+    /// Compiles `bytes` and reports what an upload check needs: its imports, and
+    /// whether it is a component of the weir world. `Err` when it is not a component at
+    /// all (garbage, a core module, a component that does not compile).
+    pub async fn inspect(&self, name: &str, bytes: &[u8]) -> Result<Inspection, RuntimeError> {
+        let invalid = |reason: String| RuntimeError::Invalid {
+            name: name.to_owned(),
+            reason,
+        };
+        match bytes.get(..8) {
+            Some([0, b'a', b's', b'm', _, _, 1, 0]) => {}
+            Some([0, b'a', b's', b'm', 1, 0, 0, 0]) => {
+                return Err(invalid(
+                    "this is a core WebAssembly module, not a component; build for wasm32-wasip2 \
+                     or wrap it with `wasm-tools component new`"
+                        .into(),
+                ));
+            }
+            _ => {
+                return Err(invalid(
+                    "not WebAssembly (the bytes do not start with the \\0asm header)".into(),
+                ));
+            }
+        }
+        let component = self.compile_blocking(name, bytes).await?;
+        let imports = component
+            .component_type()
+            .imports(&self.engine)
+            .map(|(n, _)| n.to_owned())
+            .collect();
+        let world = self.check_world(name, component).map(drop);
+        Ok(Inspection { imports, world })
+    }
+
+    async fn compile_blocking(&self, name: &str, bytes: &[u8]) -> Result<Component, RuntimeError> {
+        let engine = self.engine.clone();
+        let owned = bytes.to_vec();
+        tokio::task::spawn_blocking(move || Component::new(&engine, owned))
+            .await
+            .map_err(|e| RuntimeError::Setup(format!("compiler thread failed: {e}")))?
+            .map_err(|e| RuntimeError::Invalid {
+                name: name.to_owned(),
+                reason: format!("{e:#}"),
+            })
+    }
+
+    fn check_world(
+        &self,
+        name: &str,
+        component: Component,
+    ) -> Result<bindings::PluginPre<HostState>, RuntimeError> {
+        let invalid = |reason: String| RuntimeError::Invalid {
+            name: name.to_owned(),
+            reason,
+        };
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| invalid(format!("{e:#}")))?;
+        bindings::PluginPre::new(pre)
+            .map_err(|e| invalid(format!("not a component of the weir:plugin world: {e:#}")))
+    }
+}
+
+/// A compiled component, not yet checked against the weir world. Cheap to clone.
+#[derive(Clone)]
+pub struct Compiled {
+    component: Component,
+    size: usize,
+}
+
+/// What [`Runtime::inspect`] found in a component.
+#[derive(Debug)]
+pub struct Inspection {
+    /// Import names, e.g. `wasi:filesystem/types@0.2.0`.
+    pub imports: Vec<String>,
+    /// Whether it exports the weir world with imports weir can link.
+    pub world: Result<(), RuntimeError>,
 }
 
 /// A compiled, pre-instantiated plugin version. Cheap to clone; instances are made

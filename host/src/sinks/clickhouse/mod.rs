@@ -68,6 +68,7 @@ pub fn schema(db: &str) -> Vec<String> {
                 context String,
                 pipeline String,
                 plugins String,
+                control_version UInt64,
                 kafka_partition UInt32,
                 kafka_offset UInt64,
                 kafka_index UInt32
@@ -87,6 +88,7 @@ pub fn schema(db: &str) -> Vec<String> {
                 raw String,
                 failed_at DateTime,
                 pipeline String,
+                control_version UInt64,
                 kafka_partition UInt32,
                 kafka_offset UInt64,
                 kafka_index UInt32
@@ -110,6 +112,7 @@ struct EventRow<'a> {
     context: &'a str,
     pipeline: &'a str,
     plugins: &'a str,
+    control_version: u64,
     kafka_partition: u32,
     kafka_offset: u64,
     kafka_index: u32,
@@ -127,6 +130,7 @@ struct DeadLetterRow<'a> {
     raw: &'a str,
     failed_at: u32,
     pipeline: &'a str,
+    control_version: u64,
     kafka_partition: u32,
     kafka_offset: u64,
     kafka_index: u32,
@@ -283,20 +287,22 @@ impl ClickHouseSink {
                 .await
                 .map_err(query_err("schema creation"))?;
         }
+        // Tables made before weir recorded the control-plane version get the column.
+        for table in self.tables() {
+            let have = Self::columns(ep, db, table).await?;
+            if !have.contains_key("control_version") {
+                let sql =
+                    format!("ALTER TABLE {db}.{table} ADD COLUMN control_version UInt64 DEFAULT 0");
+                ep.admin
+                    .query(&sql)
+                    .execute()
+                    .await
+                    .map_err(query_err(format!("adding control_version to {table}")))?;
+                info!(url = %ep.url, table, "added column control_version");
+            }
+        }
         for table in &self.routes.tables {
-            let sql = format!(
-                "SELECT name, type FROM system.columns WHERE database = '{db}' AND table = '{}'",
-                table.name
-            );
-            let have: HashMap<String, String> = ep
-                .admin
-                .query(&sql)
-                .fetch_all::<ColumnRow>()
-                .await
-                .map_err(query_err(format!("column check of {}", table.name)))?
-                .into_iter()
-                .map(|c| (c.name, c.r#type))
-                .collect();
+            let have = Self::columns(ep, db, &table.name).await?;
             for c in &table.columns {
                 let want = c.ty.sql();
                 match have.get(&c.name) {
@@ -317,6 +323,26 @@ impl ClickHouseSink {
         ep.ready.store(true, Ordering::Relaxed);
         info!(url = %ep.url, database = %self.database, routed = self.routes.tables.len(), "ClickHouse tables ready");
         Ok(())
+    }
+
+    /// Column name -> type of a table.
+    async fn columns(
+        ep: &Endpoint,
+        db: &str,
+        table: &str,
+    ) -> Result<HashMap<String, String>, ClickHouseError> {
+        let sql = format!(
+            "SELECT name, type FROM system.columns WHERE database = '{db}' AND table = '{table}'"
+        );
+        Ok(ep
+            .admin
+            .query(&sql)
+            .fetch_all::<ColumnRow>()
+            .await
+            .map_err(query_err(format!("column check of {table}")))?
+            .into_iter()
+            .map(|c| (c.name, c.r#type))
+            .collect())
     }
 
     /// Every table weir writes rows with Kafka coordinates to.
@@ -379,6 +405,7 @@ impl ClickHouseSink {
         kept: &[Kept],
         pipeline: &str,
         plugins: &str,
+        control_version: u64,
     ) -> Result<(), ClickHouseError> {
         if kept.is_empty() {
             return Ok(());
@@ -404,6 +431,7 @@ impl ClickHouseSink {
                     context: &e.context,
                     pipeline,
                     plugins,
+                    control_version,
                     kafka_partition: k.origin.partition as u32,
                     kafka_offset: k.origin.offset as u64,
                     kafka_index: k.origin.index,
@@ -419,6 +447,7 @@ impl ClickHouseSink {
         &self,
         dead: &[DeadLetter],
         pipeline: &str,
+        control_version: u64,
     ) -> Result<(), ClickHouseError> {
         if dead.is_empty() {
             return Ok(());
@@ -443,6 +472,7 @@ impl ClickHouseSink {
                     raw: &d.raw,
                     failed_at: now,
                     pipeline,
+                    control_version,
                     kafka_partition: d.origin.partition as u32,
                     kafka_offset: d.origin.offset as u64,
                     kafka_index: d.origin.index,
@@ -463,6 +493,7 @@ impl ClickHouseSink {
         t: usize,
         rows: &[RoutedRow],
         plugins: &str,
+        control_version: u64,
     ) -> Result<(), ClickHouseError> {
         if rows.is_empty() {
             return Ok(());
@@ -476,6 +507,7 @@ impl ClickHouseSink {
             put_string(&mut body, &r.app);
             body.extend_from_slice(&datetime(r.timestamp_ms).to_le_bytes());
             put_string(&mut body, plugins);
+            body.extend_from_slice(&control_version.to_le_bytes());
             body.extend_from_slice(&(r.origin.partition as u32).to_le_bytes());
             body.extend_from_slice(&(r.origin.offset as u64).to_le_bytes());
             body.extend_from_slice(&r.origin.index.to_le_bytes());

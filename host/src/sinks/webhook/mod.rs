@@ -293,7 +293,8 @@ impl Delivery {
         let mut backoff = self.backoff;
         while let Err(e) = self
             .dead_letters
-            .insert_dead_letters(&dead, &self.pipeline)
+            // The control-plane version is not known to the webhook task: 0.
+            .insert_dead_letters(&dead, &self.pipeline, 0)
             .await
         {
             warn!(webhook = %self.name, error = %e, "cannot write webhook dead letters; retrying");

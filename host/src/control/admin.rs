@@ -1,0 +1,456 @@
+//! The admin API (`openapi/admin.yaml`), on its own port, for operators and the CLI.
+//! Every route but `/healthz` and `/metrics` needs `Authorization: Bearer <admin
+//! token>`; an app's write or read key gets 403.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{AdminError, Control, PipelineDoc};
+use crate::ingest::{ApiError, bearer};
+use crate::pipeline::dry_run;
+
+/// What the admin routes share.
+pub struct Admin {
+    pub control: Control,
+    pub tokens: HashSet<String>,
+    /// Apps' write and read keys: they get 403, not 401.
+    pub app_keys: HashSet<String>,
+    pub max_plugin_bytes: usize,
+    /// Instances not heard from for this long are not listed.
+    pub instance_ttl: Duration,
+}
+
+/// The admin router.
+pub fn app(admin: Arc<Admin>) -> Router {
+    Router::new()
+        .route("/admin/v1/plugins", get(list_plugins))
+        .route("/admin/v1/plugins/{name}", put(push_plugin).get(get_plugin))
+        .route("/admin/v1/plugins/{name}/test", post(test_plugin))
+        .route("/admin/v1/schemas", get(list_schemas))
+        .route("/admin/v1/schemas/{event}", put(put_schema).get(get_schema))
+        .route("/admin/v1/pipelines", get(list_pipelines))
+        .route(
+            "/admin/v1/pipelines/{name}",
+            put(put_pipeline).get(get_pipeline),
+        )
+        .route("/admin/v1/pipelines/{name}/rollback", post(rollback))
+        .route("/admin/v1/status", get(status))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(|| async { crate::metrics::render() }))
+        // Handlers read bodies with their own limits, to answer in JSON.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(admin)
+}
+
+impl From<AdminError> for ApiError {
+    fn from(e: AdminError) -> Self {
+        let (status, code) = match &e {
+            AdminError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            AdminError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            AdminError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            AdminError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            AdminError::Contended => (StatusCode::CONFLICT, "contended"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<(), ApiError> {
+    let token = bearer(headers, "admin token")?;
+    if admin.tokens.contains(token) {
+        return Ok(());
+    }
+    if admin.app_keys.contains(token) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "an app's write or read key cannot use the admin API; use an admin token",
+        ));
+    }
+    Err(ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "unknown admin token",
+    ))
+}
+
+/// Reads a body of at most `max` bytes.
+async fn read_body(body: Body, max: usize, what: &str) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, max).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("{what} is larger than the limit of {max} bytes"),
+        )
+    })
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("{what} is not valid: {e}"),
+        )
+    })
+}
+
+fn created(is_new: bool, body: Value) -> Response {
+    let status = if is_new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+fn not_found(msg: String) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", msg)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PushQuery {
+    /// Comma-separated import families accepted as granting nothing.
+    #[serde(default)]
+    allow: String,
+}
+
+async fn push_plugin(
+    State(admin): State<Arc<Admin>>,
+    Path(name): Path<String>,
+    Query(q): Query<PushQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    authorize(&admin, &headers)?;
+    let bytes = axum::body::to_bytes(body, admin.max_plugin_bytes)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "plugin {name} is larger than the limit of {} bytes (admin.max_plugin_bytes)",
+                    admin.max_plugin_bytes
+                ),
+            )
+        })?;
+    let allow: Vec<String> = q
+        .allow
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let (pv, is_new) = admin.control.push_plugin(&name, &bytes, &allow).await?;
+    Ok(created(is_new, json!(pv)))
+}
+
+async fn list_plugins(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+) -> Result<axum::Json<Value>, ApiError> {
+    authorize(&admin, &headers)?;
+    let state = admin
+        .control
+        .store()
+        .state()
+        .await
+        .map_err(AdminError::from)?;
+    Ok(axum::Json(
+        json!({"version": state.version, "plugins": state.plugins}),
+    ))
+}
+
+async fn get_plugin(
+    State(admin): State<Arc<Admin>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<axum::Json<Value>, ApiError> {
+    authorize(&admin, &headers)?;
+    let state = admin
+        .control
+        .store()
+        .state()
+        .await
+        .map_err(AdminError::from)?;
+    let versions = state
+        .plugins
+        .get(&name)
+        .ok_or_else(|| not_found(format!("no plugin {name}")))?;
+    Ok(axum::Json(json!({"name": name, "versions": versions})))
+}
+
+/// Body of `POST /admin/v1/plugins/{name}/test`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestRequest {
+    /// The version to run (default: the latest).
+    #[serde(default)]
+    version: Option<u32>,
+    /// Sample events, as `POST /v1/events` takes them.
+    events: Vec<Value>,
+    #[serde(default)]
+    config: serde_json::Map<String, Value>,
+    #[serde(default = "default_deadline_ms")]
+    deadline_ms: u64,
+    #[serde(default = "default_memory_mib")]
+    memory_mib: usize,
+    #[serde(default = "default_batch_size")]
+    batch_size: usize,
+}
+
+fn default_deadline_ms() -> u64 {
+    100
+}
+fn default_memory_mib() -> usize {
+    64
+}
+fn default_batch_size() -> usize {
+    256
+}
+
+/// Most sample events in one dry run.
+const MAX_TEST_EVENTS: usize = 10_000;
+
+async fn test_plugin(
+    State(admin): State<Arc<Admin>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<axum::Json<Value>, ApiError> {
+    authorize(&admin, &headers)?;
+    let body = read_body(body, 16 << 20, "the dry-run request").await?;
+    let req: TestRequest = parse_json(&body, "the dry-run request")?;
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid", m);
+    if req.events.len() > MAX_TEST_EVENTS {
+        return Err(bad(format!("at most {MAX_TEST_EVENTS} events per dry run")));
+    }
+    if req.deadline_ms == 0 || req.memory_mib == 0 || req.batch_size == 0 {
+        return Err(bad(
+            "deadline_ms, memory_mib and batch_size must be positive".into(),
+        ));
+    }
+    let state = admin
+        .control
+        .store()
+        .state()
+        .await
+        .map_err(AdminError::from)?;
+    let versions = state
+        .plugins
+        .get(&name)
+        .ok_or_else(|| not_found(format!("no plugin {name}")))?;
+    let pv = match req.version {
+        Some(v) => versions
+            .iter()
+            .find(|p| p.version == v)
+            .ok_or_else(|| not_found(format!("no version {v} of plugin {name}")))?,
+        None => versions
+            .last()
+            .ok_or_else(|| not_found(format!("no plugin {name}")))?,
+    };
+    let bytes = admin
+        .control
+        .store()
+        .blob(&pv.sha256)
+        .await
+        .map_err(AdminError::from)?
+        .ok_or_else(|| not_found(format!("the component of {name}@{} is missing", pv.version)))?;
+    let events_json = serde_json::to_vec(&req.events).expect("JSON");
+    let events = dry_run::parse_samples(&events_json).map_err(bad)?;
+    let limits = crate::runtime::Limits {
+        deadline: Duration::from_millis(req.deadline_ms),
+        memory_bytes: req.memory_mib << 20,
+    };
+    let config = Value::Object(req.config).to_string();
+    let plugin = admin
+        .control
+        .runtime()
+        .load_as(&name, &pv.version.to_string(), &bytes, config, limits)
+        .await
+        .map_err(|e| bad(e.to_string()))?;
+    let report = dry_run::run(&plugin, &events, req.batch_size)
+        .await
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(axum::Json(json!({
+        "plugin": name,
+        "version": pv.version,
+        "outcomes": report.outcomes,
+        "summary": report.summary(req.batch_size),
+    })))
+}
+
+async fn put_schema(
+    State(admin): State<Arc<Admin>>,
+    Path(event): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    authorize(&admin, &headers)?;
+    let body = read_body(body, 1 << 20, "the schema").await?;
+    let schema: Value = parse_json(&body, "the schema (JSON)")?;
+    let (sv, is_new) = admin.control.put_schema(&event, schema).await?;
+    Ok(created(is_new, json!(sv)))
+}
+
+async fn list_schemas(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+) -> Result<axum::Json<Value>, ApiError> {
+    authorize(&admin, &headers)?;
+    let state = admin
+        .control
+        .store()
+        .state()
+        .await
+        .map_err(AdminError::from)?;
+    let latest: serde_json::Map<String, Value> = state
+        .schemas
+        .iter()
+        .filter_map(|(e, vs)| vs.last().map(|v| (e.clone(), json!(v))))
+        .collect();
+    Ok(axum::Json(
+        json!({"version": state.version, "schemas": latest}),
+    ))
+}
+
+async fn get_schema(
+    State(admin): State<Arc<Admin>>,
+    Path(event): Path<String>,
+    headers: HeaderMap,
+) -> Result<axum::Json<Value>, ApiError> {
+    authorize(&admin, &headers)?;
+    let state = admin
+        .control
+        .store()
+        .state()
+        .await
+        .map_err(AdminError::from)?;
+    let versions = state
+        .schemas
+        .get(&event)
+        .ok_or_else(|| not_found(format!("no schema for {event}")))?;
+    Ok(axum::Json(json!({"event": event, "versions": versions})))
+}
+
+async fn put_pipeline(
+    State(admin): State<Arc<Admin>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    authorize(&admin, &headers)?;
+    let body = read_body(body, 1 << 20, "the pipeline").await?;
+    let doc: PipelineDoc = parse_json(&body, "the pipeline")?;
+    let (pv, is_new) = admin.control.put_pipeline(&name, doc).await?;
+    Ok(created(
+        is_new,
+        json!({"name": name, "version": pv.version, "active": true, "doc": pv.doc}),
+    ))
+}
+
+async fn list_pipelines(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+) -> Result<axum::Json<Value>, ApiError> {
+    authorize(&admin, &headers)?;
+    let state = admin
+        .control
+        .store()
+        .state()
+        .await
+        .map_err(AdminError::from)?;
+    let active: serde_json::Map<String, Value> = state
+        .pipelines
+        .iter()
+        .map(|(n, r)| {
+            (
+                n.clone(),
+                json!({"active": r.active, "doc": r.active().map(|v| &v.doc)}),
+            )
+        })
+        .collect();
+    Ok(axum::Json(
+        json!({"version": state.version, "pipelines": active}),
+    ))
+}
+
+async fn get_pipeline(
+    State(admin): State<Arc<Admin>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<axum::Json<Value>, ApiError> {
+    authorize(&admin, &headers)?;
+    let state = admin
+        .control
+        .store()
+        .state()
+        .await
+        .map_err(AdminError::from)?;
+    let record = state
+        .pipelines
+        .get(&name)
+        .ok_or_else(|| not_found(format!("no pipeline {name}")))?;
+    Ok(axum::Json(
+        json!({"name": name, "active": record.active, "history": record.history, "versions": record.versions}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackQuery {
+    /// Activate this version (default: the one active before the current one).
+    #[serde(default)]
+    to: Option<u32>,
+}
+
+async fn rollback(
+    State(admin): State<Arc<Admin>>,
+    Path(name): Path<String>,
+    Query(q): Query<RollbackQuery>,
+    headers: HeaderMap,
+) -> Result<axum::Json<Value>, ApiError> {
+    authorize(&admin, &headers)?;
+    let pv = admin.control.rollback(&name, q.to).await?;
+    Ok(axum::Json(
+        json!({"name": name, "version": pv.version, "active": true, "doc": pv.doc}),
+    ))
+}
+
+async fn status(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+) -> Result<axum::Json<Value>, ApiError> {
+    authorize(&admin, &headers)?;
+    let store = admin.control.store();
+    let state = store.state().await.map_err(AdminError::from)?;
+    let instances = store
+        .instances(admin.instance_ttl)
+        .await
+        .map_err(AdminError::from)?;
+    let pipelines: serde_json::Map<String, Value> = state
+        .pipelines
+        .iter()
+        .map(|(n, r)| (n.clone(), json!(r.active)))
+        .collect();
+    Ok(axum::Json(json!({
+        "control_version": state.version,
+        "changed_at_ms": state.changed_at_ms,
+        "change": state.change,
+        "store": store.describe(),
+        "pipelines": pipelines,
+        "instances": instances,
+    })))
+}

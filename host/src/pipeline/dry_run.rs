@@ -1,0 +1,161 @@
+//! Dry runs: a plugin on sample events under production limits, with each outcome,
+//! timing and memory, and no side effect (`weir plugin test`, and the admin API's
+//! `POST /admin/v1/plugins/{name}/test`).
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::ingest::envelope::{self, BodyFormat};
+use crate::pipeline::event_json;
+use crate::runtime::{Event, Output, Plugin, RuntimeError, Verdict};
+
+/// Parses sample events: a JSON event, a JSON array, or NDJSON, in the format of
+/// `POST /v1/events`. Events without an id get `sample-N`.
+pub fn parse_samples(body: &[u8]) -> Result<Vec<Event>, String> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    let is_single_document = match first {
+        Some(b'[') => true,
+        Some(b'{') => serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok(),
+        _ => false,
+    };
+    let format = if is_single_document {
+        BodyFormat::Json
+    } else {
+        BodyFormat::Ndjson
+    };
+    let limits = envelope::Limits {
+        max_event_bytes: 32 * 1024,
+        max_events: 100_000,
+        max_depth: 32,
+    };
+    let mut n = 0;
+    let events = envelope::parse_body(body, format, &limits, crate::now_ms(), || {
+        n += 1;
+        format!("sample-{n}")
+    })
+    .map_err(|e| {
+        format!(
+            "{}{}",
+            e.message,
+            e.index.map(|i| format!(" (event {i})")).unwrap_or_default()
+        )
+    })?;
+    Ok(events
+        .into_iter()
+        .map(|e| crate::pipeline::to_plugin_event("sample".into(), e))
+        .collect())
+}
+
+/// What a dry run saw.
+#[derive(Debug)]
+pub struct Report {
+    /// One JSON object per event: `index`, `event_id`, `outcome` (keep, drop, reject,
+    /// failed) and the kept event, its outputs, or the reason.
+    pub outcomes: Vec<Value>,
+    pub kept: usize,
+    pub dropped: usize,
+    pub rejected: usize,
+    pub failed: usize,
+    pub call_time: Duration,
+    pub peak_memory_bytes: usize,
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+impl Report {
+    /// The summary as JSON (without the outcomes).
+    pub fn summary(&self, batch_size: usize) -> Value {
+        let n = self.outcomes.len().max(1) as f64;
+        json!({
+            "events": self.outcomes.len(),
+            "kept": self.kept,
+            "dropped": self.dropped,
+            "rejected": self.rejected,
+            "failed": self.failed,
+            "call_ms": self.call_time.as_secs_f64() * 1e3,
+            "us_per_event": self.call_time.as_secs_f64() * 1e6 / n,
+            "batch_size": batch_size,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "counters": self.counters,
+        })
+    }
+}
+
+/// Runs `plugin` on `events` in batches of `batch_size`, in a fresh instance.
+pub async fn run(
+    plugin: &Plugin,
+    events: &[Event],
+    batch_size: usize,
+) -> Result<Report, RuntimeError> {
+    let mut instance = plugin.instantiate().await?;
+    let mut report = Report {
+        outcomes: Vec::with_capacity(events.len()),
+        kept: 0,
+        dropped: 0,
+        rejected: 0,
+        failed: 0,
+        call_time: Duration::ZERO,
+        peak_memory_bytes: 0,
+        counters: Default::default(),
+    };
+    let as_json = |e: &Event| serde_json::from_str::<Value>(&event_json(e)).unwrap_or(Value::Null);
+    let mut index = 0;
+    for batch in events.chunks(batch_size.max(1)) {
+        let started = Instant::now();
+        let verdicts = instance.process(batch).await;
+        report.call_time += started.elapsed();
+        for (event, verdict) in batch.iter().zip(verdicts) {
+            let id = &event.event_id;
+            let line = match verdict {
+                Verdict::Pass => {
+                    report.kept += 1;
+                    json!({"index": index, "event_id": id, "outcome": "keep", "changed": false, "event": as_json(event)})
+                }
+                Verdict::Keep(kept) => {
+                    report.kept += 1;
+                    json!({"index": index, "event_id": id, "outcome": "keep", "changed": true, "event": as_json(&kept)})
+                }
+                Verdict::Route(kept, outputs) => {
+                    report.kept += 1;
+                    let changed = kept.is_some();
+                    let kept = as_json(kept.as_ref().unwrap_or(event));
+                    let outputs: Vec<Value> = outputs.iter().map(output_json).collect();
+                    json!({"index": index, "event_id": id, "outcome": "keep", "changed": changed, "event": kept, "outputs": outputs})
+                }
+                Verdict::Drop(reason) => {
+                    report.dropped += 1;
+                    json!({"index": index, "event_id": id, "outcome": "drop", "reason": reason})
+                }
+                Verdict::Reject(reason) => {
+                    report.rejected += 1;
+                    json!({"index": index, "event_id": id, "outcome": "reject", "reason": reason})
+                }
+                Verdict::Failed(reason) => {
+                    report.failed += 1;
+                    json!({"index": index, "event_id": id, "outcome": "failed", "reason": reason})
+                }
+            };
+            report.outcomes.push(line);
+            index += 1;
+        }
+    }
+    report.peak_memory_bytes = instance.peak_memory();
+    report.counters = instance.counters().clone();
+    Ok(report)
+}
+
+/// A plugin output as JSON (a row's columns parsed when they are JSON, kept as text
+/// otherwise, so that a bad row shows as the plugin sent it).
+fn output_json(output: &Output) -> Value {
+    match output {
+        Output::Row(row) => {
+            let columns =
+                serde_json::from_str::<Value>(&row.columns).unwrap_or_else(|_| json!(row.columns));
+            json!({"row": {"table": row.table, "columns": columns}})
+        }
+        Output::Count(c) => {
+            json!({"count": {"counter": c.counter, "key": c.key, "delta": c.delta}})
+        }
+        Output::Forward(sink) => json!({"forward": sink}),
+    }
+}
