@@ -8,6 +8,9 @@
 #   full     enrich + route plugins, events + profile_viewed tables, Redis counters, at
 #            maximum rate, with freshness probes (ClickHouse and the counters API)
 #   plugin   the plugin call path (criterion: batch sizes 1/64/256/1024)
+#   hotswap  the full pipeline, from the control plane (weir apply), at a fixed rate
+#            (10,000 events/s for 40 s), with a new pipeline version swapped in every
+#            10 s: latency and freshness before, during and after the swaps
 # --smoke: a few seconds, debug build, and weir's metrics checked against the harness
 #          (what CI runs). Without it: 60 s on a release build.
 # Extra options go to weir-load, e.g. `scripts/bench.sh full --rate 20000`.
@@ -21,7 +24,7 @@ STACK_DIR="${WEIR_STACK_DIR:-$ROOT/.stack}"
 die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-[ $# -ge 1 ] || die "usage: scripts/bench.sh ingest|full|plugin [--smoke] [weir-load options]"
+[ $# -ge 1 ] || die "usage: scripts/bench.sh ingest|full|hotswap|plugin [--smoke] [weir-load options]"
 SCENARIO="$1"; shift
 SMOKE=0
 if [ "${1:-}" = "--smoke" ]; then SMOKE=1; shift; fi
@@ -39,7 +42,8 @@ fi
 
 case "$SCENARIO" in
   ingest|full) CONFIG="$ROOT/examples/bench/$SCENARIO.toml" ;;
-  *) die "unknown scenario $SCENARIO (ingest, full, plugin)" ;;
+  hotswap) CONFIG="$ROOT/examples/bench/full.toml" ;;
+  *) die "unknown scenario $SCENARIO (ingest, full, hotswap, plugin)" ;;
 esac
 
 scripts/stack.sh install
@@ -48,6 +52,7 @@ scripts/stack.sh install
 scripts/stack.sh down
 scripts/stack.sh up
 curl -sf http://127.0.0.1:8123/ --data-binary "DROP DATABASE IF EXISTS weir_bench" >/dev/null
+rm -rf "$STACK_DIR/bench-control"
 
 say "Building weir ($PROFILE), weir-load and the plugins"
 cargo build --profile "$PROFILE" -p weir -p weir-load
@@ -73,24 +78,43 @@ for _ in $(seq 1 300); do
   kill -0 "$PID" 2>/dev/null || { tail -n 30 "$LOG"; die "weir exited at start (log: $LOG)"; }
   sleep 0.1
 done
-if [ "$SCENARIO" = full ]; then
+if [ "$SCENARIO" != ingest ]; then
   # The processor must own its partitions before the clock starts.
   for _ in $(seq 1 600); do grep -q "partitions assigned" "$LOG" && break; sleep 0.1; done
   grep -q "partitions assigned" "$LOG" || { tail -n 30 "$LOG"; die "the processor did not join its group (log: $LOG)"; }
 fi
 
+ADMIN=http://127.0.0.1:8091
+ADMIN_TOKEN=at_bench_00000000000000
+if [ "$SCENARIO" = hotswap ]; then
+  say "Putting the pipeline in the control plane"
+  WEIR_ADMIN_URL=$ADMIN WEIR_ADMIN_TOKEN=$ADMIN_TOKEN "$WEIR" apply -f examples/bench/control.toml
+  for _ in $(seq 1 100); do
+    WEIR_ADMIN_URL=$ADMIN WEIR_ADMIN_TOKEN=$ADMIN_TOKEN "$WEIR" status | grep -q "plugins \[enrich@1, route@1\]" && break
+    sleep 0.1
+  done
+  WEIR_ADMIN_URL=$ADMIN WEIR_ADMIN_TOKEN=$ADMIN_TOKEN "$WEIR" status
+fi
+
 args=(--url http://127.0.0.1:8090 --write-key wk_bench_000000000000000 --scenario "$SCENARIO"
       --pid "$PID" --json "$STACK_DIR/bench-$SCENARIO.json")
-if [ "$SCENARIO" = full ]; then
+if [ "$SCENARIO" != ingest ]; then
   args+=(--clickhouse http://127.0.0.1:8123 --database weir_bench --read-key rk_bench_000000000000000)
 fi
-if [ $SMOKE = 1 ]; then
+if [ "$SCENARIO" = hotswap ]; then
+  args+=(--admin-url "$ADMIN" --admin-token "$ADMIN_TOKEN" --pipeline bench)
+  if [ $SMOKE = 1 ]; then
+    args+=(--duration 6 --rate 2000 --clients 4 --swap-every 2 --drain-timeout 60 --verify)
+  else
+    args+=(--duration 40 --rate 10000 --swap-every 10)
+  fi
+elif [ $SMOKE = 1 ]; then
   args+=(--duration 3 --rate 2000 --clients 4 --drain-timeout 60 --verify)
 else
   args+=(--duration 60)
 fi
 # Options given on the command line come last and win (e.g. --rate instead of --max).
-if [ $SMOKE = 0 ] && ! printf '%s\n' "$@" | grep -qx -- '--rate'; then args+=(--max); fi
+if [ $SMOKE = 0 ] && [ "$SCENARIO" != hotswap ] && ! printf '%s\n' "$@" | grep -qx -- '--rate'; then args+=(--max); fi
 
 say "Running $SCENARIO"
 "$LOAD" "${args[@]}" "$@"

@@ -36,6 +36,7 @@ scripts/demo.sh
 step "Benchmark scenarios in smoke mode (a few seconds each; weir's metrics checked against the harness)"
 scripts/bench.sh ingest --smoke
 scripts/bench.sh full --smoke
+scripts/bench.sh hotswap --smoke
 scripts/bench.sh plugin --smoke
 
 scripts/demo.sh stop

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail, ensure};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use weir_tests::{ClickHouse, Redis, Tansu, WRITE_KEY, Weir, plugin_path};
+use weir_tests::{ClickHouse, READ_KEY, Redis, Tansu, WRITE_KEY, Weir, plugin_path};
 
 const ADMIN_TOKEN: &str = "at_test_1234567890abcdef";
 
@@ -616,11 +616,13 @@ fn cli(weir: &Weir, args: &[&str]) -> Result<String> {
 async fn single_node_directory_store_with_the_cli() -> Result<()> {
     let tansu = Tansu::start()?;
     let clickhouse = ClickHouse::start()?;
+    let redis = Redis::start()?;
     let db = "control_dir";
     clickhouse
         .query(&format!("DROP DATABASE IF EXISTS {db}"))
         .await?;
-    // No [control]: the directory store beside the configuration file, no Redis.
+    // No [control]: the directory store beside the configuration file. No table or
+    // counter in the file: a pipeline version brings them.
     let cfg = format!(
         r#"
 [ingest]
@@ -628,9 +630,13 @@ listen = "{{ingest}}"
 [[app]]
 name = "seed"
 write_keys = ["{WRITE_KEY}"]
+read_keys = ["{READ_KEY}"]
 [admin]
 listen = "{{admin}}"
 tokens = ["{ADMIN_TOKEN}"]
+[redis]
+url = "{}"
+key_prefix = "{db}"
 [kafka]
 brokers = "{}"
 topic = "control-dir"
@@ -644,6 +650,7 @@ flush_interval_ms = 100
 [pipeline]
 name = "engagement"
 "#,
+        redis.url(),
         tansu.bootstrap(),
         clickhouse.url(),
     );
@@ -745,10 +752,121 @@ config = {{ require_user = ["profile_viewed"] }}
         "{err}"
     );
 
-    // Restarted, the instance runs the stored pipeline from the start.
-    weir.restart()?;
-    api.wait_converged(1, version, &["enrich@1"], Duration::from_secs(10))
+    // A version that brings its own table and counter: weir creates the table before
+    // the swap, and the counters API serves the new counter.
+    let route = std::fs::read(plugin_path("route-engagement"))?;
+    expect_created("push route", api.push("route", route, "").await?)?;
+    let doc = json!({
+        "plugins": [
+            {"plugin": "enrich@1", "config": {"require_user": ["profile_viewed"]}},
+            {"plugin": "route@1", "config": {"views_table": "profile_viewed", "views_counter": "profile_views"}}
+        ],
+        "tables": [{"name": "profile_viewed", "order_by": ["profile_id", "timestamp"],
+                    "columns": ["profile_id String", "viewer_id Nullable(String)", "self_view Bool", "source Nullable(String)"]}],
+        "counters": [{"name": "profile_views", "by_day": true}]
+    });
+    let bad = json!({"plugins": [], "tables": [{"name": "t", "columns": ["x Strin"], "order_by": ["x"]}]});
+    expect_refused(
+        "bad table",
+        api.put("/admin/v1/pipelines/engagement", &bad).await?,
+        StatusCode::BAD_REQUEST,
+        "Strin",
+    )?;
+    let counter_url = weir.counter_url("profile_views", "bob");
+    let read = |url: String| async move {
+        let r = reqwest::Client::new()
+            .get(url)
+            .bearer_auth(READ_KEY)
+            .send()
+            .await?;
+        Ok::<_, anyhow::Error>((r.status(), r.json::<Value>().await.unwrap_or(Value::Null)))
+    };
+    assert_eq!(
+        read(counter_url.clone()).await?.0,
+        StatusCode::NOT_FOUND,
+        "no counter before the swap"
+    );
+    expect_created(
+        "pipeline with sinks",
+        api.put("/admin/v1/pipelines/engagement", &doc).await?,
+    )?;
+    let version = api.status().await?["control_version"].as_u64().unwrap();
+    api.wait_converged(
+        1,
+        version,
+        &["enrich@1", "route@1"],
+        Duration::from_secs(10),
+    )
+    .await?;
+    let views = json!([
+        {"name": "profile_viewed", "user_id": "ann", "properties": {"profile_id": "bob"}},
+        {"name": "profile_viewed", "user_id": "cid", "properties": {"profile_id": "bob"}}
+    ]);
+    let events_url = weir.events_url();
+    let post = |body: Value| {
+        let url = events_url.clone();
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(WRITE_KEY)
+                .json(&body)
+                .send()
+                .await?;
+            ensure!(r.status() == StatusCode::ACCEPTED, "POST: {}", r.status());
+            Ok(())
+        }
+    };
+    post(views.clone()).await?;
+    clickhouse
+        .wait_for_count(
+            &format!("SELECT count() FROM {db}.profile_viewed WHERE profile_id = 'bob'"),
+            2,
+            Duration::from_secs(30),
+        )
         .await?;
+    let start = Instant::now();
+    loop {
+        let (code, body) = read(counter_url.clone()).await?;
+        if code == StatusCode::OK && body["value"] == 2 {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "counter: {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Restarted, the instance runs the stored pipeline (and its table and counter)
+    // from the start.
+    weir.restart()?;
+    api.wait_converged(
+        1,
+        version,
+        &["enrich@1", "route@1"],
+        Duration::from_secs(10),
+    )
+    .await?;
+    post(views).await?;
+    clickhouse
+        .wait_for_count(
+            &format!("SELECT count() FROM {db}.profile_viewed WHERE profile_id = 'bob'"),
+            4,
+            Duration::from_secs(30),
+        )
+        .await?;
+    let start = Instant::now();
+    loop {
+        let (code, body) = read(counter_url.clone()).await?;
+        if code == StatusCode::OK && body["value"] == 4 {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "counter after restart: {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(weir.stop(), "weir did not stop cleanly:\n{}", weir.log());
     Ok(())
 }

@@ -447,7 +447,7 @@ impl Default for PipelineConfig {
 /// creates it with its columns after the columns it fills itself: `event_id`, `app`,
 /// `timestamp` (the event's, `DateTime`), `plugins`, `kafka_partition`, `kafka_offset`,
 /// `kafka_index`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TableConfig {
     /// Table name, `[A-Za-z_][A-Za-z0-9_]*`; must not be `events` or `dead_letters`.
@@ -463,7 +463,7 @@ pub struct TableConfig {
 
 /// `[[pipeline.counter]]`: a counter plugins increment (`count` outputs), per app and
 /// key, read by apps at `GET /v1/counters/{name}/{key}`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CounterConfig {
     /// Counter name, `[A-Za-z_][A-Za-z0-9_]*`.

@@ -15,7 +15,7 @@ use crate::control::Control;
 use crate::control::admin::{self, Admin};
 use crate::control::agent::{Agent, Preparer, Running};
 use crate::control::store::Store;
-use crate::ingest::{self, Counters, Ingest};
+use crate::ingest::{self, Counters, Ingest, SharedRoutes};
 use crate::pipeline::route::Routes;
 use crate::pipeline::worker::Worker;
 use crate::runtime::Runtime;
@@ -67,9 +67,16 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     .await
     .context("cannot load the pipeline")?;
     info!(instance = %id, store = %store.describe(), "control plane read");
+    // The tables and counters of the pipeline in force (the file's, or the control
+    // plane's version): the processor replaces them on a swap, the counters API reads them.
+    let shared_routes: SharedRoutes = Arc::new(std::sync::RwLock::new(
+        pipeline
+            .as_ref()
+            .map_or(routes.clone(), |p| p.routes().clone()),
+    ));
     let worker = match pipeline {
         Some(pipeline) => {
-            let sink = ClickHouseSink::new(&config.clickhouse, routes.clone());
+            let sink = ClickHouseSink::new(&config.clickhouse, pipeline.routes().clone());
             // A table that does not match the pipeline is a configuration error; an
             // unreachable ClickHouse is an outage: ingest must come up regardless, and the
             // processor creates the tables before its first write.
@@ -84,19 +91,11 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             }
             let consumer =
                 bus::consumer(&config.kafka).context("cannot create the Kafka consumer")?;
-            let counters = if routes.counters.is_empty() {
-                None
-            } else {
-                Some(
-                    CounterSink::new(
-                        &config.redis,
-                        &config.kafka.group,
-                        &config.kafka.topic,
-                        routes.clone(),
-                    )
+            // Connects to Redis on first use: only once a pipeline version counts.
+            let counters = Some(
+                CounterSink::new(&config.redis, &config.kafka.group, &config.kafka.topic)
                     .context("cannot set up the Redis counter sink")?,
-                )
-            };
+            );
             let mut topics = Vec::new();
             for (i, t) in config.pipeline.topics.iter().enumerate() {
                 bus::ensure_named_topic(&config.kafka, &t.topic)
@@ -115,7 +114,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             }
             let (swap_tx, swap_rx) = mpsc::channel(4);
             let (running_tx, running_rx) = watch::channel(Running::of(&pipeline));
-            agent = agent.with_processor(swap_tx, running_rx);
+            agent = agent.with_processor(swap_tx, running_rx, sink.clone());
             let worker = Worker::new(
                 consumer,
                 config.kafka.topic.clone(),
@@ -126,7 +125,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             )
             .with_webhooks(webhooks)
             .with_topics(topics)
-            .with_control(swap_rx, running_tx);
+            .with_control(swap_rx, running_tx, shared_routes.clone());
             Some(tokio::spawn(worker.run(stop_rx.clone())))
         }
         None => None,
@@ -170,14 +169,12 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
 
     let producer = Producer::new(&config.kafka).context("cannot create the Kafka producer")?;
     let mut ingest = Ingest::new(&config.ingest, keys, producer.clone());
-    if !config.pipeline.counters.is_empty() {
-        ingest = ingest.with_counters(Counters {
-            read_keys: config.read_keys(),
-            routes: routes.clone(),
-            reader: CounterReader::new(&config.redis)
-                .context("cannot set up the Redis counter reader")?,
-        });
-    }
+    ingest = ingest.with_counters(Counters {
+        read_keys: config.read_keys(),
+        routes: shared_routes,
+        reader: CounterReader::new(&config.redis)
+            .context("cannot set up the Redis counter reader")?,
+    });
     let state = Arc::new(ingest);
     let router = ingest::app(state, &config.ingest.cors_origins);
     let listener = tokio::net::TcpListener::bind(config.ingest.listen)

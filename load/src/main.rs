@@ -80,7 +80,26 @@ struct Args {
     /// A name for the run, printed and written to the JSON.
     #[arg(long, default_value = "load")]
     scenario: String,
+    /// weir's admin API, for --swap-every.
+    #[arg(long)]
+    admin_url: Option<String>,
+    /// Admin token for --admin-url.
+    #[arg(long, default_value = "at_dev_0000000000000000")]
+    admin_token: String,
+    /// Hot-swap the pipeline every this many seconds while sending (needs
+    /// --admin-url): the active version of --pipeline is put again with its first
+    /// plugin's deadline_ms moved by 1 ms, a new pipeline version that every instance
+    /// must prepare and swap in. Latency and freshness are then reported before, during
+    /// (2 s from each swap) and after the swaps.
+    #[arg(long, requires = "admin_url")]
+    swap_every: Option<f64>,
+    /// The pipeline --swap-every changes.
+    #[arg(long, default_value = "engagement")]
+    pipeline: String,
 }
+
+/// How long after a swap counts as "during" it.
+const SWAP_WINDOW_S: f64 = 2.0;
 
 /// A small fast generator (the load must not be limited by its own randomness).
 struct Rng(u64);
@@ -151,6 +170,8 @@ fn event(rng: &mut Rng, users: u64) -> Value {
 /// What the clients saw.
 struct Tally {
     latency: Mutex<Histogram<u64>>,
+    /// The same latencies by second of intended send time since the start.
+    by_second: Mutex<Vec<Histogram<u64>>>,
     statuses: Mutex<BTreeMap<String, u64>>,
     accepted: AtomicU64,
     requests: AtomicU64,
@@ -170,7 +191,9 @@ async fn client(
     let interval = args
         .rate
         .map(|r| Duration::from_secs_f64(args.batch as f64 / r.max(1) as f64));
-    let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let new_histogram = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let mut local = new_histogram();
+    let mut by_second: Vec<Histogram<u64>> = Vec::new();
     loop {
         // Fixed rate: request i is due at start + i * interval, whoever sends it.
         let intended = match interval {
@@ -211,6 +234,11 @@ async fn client(
         };
         let micros = intended.elapsed().as_micros() as u64;
         let _ = local.record(micros.max(1));
+        let second = (intended - start).as_secs() as usize;
+        while by_second.len() <= second {
+            by_second.push(new_histogram());
+        }
+        let _ = by_second[second].record(micros.max(1));
         if status == "202" {
             tally
                 .accepted
@@ -220,14 +248,22 @@ async fn client(
         *tally.statuses.lock().unwrap().entry(status).or_default() += 1;
     }
     let _ = tally.latency.lock().unwrap().add(local);
+    let mut all = tally.by_second.lock().unwrap();
+    for (i, h) in by_second.into_iter().enumerate() {
+        while all.len() <= i {
+            all.push(new_histogram());
+        }
+        let _ = all[i].add(h);
+    }
 }
 
 /// Probes: sent every 200 ms; each is looked for until it is seen.
 #[derive(Default)]
 struct Probes {
     sent: Vec<(String, Instant)>,
-    row_ms: Vec<f64>,
-    counter_ms: Vec<f64>,
+    /// (sent, milliseconds until seen)
+    row_ms: Vec<(Instant, f64)>,
+    counter_ms: Vec<(Instant, f64)>,
     row_pending: HashMap<String, Instant>,
     counter_pending: HashMap<String, Instant>,
 }
@@ -302,7 +338,7 @@ async fn probe_poller(
                 let mut p = probes.lock().unwrap();
                 for id in text.lines() {
                     if let Some(sent) = p.row_pending.remove(id) {
-                        p.row_ms.push((now - sent).as_secs_f64() * 1e3);
+                        p.row_ms.push((sent, (now - sent).as_secs_f64() * 1e3));
                     }
                 }
             }
@@ -321,7 +357,7 @@ async fn probe_poller(
                     let now = Instant::now();
                     let mut p = probes.lock().unwrap();
                     if let Some(sent) = p.counter_pending.remove(&id) {
-                        p.counter_ms.push((now - sent).as_secs_f64() * 1e3);
+                        p.counter_ms.push((sent, (now - sent).as_secs_f64() * 1e3));
                     }
                 }
             }
@@ -405,6 +441,122 @@ fn percentiles(h: &Histogram<u64>) -> Value {
     json!({"p50_ms": ms(0.5), "p95_ms": ms(0.95), "p99_ms": ms(0.99), "max_ms": h.max() as f64 / 1e3, "count": h.len()})
 }
 
+/// One hot swap: when (seconds since the start), the new control-plane version, and
+/// how long until every instance reported running it.
+#[derive(Debug, Clone)]
+struct SwapRecord {
+    at_s: f64,
+    version: u64,
+    converged_ms: Option<f64>,
+}
+
+/// Every `every` seconds until `end`: re-puts the pipeline with its first plugin's
+/// deadline moved by 1 ms and waits until every instance runs the new version.
+async fn swap_loop(
+    args: Args,
+    http: reqwest::Client,
+    start: Instant,
+    end: Instant,
+    every: f64,
+) -> Result<Vec<SwapRecord>> {
+    let admin = args
+        .admin_url
+        .clone()
+        .context("--swap-every needs --admin-url")?;
+    let get = |path: String| {
+        let http = http.clone();
+        let token = args.admin_token.clone();
+        async move {
+            let r = http.get(path).bearer_auth(token).send().await?;
+            let status = r.status();
+            let body: Value = r.json().await?;
+            if !status.is_success() {
+                bail!("{status}: {body}");
+            }
+            Ok::<Value, anyhow::Error>(body)
+        }
+    };
+    let mut swaps = Vec::new();
+    let mut k = 1u32;
+    loop {
+        let due = start + Duration::from_secs_f64(every * k as f64);
+        if due >= end {
+            break;
+        }
+        tokio::time::sleep_until(due.into()).await;
+        let record = get(format!("{admin}/admin/v1/pipelines/{}", args.pipeline))
+            .await
+            .with_context(|| format!("cannot read pipeline {}", args.pipeline))?;
+        let active = record["active"].as_u64().unwrap_or(0);
+        let mut doc = record["versions"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|v| v["version"].as_u64() == Some(active)))
+            .map(|v| v["doc"].clone())
+            .context("the pipeline has no active version")?;
+        let deadline = &mut doc["plugins"][0]["deadline_ms"];
+        let d = deadline
+            .as_u64()
+            .context("the pipeline has no plugin to swap")?;
+        *deadline = json!(if k % 2 == 1 {
+            d + 1
+        } else {
+            d.saturating_sub(1).max(1)
+        });
+        let at_s = start.elapsed().as_secs_f64();
+        let r = http
+            .put(format!("{admin}/admin/v1/pipelines/{}", args.pipeline))
+            .bearer_auth(&args.admin_token)
+            .json(&doc)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!(
+                "swap {k}: {} {}",
+                r.status(),
+                r.text().await.unwrap_or_default()
+            );
+        }
+        let status = get(format!("{admin}/admin/v1/status")).await?;
+        let version = status["control_version"].as_u64().unwrap_or(0);
+        let mut converged_ms = None;
+        while Instant::now() < end + Duration::from_secs(5) {
+            let s = get(format!("{admin}/admin/v1/status")).await?;
+            let instances = s["instances"].as_array().cloned().unwrap_or_default();
+            if !instances.is_empty()
+                && instances
+                    .iter()
+                    .all(|i| i["control_version"].as_u64().unwrap_or(0) >= version)
+            {
+                converged_ms = Some((start.elapsed().as_secs_f64() - at_s) * 1e3);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        swaps.push(SwapRecord {
+            at_s,
+            version,
+            converged_ms,
+        });
+        k += 1;
+    }
+    Ok(swaps)
+}
+
+/// Which phase of a hot-swap run a moment (seconds since the start) is in.
+fn phase(at_s: f64, swaps: &[SwapRecord]) -> &'static str {
+    match swaps.first() {
+        None => "before",
+        Some(first) if at_s < first.at_s => "before",
+        _ if swaps
+            .iter()
+            .any(|s| at_s >= s.at_s && at_s < s.at_s + SWAP_WINDOW_S) =>
+        {
+            "during"
+        }
+        _ => "after",
+    }
+}
+
 fn sample_percentiles(v: &mut [f64]) -> Value {
     if v.is_empty() {
         return Value::Null;
@@ -437,6 +589,7 @@ async fn main() -> Result<()> {
 
     let tally = Arc::new(Tally {
         latency: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
+        by_second: Mutex::new(Vec::new()),
         statuses: Mutex::new(BTreeMap::new()),
         accepted: AtomicU64::new(0),
         requests: AtomicU64::new(0),
@@ -478,6 +631,9 @@ async fn main() -> Result<()> {
         probes.clone(),
         stop.clone(),
     ));
+    let swapper = args
+        .swap_every
+        .map(|every| tokio::spawn(swap_loop(args.clone(), http.clone(), start, end, every)));
     // Sample weir's RSS while sending.
     let mut peak_rss = 0u64;
     while Instant::now() < end {
@@ -490,6 +646,10 @@ async fn main() -> Result<()> {
         t.await?;
     }
     prober.await?;
+    let swaps = match swapper {
+        Some(t) => t.await??,
+        None => Vec::new(),
+    };
     let sent_for = start.elapsed();
     let accepted = tally.accepted.load(Ordering::Relaxed);
     let probes_sent = probes.lock().unwrap().sent.len() as u64;
@@ -533,13 +693,51 @@ async fn main() -> Result<()> {
     let statuses = tally.statuses.lock().unwrap().clone();
     let requests = tally.requests.load(Ordering::Relaxed);
     let (row_fresh, counter_fresh, lost_row_probes, lost_counter_probes) = {
-        let mut p = probes.lock().unwrap();
+        let p = probes.lock().unwrap();
+        let ms = |v: &[(Instant, f64)]| v.iter().map(|(_, ms)| *ms).collect::<Vec<_>>();
         (
-            sample_percentiles(&mut p.row_ms),
-            sample_percentiles(&mut p.counter_ms),
+            sample_percentiles(&mut ms(&p.row_ms)),
+            sample_percentiles(&mut ms(&p.counter_ms)),
             p.row_pending.len(),
             p.counter_pending.len(),
         )
+    };
+    let hot_swap = if swaps.is_empty() {
+        Value::Null
+    } else {
+        let by_second = tally.by_second.lock().unwrap().clone();
+        let p = probes.lock().unwrap();
+        let mut phases = serde_json::Map::new();
+        for name in ["before", "during", "after"] {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            for (second, hs) in by_second.iter().enumerate() {
+                // A second belongs to the phase of its middle.
+                if phase(second as f64 + 0.5, &swaps) == name {
+                    h.add(hs)?;
+                }
+            }
+            let fresh = |v: &[(Instant, f64)]| {
+                let mut ms: Vec<f64> = v
+                    .iter()
+                    .filter(|(sent, _)| phase((*sent - start).as_secs_f64(), &swaps) == name)
+                    .map(|(_, ms)| *ms)
+                    .collect();
+                sample_percentiles(&mut ms)
+            };
+            phases.insert(
+                name.into(),
+                json!({
+                    "ingest_latency": if h.is_empty() { Value::Null } else { percentiles(&h) },
+                    "freshness_clickhouse": fresh(&p.row_ms),
+                    "freshness_counter": fresh(&p.counter_ms),
+                }),
+            );
+        }
+        let list: Vec<Value> = swaps
+            .iter()
+            .map(|s| json!({"at_s": s.at_s, "control_version": s.version, "all_instances_ms": s.converged_ms}))
+            .collect();
+        json!({"swaps": list, "window_s": SWAP_WINDOW_S, "phases": phases})
     };
 
     let mode = match args.rate {
@@ -564,6 +762,7 @@ async fn main() -> Result<()> {
         "probes_not_seen": {"clickhouse": lost_row_probes, "counter": lost_counter_probes},
         "weir_cpu_cores": cpu,
         "weir_peak_rss_mib": args.pid.map(|_| peak_rss as f64 / (1 << 20) as f64),
+        "hot_swap": hot_swap,
     });
 
     print_table(&report);
@@ -686,4 +885,36 @@ fn print_table(r: &Value) {
         f(&r["weir_cpu_cores"]),
         f(&r["weir_peak_rss_mib"])
     );
+    let hs = &r["hot_swap"];
+    if !hs.is_null() {
+        for s in hs["swaps"].as_array().into_iter().flatten() {
+            println!(
+                "hot swap           at {} s -> control version {}, every instance running it after {} ms",
+                f(&s["at_s"]),
+                s["control_version"],
+                f(&s["all_instances_ms"])
+            );
+        }
+        for phase in ["before", "during", "after"] {
+            let p = &hs["phases"][phase];
+            let line = |v: &Value| {
+                if v.is_null() {
+                    "-".to_owned()
+                } else {
+                    format!(
+                        "p50 {} / p99 {} / max {} ms",
+                        f(&v["p50_ms"]),
+                        f(&v["p99_ms"]),
+                        f(&v["max_ms"])
+                    )
+                }
+            };
+            println!(
+                "  {phase:<7} ingest {}; POST -> row {}; POST -> counter {}",
+                line(&p["ingest_latency"]),
+                line(&p["freshness_clickhouse"]),
+                line(&p["freshness_counter"])
+            );
+        }
+    }
 }

@@ -27,6 +27,7 @@ use crate::pipeline::route::Routes;
 use crate::pipeline::schema::Schemas;
 use crate::pipeline::{Pipeline, Stage, Tag};
 use crate::runtime::{Compiled, Runtime};
+use crate::sinks::clickhouse::ClickHouseSink;
 
 /// A new pipeline for the processor, or only a newer control-plane version (a change
 /// that does not concern this instance's pipeline).
@@ -72,7 +73,12 @@ pub struct Preparer {
     store: Store,
     runtime: Runtime,
     file: PipelineConfig,
+    /// The configuration file's tables and counters.
     routes: Arc<Routes>,
+    /// The routes of the pipeline last prepared (their tables exist).
+    prepared_routes: Option<Arc<Routes>>,
+    /// To create the tables of a new version before it is swapped in.
+    sink: Option<ClickHouseSink>,
     batch_size: usize,
     /// Compiled components by sha256: each version is compiled once, when it is
     /// uploaded (see [`Preparer::warm`]), so a switch to it or a rollback does not wait
@@ -99,6 +105,8 @@ impl Preparer {
             file,
             routes,
             batch_size,
+            prepared_routes: None,
+            sink: None,
             compiled: HashMap::new(),
             used: std::collections::HashSet::new(),
         }
@@ -189,6 +197,21 @@ impl Preparer {
             return Ok(p.with_tag(tag(0)));
         };
         let name = self.file.name.clone();
+        let routes = if pv.doc.tables.is_none() && pv.doc.counters.is_none() {
+            self.routes.clone()
+        } else {
+            Arc::new(Routes::new(&pv.doc.routes_config(&self.file))?)
+        };
+        let tables_ready = self
+            .prepared_routes
+            .as_ref()
+            .is_none_or(|r| r.same_tables(&routes));
+        if let (false, Some(sink)) = (tables_ready, &self.sink) {
+            sink.with_routes(routes.clone())
+                .ensure_schema()
+                .await
+                .map_err(|e| format!("cannot prepare its ClickHouse tables: {e}"))?;
+        }
         let mut chain = Vec::new();
         let mut used = std::collections::HashSet::new();
         for entry in &pv.doc.plugins {
@@ -233,12 +256,10 @@ impl Preparer {
                 .expect("key from this state");
             schemas.put(event, &sv.schema, sv.version)?;
         }
-        Ok(
-            Pipeline::new(name, chain, self.routes.clone(), self.batch_size)
-                .with_schemas(schemas)
-                .with_events(&pv.doc.events)
-                .with_tag(tag(pv.version)),
-        )
+        Ok(Pipeline::new(name, chain, routes, self.batch_size)
+            .with_schemas(schemas)
+            .with_events(&pv.doc.events)
+            .with_tag(tag(pv.version)))
     }
 }
 
@@ -311,19 +332,23 @@ impl Agent {
         Ok((agent, pipeline))
     }
 
-    /// Connects the agent to the processor.
+    /// Connects the agent to the processor, whose sink creates the tables of new
+    /// versions.
     pub fn with_processor(
         mut self,
         swaps: mpsc::Sender<Swap>,
         running: watch::Receiver<Running>,
+        sink: ClickHouseSink,
     ) -> Self {
+        self.preparer.prepared_routes = Some(sink.routes().clone());
+        self.preparer.sink = Some(sink);
         self.swaps = Some(swaps);
         self.running = running;
         self
     }
 
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut notices = self.store.notices();
+        let mut notices = Some(self.store.notices());
         let mut reconcile = tokio::time::interval(Duration::from_millis(self.cfg.reconcile_ms));
         let mut heartbeat = tokio::time::interval(Duration::from_millis(self.cfg.heartbeat_ms));
         reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -389,6 +414,9 @@ impl Agent {
             return;
         }
         if self.applied.as_ref() == Some(&key) {
+            // Nothing to prepare (or back to what runs, after a version that failed).
+            self.failed = None;
+            self.status.error = None;
             self.send(Swap {
                 pipeline: None,
                 control_version: state.version,
@@ -411,6 +439,7 @@ impl Agent {
                 crate::metrics::CONTROL_SWAPS
                     .with_label_values(&["swapped"])
                     .inc();
+                self.preparer.prepared_routes = Some(pipeline.routes().clone());
                 self.applied = Some(key);
                 self.failed = None;
                 self.status.error = None;

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::config::FailurePolicy;
+use crate::config::{CounterConfig, FailurePolicy, PipelineConfig, TableConfig};
 use crate::runtime::Runtime;
 use store::{Store, StoreError};
 
@@ -116,6 +116,29 @@ pub struct PipelineDoc {
     /// The plugin chain, in order.
     #[serde(default)]
     pub plugins: Vec<ChainEntry>,
+    /// Typed tables plugins route rows to, as `[[pipeline.table]]` declares them
+    /// (weir creates them before the swap). Absent: the configuration file's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tables: Option<Vec<TableConfig>>,
+    /// Counters plugins increment, as `[[pipeline.counter]]`. Absent: the
+    /// configuration file's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<Vec<CounterConfig>>,
+}
+
+impl PipelineDoc {
+    /// The configuration file's pipeline with this document's tables and counters
+    /// (where it has them): what its routes are built from.
+    pub fn routes_config(&self, file: &PipelineConfig) -> PipelineConfig {
+        let mut cfg = file.clone();
+        if let Some(t) = &self.tables {
+            cfg.tables = t.clone();
+        }
+        if let Some(c) = &self.counters {
+            cfg.counters = c.clone();
+        }
+        cfg
+    }
 }
 
 fn yes() -> bool {
@@ -529,6 +552,10 @@ fn check_pipeline(state: &State, doc: &PipelineDoc) -> Result<(), AdminError> {
         return Err(invalid(format!(
             "events: {bad:?} is not a valid event name"
         )));
+    }
+    if doc.tables.is_some() || doc.counters.is_some() {
+        crate::pipeline::route::Routes::new(&doc.routes_config(&PipelineConfig::default()))
+            .map_err(invalid)?;
     }
     let mut names = HashSet::new();
     for entry in &doc.plugins {

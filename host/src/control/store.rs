@@ -147,13 +147,14 @@ impl Store {
         Ok(live)
     }
 
-    /// Change notices (new versions), when the store has them (Redis). The task
-    /// resubscribes after a connection loss and then sends the version it finds, so a
-    /// notice missed meanwhile is made up for.
-    pub fn notices(&self) -> Option<mpsc::Receiver<u64>> {
+    /// Change notices (new versions). Redis announces every change to every instance
+    /// (the task resubscribes after a connection loss and then sends the version it
+    /// finds, so a notice missed meanwhile is made up for); the directory store only
+    /// announces changes made through this process (others are found by polling).
+    pub fn notices(&self) -> mpsc::Receiver<u64> {
         match self {
-            Store::Dir(_) => None,
-            Store::Redis(s) => Some(s.notices()),
+            Store::Dir(s) => s.notices(),
+            Store::Redis(s) => s.notices(),
         }
     }
 
@@ -171,6 +172,8 @@ impl Store {
 #[derive(Clone)]
 pub struct DirStore {
     root: PathBuf,
+    /// Receivers of this process's change notices.
+    listeners: std::sync::Arc<std::sync::Mutex<Vec<mpsc::Sender<u64>>>>,
 }
 
 impl DirStore {
@@ -181,7 +184,23 @@ impl DirStore {
         }
         Ok(Self {
             root: root.to_owned(),
+            listeners: Default::default(),
         })
+    }
+
+    fn notices(&self) -> mpsc::Receiver<u64> {
+        let (tx, rx) = mpsc::channel(16);
+        self.listeners.lock().expect("listeners lock").push(tx);
+        rx
+    }
+
+    fn announce(&self, version: u64) {
+        let mut listeners = self.listeners.lock().expect("listeners lock");
+        listeners.retain(|tx| !tx.is_closed());
+        for tx in listeners.iter() {
+            // A full queue already holds a notice that makes the agent read the store.
+            let _ = tx.try_send(version);
+        }
     }
 
     fn read_state(root: &Path) -> Result<State, StoreError> {
@@ -215,23 +234,28 @@ impl DirStore {
     }
 
     async fn commit(&self, expected: u64, json: String) -> Result<bool, StoreError> {
-        self.blocking(move |root| {
-            let lock_path = root.join("lock");
-            let lock = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&lock_path)
-                .map_err(io(format!("cannot open {}", lock_path.display())))?;
-            lock.lock()
-                .map_err(io(format!("cannot lock {}", lock_path.display())))?;
-            if Self::read_state(root)?.version != expected {
-                return Ok(false);
-            }
-            write_atomically(&root.join("state.json"), json.as_bytes())?;
-            Ok(true)
-        })
-        .await
+        let done = self
+            .blocking(move |root| {
+                let lock_path = root.join("lock");
+                let lock = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&lock_path)
+                    .map_err(io(format!("cannot open {}", lock_path.display())))?;
+                lock.lock()
+                    .map_err(io(format!("cannot lock {}", lock_path.display())))?;
+                if Self::read_state(root)?.version != expected {
+                    return Ok(false);
+                }
+                write_atomically(&root.join("state.json"), json.as_bytes())?;
+                Ok(true)
+            })
+            .await?;
+        if done {
+            self.announce(expected + 1);
+        }
+        Ok(done)
     }
 
     async fn put_blob(&self, sha256: &str, bytes: &[u8]) -> Result<(), StoreError> {

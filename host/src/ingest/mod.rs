@@ -58,10 +58,15 @@ pub struct Ingest<S> {
     counters: Option<Counters>,
 }
 
+/// The tables and counters of the pipeline in force, shared by the processor (which
+/// replaces them on a hot swap) and the counters API.
+pub type SharedRoutes = Arc<std::sync::RwLock<Arc<Routes>>>;
+
 /// What the counters API needs: read keys, the declared counters, a Redis reader.
 pub struct Counters {
     pub read_keys: HashMap<String, String>,
-    pub routes: Arc<Routes>,
+    /// The declared counters; replaced when a new pipeline version declares others.
+    pub routes: SharedRoutes,
     pub reader: CounterReader,
 }
 
@@ -240,7 +245,8 @@ async fn get_counter<S: Sink>(
         };
         let Query(query) = query
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
-        let Some(spec) = counters.routes.counter(&counter) else {
+        let routes = counters.routes.read().expect("routes lock").clone();
+        let Some(spec) = routes.counter(&counter) else {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",

@@ -69,8 +69,8 @@ pub struct RoutedRow {
 pub struct CountRow {
     pub origin: Origin,
     pub app: String,
-    /// Index into [`Routes::counters`].
-    pub counter: usize,
+    /// The counter (of the pipeline version that produced the increment).
+    pub counter: Arc<route::Counter>,
     pub key: String,
     pub delta: i64,
     /// The event's time (for per-day counts).
@@ -482,7 +482,7 @@ impl Pipeline {
                 out.counts.push(CountRow {
                     origin,
                     app: event.app.clone(),
-                    counter: inc.counter,
+                    counter: self.routes.counters[inc.counter].clone(),
                     key: inc.key,
                     delta: inc.delta,
                     timestamp_ms: event.timestamp_ms,

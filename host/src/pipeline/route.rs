@@ -7,6 +7,7 @@
 //! column), never the batch.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -396,7 +397,8 @@ pub struct Fanout {
 #[derive(Debug, Clone, Default)]
 pub struct Routes {
     pub tables: Vec<Table>,
-    pub counters: Vec<Counter>,
+    /// Shared with the increments that name them, which may outlive a pipeline swap.
+    pub counters: Vec<Arc<Counter>>,
     table_index: HashMap<String, usize>,
     counter_index: HashMap<String, usize>,
     targets: HashMap<String, Target>,
@@ -432,14 +434,20 @@ impl Routes {
             {
                 return Err(format!("counter {} is declared twice", counter.name));
             }
-            routes.counters.push(counter);
+            routes.counters.push(Arc::new(counter));
         }
         Ok(routes)
     }
 
     /// The counter named `name`, if declared.
     pub fn counter(&self, name: &str) -> Option<&Counter> {
-        self.counter_index.get(name).map(|&i| &self.counters[i])
+        self.counter_index.get(name).map(|&i| &*self.counters[i])
+    }
+
+    /// True if both declare the same tables (names, columns, order).
+    pub fn same_tables(&self, other: &Routes) -> bool {
+        let ddl = |r: &Routes| r.tables.iter().map(|t| t.ddl("")).collect::<Vec<_>>();
+        ddl(self) == ddl(other)
     }
 
     /// Checks a plugin's outputs and adds them to `fanout`. On error nothing is added

@@ -20,6 +20,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::Message;
@@ -33,6 +34,7 @@ use crate::bus::record::WireEvent;
 use crate::bus::{self, Consumer};
 use crate::config::ProcessorConfig;
 use crate::control::agent::{Running, Swap};
+use crate::ingest::SharedRoutes;
 use crate::sinks::clickhouse::{ClickHouseError, ClickHouseSink, Written};
 use crate::sinks::counters::{CounterError, CounterSink};
 use crate::sinks::topic::{TopicError, TopicSink};
@@ -148,6 +150,8 @@ pub struct Worker {
     swaps: Option<mpsc::Receiver<Swap>>,
     /// What runs now, for the agent's status reports.
     running: Option<watch::Sender<Running>>,
+    /// The counters API's view of the declared counters.
+    shared_routes: Option<SharedRoutes>,
 }
 
 impl Worker {
@@ -174,6 +178,7 @@ impl Worker {
             early: Vec::new(),
             swaps: None,
             running: None,
+            shared_routes: None,
         }
     }
 
@@ -182,9 +187,11 @@ impl Worker {
         mut self,
         swaps: mpsc::Receiver<Swap>,
         running: watch::Sender<Running>,
+        shared_routes: SharedRoutes,
     ) -> Self {
         self.swaps = Some(swaps);
         self.running = Some(running);
+        self.shared_routes = Some(shared_routes);
         self
     }
 
@@ -196,6 +203,16 @@ impl Worker {
             Some(pipeline) => {
                 let old = self.pipeline.tag();
                 self.pipeline = pipeline;
+                let routes = self.pipeline.routes().clone();
+                if !Arc::ptr_eq(self.sink.routes(), &routes) {
+                    // Other tables or counters: rows of later batches go to the new
+                    // tables (the agent created them); increments already waiting for
+                    // Redis keep the counters they were made for.
+                    self.sink = self.sink.with_routes(routes.clone());
+                    if let Some(shared) = &self.shared_routes {
+                        *shared.write().expect("routes lock") = routes;
+                    }
+                }
                 let new = self.pipeline.tag();
                 info!(
                     pipeline = %self.pipeline.name(),

@@ -205,6 +205,32 @@ impl ClickHouseSink {
         }
     }
 
+    /// The same endpoints for another pipeline version's routed tables. Each endpoint
+    /// is prepared again (tables created and checked) before its next write.
+    pub fn with_routes(&self, routes: Arc<Routes>) -> Self {
+        let endpoints = self
+            .endpoints
+            .iter()
+            .map(|e| Endpoint {
+                url: e.url.clone(),
+                admin: e.admin.clone(),
+                client: e.client.clone(),
+                ready: AtomicBool::new(false),
+            })
+            .collect();
+        Self {
+            routes,
+            endpoints: Arc::new(endpoints),
+            current: self.current.clone(),
+            database: self.database.clone(),
+        }
+    }
+
+    /// The routed tables it writes.
+    pub fn routes(&self) -> &Arc<Routes> {
+        &self.routes
+    }
+
     fn endpoint(&self) -> &Endpoint {
         &self.endpoints[self.current.load(Ordering::Relaxed) % self.endpoints.len()]
     }

@@ -20,7 +20,6 @@
 //! loses nothing either.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -28,7 +27,6 @@ use tracing::warn;
 
 use crate::config::RedisConfig;
 use crate::pipeline::CountRow;
-use crate::pipeline::route::Routes;
 
 /// Errors talking to Redis.
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +100,6 @@ fn hash_key(prefix: &str, app: &str, counter: &str) -> String {
 pub struct CounterSink {
     conn: ConnectionManager,
     url: String,
-    routes: Arc<Routes>,
     prefix: String,
     offsets_key: String,
     max_pending: usize,
@@ -114,16 +111,10 @@ pub struct CounterSink {
 }
 
 impl CounterSink {
-    pub fn new(
-        cfg: &RedisConfig,
-        group: &str,
-        topic: &str,
-        routes: Arc<Routes>,
-    ) -> Result<Self, CounterError> {
+    pub fn new(cfg: &RedisConfig, group: &str, topic: &str) -> Result<Self, CounterError> {
         Ok(Self {
             conn: connect(cfg)?,
             url: cfg.url.clone(),
-            routes,
             offsets_key: format!("{}:offsets:{group}:{topic}", cfg.key_prefix),
             prefix: cfg.key_prefix.clone(),
             max_pending: cfg.max_pending,
@@ -299,7 +290,7 @@ impl CounterSink {
         let mut sums: BTreeMap<(usize, &str), i64> = BTreeMap::new();
         let mut days: HashMap<i64, String> = HashMap::new();
         for r in rows {
-            let counter = &self.routes.counters[r.counter];
+            let counter = &r.counter;
             let total = hash_key(&self.prefix, &r.app, &counter.name);
             if counter.by_day {
                 let day = days
