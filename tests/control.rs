@@ -594,6 +594,53 @@ async fn hot_swap_and_rollback_under_load_on_two_instances() -> Result<()> {
     Ok(())
 }
 
+/// Posts events with the harness's write key; `Err` unless 202.
+async fn post(url: &str, body: &Value) -> Result<()> {
+    let r = reqwest::Client::new()
+        .post(url)
+        .bearer_auth(WRITE_KEY)
+        .json(body)
+        .send()
+        .await?;
+    ensure!(r.status() == StatusCode::ACCEPTED, "POST: {}", r.status());
+    Ok(())
+}
+
+/// Waits until profile `bob` has `want` rows in the routed `profile_viewed` table and
+/// `want` views through the counters API.
+async fn wait_for_views(
+    clickhouse: &ClickHouse,
+    db: &str,
+    counter_url: &str,
+    want: u64,
+) -> Result<()> {
+    clickhouse
+        .wait_for_count(
+            &format!("SELECT count() FROM {db}.profile_viewed WHERE profile_id = 'bob'"),
+            want,
+            Duration::from_secs(30),
+        )
+        .await?;
+    let start = Instant::now();
+    loop {
+        let r = reqwest::Client::new()
+            .get(counter_url)
+            .bearer_auth(READ_KEY)
+            .send()
+            .await?;
+        let code = r.status();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        if code == StatusCode::OK && body["value"] == want {
+            return Ok(());
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "counter: {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Runs the `weir` CLI against an instance's admin API; returns stdout, or the error
 /// with stderr.
 fn cli(weir: &Weir, args: &[&str]) -> Result<String> {
@@ -705,13 +752,7 @@ config = {{ require_user = ["profile_viewed"] }}
         {"name": "profile_viewed", "user_id": "ann", "properties": {"profile_id": "bob"}},
         {"name": "app_opened", "user_id": "ann"}
     ]);
-    let resp = reqwest::Client::new()
-        .post(weir.events_url())
-        .bearer_auth(WRITE_KEY)
-        .json(&events)
-        .send()
-        .await?;
-    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    post(&weir.events_url(), &events).await?;
     clickhouse
         .wait_for_count(
             &format!("SELECT count() FROM {db}.events WHERE plugins = 'enrich@1'"),
@@ -752,6 +793,69 @@ config = {{ require_user = ["profile_viewed"] }}
         "{err}"
     );
 
+    // A chain that cannot start (a memory cap below the plugin's initial memory) is
+    // refused at once.
+    let bad = json!({"plugins": [{"plugin": "enrich@1", "memory_mib": 1}]});
+    expect_refused(
+        "plugin that cannot start",
+        api.put("/admin/v1/pipelines/engagement", &bad).await?,
+        StatusCode::BAD_REQUEST,
+        "enrich@1 cannot start with these settings",
+    )?;
+    // A version the instance cannot prepare (its table exists in ClickHouse with other
+    // column types): it keeps running the previous one and says why in its status.
+    clickhouse
+        .query(&format!(
+            "CREATE TABLE {db}.clash (event_id String, app String, timestamp DateTime, x UInt8) \
+             ENGINE = MergeTree() ORDER BY timestamp"
+        ))
+        .await?;
+    let bad = json!({"plugins": [{"plugin": "enrich@1"}],
+                     "tables": [{"name": "clash", "columns": ["x String"], "order_by": ["timestamp"]}]});
+    expect_created(
+        "unpreparable pipeline",
+        api.put("/admin/v1/pipelines/engagement", &bad).await?,
+    )?;
+    let start = Instant::now();
+    let status = loop {
+        let s = api.status().await?;
+        if s["instances"][0]["error"].is_string() {
+            break s;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "no error reported: {s:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let instance = &status["instances"][0];
+    let error = instance["error"].as_str().unwrap();
+    assert!(
+        error.contains("cannot prepare pipeline engagement")
+            && error.contains("clash")
+            && error.contains("still running the previous version"),
+        "{error}"
+    );
+    assert_eq!(instance["pipeline_version"], 1, "{status:#}");
+    assert_eq!(instance["control_version"], json!(version), "{status:#}");
+    let out = cli(&weir, &["status"])?;
+    assert!(out.contains("ERROR: control-plane version"), "{out}");
+    post(&weir.events_url(), &events).await?;
+    clickhouse
+        .wait_for_count(
+            &format!("SELECT count() FROM {db}.events WHERE plugins = 'enrich@1'"),
+            4,
+            Duration::from_secs(30),
+        )
+        .await?;
+    // Rolled back, the instance is healthy again.
+    let out = cli(&weir, &["pipeline", "rollback", "engagement"])?;
+    assert!(out.contains("version 1 active"), "{out}");
+    let version = api.status().await?["control_version"].as_u64().unwrap();
+    api.wait_converged(1, version, &["enrich@1"], Duration::from_secs(5))
+        .await?;
+    assert!(api.status().await?["instances"][0]["error"].is_null());
+
     // A version that brings its own table and counter: weir creates the table before
     // the swap, and the counters API serves the new counter.
     let route = std::fs::read(plugin_path("route-engagement"))?;
@@ -773,16 +877,13 @@ config = {{ require_user = ["profile_viewed"] }}
         "Strin",
     )?;
     let counter_url = weir.counter_url("profile_views", "bob");
-    let read = |url: String| async move {
-        let r = reqwest::Client::new()
-            .get(url)
-            .bearer_auth(READ_KEY)
-            .send()
-            .await?;
-        Ok::<_, anyhow::Error>((r.status(), r.json::<Value>().await.unwrap_or(Value::Null)))
-    };
+    let before = reqwest::Client::new()
+        .get(&counter_url)
+        .bearer_auth(READ_KEY)
+        .send()
+        .await?;
     assert_eq!(
-        read(counter_url.clone()).await?.0,
+        before.status(),
         StatusCode::NOT_FOUND,
         "no counter before the swap"
     );
@@ -803,39 +904,8 @@ config = {{ require_user = ["profile_viewed"] }}
         {"name": "profile_viewed", "user_id": "cid", "properties": {"profile_id": "bob"}}
     ]);
     let events_url = weir.events_url();
-    let post = |body: Value| {
-        let url = events_url.clone();
-        async move {
-            let r = reqwest::Client::new()
-                .post(url)
-                .bearer_auth(WRITE_KEY)
-                .json(&body)
-                .send()
-                .await?;
-            ensure!(r.status() == StatusCode::ACCEPTED, "POST: {}", r.status());
-            Ok(())
-        }
-    };
-    post(views.clone()).await?;
-    clickhouse
-        .wait_for_count(
-            &format!("SELECT count() FROM {db}.profile_viewed WHERE profile_id = 'bob'"),
-            2,
-            Duration::from_secs(30),
-        )
-        .await?;
-    let start = Instant::now();
-    loop {
-        let (code, body) = read(counter_url.clone()).await?;
-        if code == StatusCode::OK && body["value"] == 2 {
-            break;
-        }
-        ensure!(
-            start.elapsed() < Duration::from_secs(10),
-            "counter: {code} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    post(&events_url, &views).await?;
+    wait_for_views(&clickhouse, db, &counter_url, 2).await?;
 
     // Restarted, the instance runs the stored pipeline (and its table and counter)
     // from the start.
@@ -847,26 +917,8 @@ config = {{ require_user = ["profile_viewed"] }}
         Duration::from_secs(10),
     )
     .await?;
-    post(views).await?;
-    clickhouse
-        .wait_for_count(
-            &format!("SELECT count() FROM {db}.profile_viewed WHERE profile_id = 'bob'"),
-            4,
-            Duration::from_secs(30),
-        )
-        .await?;
-    let start = Instant::now();
-    loop {
-        let (code, body) = read(counter_url.clone()).await?;
-        if code == StatusCode::OK && body["value"] == 4 {
-            break;
-        }
-        ensure!(
-            start.elapsed() < Duration::from_secs(10),
-            "counter after restart: {code} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    post(&events_url, &views).await?;
+    wait_for_views(&clickhouse, db, &counter_url, 4).await?;
     assert!(weir.stop(), "weir did not stop cleanly:\n{}", weir.log());
     Ok(())
 }

@@ -523,19 +523,19 @@ pub enum FailurePolicy {
     Open,
 }
 
-fn default_quarantine_after() -> u32 {
+pub(crate) fn default_quarantine_after() -> u32 {
     3
 }
 
-fn default_quarantine_secs() -> u64 {
+pub(crate) fn default_quarantine_secs() -> u64 {
     30
 }
 
-fn default_deadline_ms() -> u64 {
+pub(crate) fn default_deadline_ms() -> u64 {
     100
 }
 
-fn default_memory_mib() -> usize {
+pub(crate) fn default_memory_mib() -> usize {
     64
 }
 

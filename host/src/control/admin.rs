@@ -84,6 +84,17 @@ fn authorize(admin: &Admin, headers: &HeaderMap) -> Result<(), ApiError> {
     ))
 }
 
+/// Checks the token, then reads the latest control-plane state.
+async fn authorized_state(admin: &Admin, headers: &HeaderMap) -> Result<super::State, ApiError> {
+    authorize(admin, headers)?;
+    Ok(admin
+        .control
+        .store()
+        .state()
+        .await
+        .map_err(AdminError::from)?)
+}
+
 /// Reads a body of at most `max` bytes.
 async fn read_body(body: Body, max: usize, what: &str) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, max).await.map_err(|_| {
@@ -161,13 +172,7 @@ async fn list_plugins(
     State(admin): State<Arc<Admin>>,
     headers: HeaderMap,
 ) -> Result<axum::Json<Value>, ApiError> {
-    authorize(&admin, &headers)?;
-    let state = admin
-        .control
-        .store()
-        .state()
-        .await
-        .map_err(AdminError::from)?;
+    let state = authorized_state(&admin, &headers).await?;
     Ok(axum::Json(
         json!({"version": state.version, "plugins": state.plugins}),
     ))
@@ -178,13 +183,7 @@ async fn get_plugin(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<axum::Json<Value>, ApiError> {
-    authorize(&admin, &headers)?;
-    let state = admin
-        .control
-        .store()
-        .state()
-        .await
-        .map_err(AdminError::from)?;
+    let state = authorized_state(&admin, &headers).await?;
     let versions = state
         .plugins
         .get(&name)
@@ -309,13 +308,7 @@ async fn list_schemas(
     State(admin): State<Arc<Admin>>,
     headers: HeaderMap,
 ) -> Result<axum::Json<Value>, ApiError> {
-    authorize(&admin, &headers)?;
-    let state = admin
-        .control
-        .store()
-        .state()
-        .await
-        .map_err(AdminError::from)?;
+    let state = authorized_state(&admin, &headers).await?;
     let latest: serde_json::Map<String, Value> = state
         .schemas
         .iter()
@@ -331,13 +324,7 @@ async fn get_schema(
     Path(event): Path<String>,
     headers: HeaderMap,
 ) -> Result<axum::Json<Value>, ApiError> {
-    authorize(&admin, &headers)?;
-    let state = admin
-        .control
-        .store()
-        .state()
-        .await
-        .map_err(AdminError::from)?;
+    let state = authorized_state(&admin, &headers).await?;
     let versions = state
         .schemas
         .get(&event)
@@ -365,13 +352,7 @@ async fn list_pipelines(
     State(admin): State<Arc<Admin>>,
     headers: HeaderMap,
 ) -> Result<axum::Json<Value>, ApiError> {
-    authorize(&admin, &headers)?;
-    let state = admin
-        .control
-        .store()
-        .state()
-        .await
-        .map_err(AdminError::from)?;
+    let state = authorized_state(&admin, &headers).await?;
     let active: serde_json::Map<String, Value> = state
         .pipelines
         .iter()
@@ -392,13 +373,7 @@ async fn get_pipeline(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<axum::Json<Value>, ApiError> {
-    authorize(&admin, &headers)?;
-    let state = admin
-        .control
-        .store()
-        .state()
-        .await
-        .map_err(AdminError::from)?;
+    let state = authorized_state(&admin, &headers).await?;
     let record = state
         .pipelines
         .get(&name)

@@ -25,7 +25,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::config::{CounterConfig, FailurePolicy, PipelineConfig, TableConfig};
+use crate::config::{
+    CounterConfig, FailurePolicy, PipelineConfig, TableConfig, default_deadline_ms,
+    default_memory_mib, default_quarantine_after, default_quarantine_secs,
+};
 use crate::runtime::Runtime;
 use store::{Store, StoreError};
 
@@ -164,19 +167,6 @@ pub struct ChainEntry {
     pub quarantine_after: u32,
     #[serde(default = "default_quarantine_secs")]
     pub quarantine_secs: u64,
-}
-
-fn default_deadline_ms() -> u64 {
-    100
-}
-fn default_memory_mib() -> usize {
-    64
-}
-fn default_quarantine_after() -> u32 {
-    3
-}
-fn default_quarantine_secs() -> u64 {
-    30
 }
 
 impl ChainEntry {
@@ -452,13 +442,41 @@ impl Control {
 
     /// Validates a pipeline document against the latest state and stores it as the
     /// pipeline's next version, active at once. The same document as the active one
-    /// changes nothing.
+    /// changes nothing. Every plugin of the chain is loaded and instantiated here with
+    /// its configuration and limits first, so a chain that cannot start is refused
+    /// rather than deployed (an instance that still cannot prepare it keeps its version
+    /// and reports why).
     pub async fn put_pipeline(
         &self,
         name: &str,
         doc: PipelineDoc,
     ) -> Result<(PipelineVersion, bool), AdminError> {
         check_name("pipeline", name)?;
+        let state = self.store.state().await?;
+        check_pipeline(&state, &doc)?;
+        for entry in &doc.plugins {
+            let (plugin, version) = entry.reference().map_err(invalid)?;
+            let meta = state.plugins[plugin]
+                .iter()
+                .find(|v| v.version == version)
+                .expect("checked above");
+            let bytes = self.store.blob(&meta.sha256).await?.ok_or_else(|| {
+                invalid(format!(
+                    "the component of {} is missing from the store",
+                    entry.plugin
+                ))
+            })?;
+            let config = Value::Object(entry.config.clone()).to_string();
+            self.runtime
+                .load_as(plugin, &version.to_string(), &bytes, config, entry.limits())
+                .await
+                .map_err(|e| {
+                    invalid(format!(
+                        "{} cannot start with these settings: {e}",
+                        entry.plugin
+                    ))
+                })?;
+        }
         let ((pv, created), _) = self
             .update(|state| {
                 check_pipeline(state, &doc)?;
