@@ -753,6 +753,15 @@ config = {{ require_user = ["profile_viewed"] }}
         {"name": "app_opened", "user_id": "ann"}
     ]);
     post(&weir.events_url(), &events).await?;
+    let no_user = json!({"event_id": "nouser-1", "name": "profile_viewed", "properties": {"profile_id": "zed"}});
+    post(&weir.events_url(), &no_user).await?;
+    clickhouse
+        .wait_for_count(
+            &format!("SELECT count() FROM {db}.dead_letters WHERE event_id = 'nouser-1'"),
+            1,
+            Duration::from_secs(30),
+        )
+        .await?;
     clickhouse
         .wait_for_count(
             &format!("SELECT count() FROM {db}.events WHERE plugins = 'enrich@1'"),
@@ -862,7 +871,7 @@ config = {{ require_user = ["profile_viewed"] }}
     expect_created("push route", api.push("route", route, "").await?)?;
     let doc = json!({
         "plugins": [
-            {"plugin": "enrich@1", "config": {"require_user": ["profile_viewed"]}},
+            {"plugin": "enrich@1", "config": {"require_user": []}},
             {"plugin": "route@1", "config": {"views_table": "profile_viewed", "views_counter": "profile_views"}}
         ],
         "tables": [{"name": "profile_viewed", "order_by": ["profile_id", "timestamp"],
@@ -919,6 +928,35 @@ config = {{ require_user = ["profile_viewed"] }}
     .await?;
     post(&events_url, &views).await?;
     wait_for_views(&clickhouse, db, &counter_url, 4).await?;
+
+    // The view without a user that enrich@1 rejected: listed, replayed through the
+    // version in force (which no longer requires a user), and not twice.
+    let listed = cli(&weir, &["dead-letters", "list", "--stage", "plugin"])?;
+    assert!(
+        listed.contains("nouser-1") && listed.contains("profile_viewed requires a user_id"),
+        "{listed}"
+    );
+    let out = cli(&weir, &["dead-letters", "replay", "--stage", "plugin"])?;
+    assert!(out.contains("replayed 1 events"), "{out}");
+    clickhouse
+        .wait_for_count(
+            &format!("SELECT count() FROM {db}.events WHERE event_id = 'nouser-1'"),
+            1,
+            Duration::from_secs(30),
+        )
+        .await?;
+    let out = cli(&weir, &["dead-letters", "replay", "--stage", "plugin"])?;
+    assert!(
+        out.contains("replayed 0 events") && out.contains("in events already"),
+        "{out}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let n = clickhouse
+        .count(&format!(
+            "SELECT count() FROM {db}.events WHERE event_id = 'nouser-1'"
+        ))
+        .await?;
+    assert_eq!(n, 1, "the replayed event landed twice");
     assert!(weir.stop(), "weir did not stop cleanly:\n{}", weir.log());
     Ok(())
 }

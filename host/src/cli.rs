@@ -59,6 +59,11 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Dead letters: list them, or replay them through the pipeline in force.
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
     /// The control-plane version and every live instance: what it runs, its lag.
     Status {
         /// Print the API's JSON instead of a table.
@@ -89,6 +94,63 @@ impl AdminArgs {
     fn client(&self) -> anyhow::Result<AdminClient> {
         AdminClient::new(&self.admin_url, &self.token)
     }
+}
+
+/// Which dead letters (every condition given must hold).
+#[derive(clap::Args)]
+struct DeadLetterArgs {
+    /// Stage: schema, plugin, webhook or decode.
+    #[arg(long)]
+    stage: Option<String>,
+    /// Event name.
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    app: Option<String>,
+    /// These events only (repeatable; replay only).
+    #[arg(long = "event-id")]
+    event_ids: Vec<String>,
+    /// At most this many, newest first.
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+}
+
+impl DeadLetterArgs {
+    fn filter(&self) -> serde_json::Value {
+        let mut f = serde_json::json!({"limit": self.limit});
+        for (k, v) in [
+            ("stage", &self.stage),
+            ("name", &self.name),
+            ("app", &self.app),
+        ] {
+            if let Some(v) = v {
+                f[k] = serde_json::json!(v);
+            }
+        }
+        if !self.event_ids.is_empty() {
+            f["event_ids"] = serde_json::json!(self.event_ids);
+        }
+        f
+    }
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// Lists dead letters, newest first (JSON).
+    List {
+        #[command(flatten)]
+        which: DeadLetterArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Sends dead letters' events back through the pipeline in force (those already in
+    /// `events` are skipped).
+    Replay {
+        #[command(flatten)]
+        which: DeadLetterArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -352,6 +414,46 @@ pub fn main() -> anyhow::Result<()> {
         Command::Apply { file, admin } => {
             for line in rt.block_on(crate::control::client::apply(&admin.client()?, &file))? {
                 println!("{line}");
+            }
+            Ok(())
+        }
+        Command::DeadLetters {
+            command: DeadLetterCommand::List { which, admin },
+        } => {
+            if !which.event_ids.is_empty() {
+                bail!("--event-id is for replay; list filters by --stage, --name, --app");
+            }
+            let filter = which.filter();
+            let query: Vec<(&str, String)> = filter
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| {
+                    (
+                        k.as_str(),
+                        v.as_str().map_or_else(|| v.to_string(), str::to_owned),
+                    )
+                })
+                .collect();
+            let client = admin.client()?;
+            let body = rt.block_on(client.get_query("/admin/v1/dead-letters", &query))?;
+            println!("{}", serde_json::to_string_pretty(&body)?);
+            Ok(())
+        }
+        Command::DeadLetters {
+            command: DeadLetterCommand::Replay { which, admin },
+        } => {
+            let client = admin.client()?;
+            let body =
+                rt.block_on(client.post_json("/admin/v1/dead-letters/replay", &which.filter()))?;
+            println!("replayed {} events", body["replayed"]);
+            for s in body["skipped"].as_array().into_iter().flatten() {
+                println!(
+                    "  skipped {} ({}): {}",
+                    s["event_id"].as_str().unwrap_or(""),
+                    s["stage"].as_str().unwrap_or(""),
+                    s["reason"].as_str().unwrap_or("")
+                );
             }
             Ok(())
         }

@@ -14,6 +14,7 @@ use crate::config::{Config, DEV_ADMIN_TOKEN, DEV_WRITE_KEY};
 use crate::control::Control;
 use crate::control::admin::{self, Admin};
 use crate::control::agent::{Agent, Preparer, Running};
+use crate::control::dead_letters::DeadLetters;
 use crate::control::store::Store;
 use crate::ingest::{self, Counters, Ingest, SharedRoutes};
 use crate::pipeline::route::Routes;
@@ -132,6 +133,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     };
     let agent = tokio::spawn(agent.run(stop_rx.clone()));
 
+    let producer = Producer::new(&config.kafka).context("cannot create the Kafka producer")?;
     let admin_server = match &config.admin {
         Some(admin_cfg) => {
             if admin_cfg.tokens.iter().any(|t| t == DEV_ADMIN_TOKEN) {
@@ -152,6 +154,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
                 app_keys,
                 max_plugin_bytes: admin_cfg.max_plugin_bytes,
                 instance_ttl: Duration::from_millis(config.control.instance_ttl_ms),
+                dead_letters: DeadLetters {
+                    sink: ClickHouseSink::new(&config.clickhouse, routes.clone()),
+                    producer: producer.clone(),
+                },
             });
             let listener = tokio::net::TcpListener::bind(admin_cfg.listen)
                 .await
@@ -167,7 +173,6 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         None => None,
     };
 
-    let producer = Producer::new(&config.kafka).context("cannot create the Kafka producer")?;
     let mut ingest = Ingest::new(&config.ingest, keys, producer.clone());
     ingest = ingest.with_counters(Counters {
         read_keys: config.read_keys(),

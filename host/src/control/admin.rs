@@ -15,9 +15,11 @@ use axum::routing::{get, post, put};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::dead_letters::DeadLetters;
 use super::{AdminError, Control, PipelineDoc};
 use crate::ingest::{ApiError, bearer};
 use crate::pipeline::dry_run;
+use crate::sinks::clickhouse::DeadLetterFilter;
 
 /// What the admin routes share.
 pub struct Admin {
@@ -28,6 +30,7 @@ pub struct Admin {
     pub max_plugin_bytes: usize,
     /// Instances not heard from for this long are not listed.
     pub instance_ttl: Duration,
+    pub dead_letters: DeadLetters,
 }
 
 /// The admin router.
@@ -45,6 +48,8 @@ pub fn app(admin: Arc<Admin>) -> Router {
         )
         .route("/admin/v1/pipelines/{name}/rollback", post(rollback))
         .route("/admin/v1/status", get(status))
+        .route("/admin/v1/dead-letters", get(list_dead_letters))
+        .route("/admin/v1/dead-letters/replay", post(replay_dead_letters))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(|| async { crate::metrics::render() }))
         // Handlers read bodies with their own limits, to answer in JSON.
@@ -428,4 +433,42 @@ async fn status(
         "pipelines": pipelines,
         "instances": instances,
     })))
+}
+
+fn unavailable(e: anyhow::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        format!("{e:#}"),
+    )
+}
+
+async fn list_dead_letters(
+    State(admin): State<Arc<Admin>>,
+    Query(filter): Query<DeadLetterFilter>,
+    headers: HeaderMap,
+) -> Result<axum::Json<Value>, ApiError> {
+    authorize(&admin, &headers)?;
+    let rows = admin
+        .dead_letters
+        .list(&filter)
+        .await
+        .map_err(unavailable)?;
+    Ok(axum::Json(json!({"dead_letters": rows})))
+}
+
+async fn replay_dead_letters(
+    State(admin): State<Arc<Admin>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<axum::Json<Value>, ApiError> {
+    authorize(&admin, &headers)?;
+    let body = read_body(body, 4 << 20, "the replay request").await?;
+    let filter: DeadLetterFilter = parse_json(&body, "the replay request")?;
+    let report = admin
+        .dead_letters
+        .replay(&filter)
+        .await
+        .map_err(unavailable)?;
+    Ok(axum::Json(json!(report)))
 }

@@ -77,6 +77,26 @@ impl AdminClient {
             .1)
     }
 
+    pub async fn get_query(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<Value> {
+        Ok(self
+            .send(
+                self.http.get(self.url(path)).query(query),
+                &format!("GET {path}"),
+            )
+            .await?
+            .1)
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        Ok(self
+            .send(
+                self.http.post(self.url(path)).json(body),
+                &format!("POST {path}"),
+            )
+            .await?
+            .1)
+    }
+
     pub async fn put_json(&self, path: &str, body: &Value) -> anyhow::Result<(bool, Value)> {
         self.send(
             self.http.put(self.url(path)).json(body),

@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod agent;
 pub mod client;
+pub mod dead_letters;
 pub mod store;
 
 use std::collections::{BTreeMap, HashSet};

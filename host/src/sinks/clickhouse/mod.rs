@@ -136,6 +136,43 @@ struct DeadLetterRow<'a> {
     kafka_index: u32,
 }
 
+/// A row of `dead_letters`, as the admin API lists it.
+#[derive(Debug, Clone, Row, Deserialize, Serialize)]
+pub struct DeadLetterRecord {
+    pub event_id: String,
+    pub app: String,
+    pub name: String,
+    pub stage: String,
+    pub plugin: String,
+    pub plugin_version: String,
+    pub reason: String,
+    pub raw: String,
+    /// Seconds since the Unix epoch.
+    pub failed_at: u32,
+    pub control_version: u64,
+}
+
+/// Which dead letters to list or replay (every condition given must hold).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterFilter {
+    pub stage: Option<String>,
+    pub name: Option<String>,
+    pub app: Option<String>,
+    /// Failed at or after this time (ms since the Unix epoch).
+    pub since_ms: Option<i64>,
+    /// Only these events.
+    #[serde(default)]
+    pub event_ids: Vec<String>,
+    /// At most this many, newest first (default 100, at most 10,000).
+    pub limit: Option<usize>,
+}
+
+#[derive(Row, Deserialize)]
+struct IdRow {
+    event_id: String,
+}
+
 /// Rows already written: `(kafka_offset, kafka_index)` -> `event_id`.
 pub type Written = HashMap<(i64, u32), String>;
 
@@ -547,6 +584,68 @@ impl ClickHouseSink {
         let mut insert = self.client().insert_formatted_with(sql);
         insert.send(body.into()).await.map_err(query_err(what()))?;
         insert.end().await.map_err(query_err(what()))
+    }
+
+    /// Dead letters matching `filter`, newest first.
+    pub async fn dead_letters(
+        &self,
+        filter: &DeadLetterFilter,
+    ) -> Result<Vec<DeadLetterRecord>, ClickHouseError> {
+        let mut sql = String::from(
+            "SELECT event_id, app, name, stage, plugin, plugin_version, reason, raw, failed_at, \
+             control_version FROM dead_letters WHERE 1",
+        );
+        let mut strings = Vec::new();
+        for (column, value) in [
+            ("stage", &filter.stage),
+            ("name", &filter.name),
+            ("app", &filter.app),
+        ] {
+            if let Some(v) = value {
+                sql.push_str(&format!(" AND {column} = ?"));
+                strings.push(v.clone());
+            }
+        }
+        if let Some(ms) = filter.since_ms {
+            sql.push_str(&format!(
+                " AND failed_at >= toDateTime({})",
+                ms.div_euclid(1000).max(0)
+            ));
+        }
+        if !filter.event_ids.is_empty() {
+            sql.push_str(" AND has(?, event_id)");
+        }
+        let limit = filter.limit.unwrap_or(100).clamp(1, 10_000);
+        sql.push_str(&format!(" ORDER BY failed_at DESC LIMIT {limit}"));
+        let mut query = self.client().query(&sql);
+        for s in strings {
+            query = query.bind(s);
+        }
+        if !filter.event_ids.is_empty() {
+            query = query.bind(filter.event_ids.clone());
+        }
+        query
+            .fetch_all()
+            .await
+            .map_err(query_err("reading dead_letters"))
+    }
+
+    /// Which of `ids` are in `events`.
+    pub async fn events_present(
+        &self,
+        ids: &[String],
+    ) -> Result<std::collections::HashSet<String>, ClickHouseError> {
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let rows: Vec<IdRow> = self
+            .client()
+            .query("SELECT event_id FROM events WHERE has(?, event_id)")
+            .bind(ids.to_vec())
+            .fetch_all()
+            .await
+            .map_err(query_err("looking up events"))?;
+        Ok(rows.into_iter().map(|r| r.event_id).collect())
     }
 
     /// The name of routed table `t`.
