@@ -71,7 +71,13 @@ struct AdminApi {
 impl AdminApi {
     fn of(weir: &Weir) -> Self {
         Self {
-            http: reqwest::Client::new(),
+            // A fresh connection per request: the server closes one whose body it
+            // refused unread (413), and a pooled client could write the next request
+            // into it.
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .expect("HTTP client"),
             base: weir.admin_url(""),
         }
     }

@@ -84,6 +84,9 @@ listen = "{{ingest}}"
 [[app]]
 name = "hooks"
 write_keys = ["{WRITE_KEY}"]
+[admin]
+listen = "{{admin}}"
+tokens = ["at_test_1234567890abcdef"]
 [kafka]
 brokers = "{}"
 session_timeout_ms = 6000
@@ -194,6 +197,33 @@ async fn an_endpoint_that_keeps_failing_sends_events_to_dead_letters() -> Result
     let (addr, ep) = endpoint(None).await?;
     let weir = Weir::start(&config(&tansu, &clickhouse, "dead_hooks", addr, 3))?;
     weir.wait_for_log("partitions assigned", Duration::from_secs(30))?;
+    // A control-plane change (an upload) moves the version rows record; the webhook's
+    // dead letters must record it too.
+    let admin = reqwest::Client::new();
+    let token = "at_test_1234567890abcdef";
+    let up = admin
+        .put(weir.admin_url("/admin/v1/plugins/passthrough"))
+        .bearer_auth(token)
+        .body(std::fs::read(weir_tests::plugin_path("passthrough"))?)
+        .send()
+        .await?;
+    assert_eq!(up.status(), 201);
+    let started = Instant::now();
+    while admin
+        .get(weir.admin_url("/admin/v1/status"))
+        .bearer_auth(token)
+        .send()
+        .await?
+        .json::<serde_json::Value>()
+        .await?["instances"][0]["control_version"]
+        != 1
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "version 1 not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let signups = post_events(&weir, 300).await?;
     let started = Instant::now();
@@ -222,6 +252,13 @@ async fn an_endpoint_that_keeps_failing_sends_events_to_dead_letters() -> Result
         "{reason}"
     );
     assert!(reason.ends_with(&format!("\t{signups}")), "{reason}");
+    let versions = clickhouse
+        .query("SELECT min(control_version), max(control_version) FROM dead_hooks.dead_letters")
+        .await?;
+    assert_eq!(
+        versions, "1\t1",
+        "webhook dead letters record the control version"
+    );
     assert!(ep.seen.lock().unwrap().accepted.is_empty());
     // The events themselves are in `events` regardless.
     assert_eq!(

@@ -100,6 +100,30 @@ async fn authorized_state(admin: &Admin, headers: &HeaderMap) -> Result<super::S
         .map_err(AdminError::from)?)
 }
 
+/// Reads an upload of at most `max` bytes; `None` if it is larger. A larger body is
+/// still read (and dropped) up to twice the limit, so that the client, still sending,
+/// gets the 413 rather than a broken connection; beyond that the connection is cut.
+async fn read_upload(mut body: Body, max: usize) -> Option<Bytes> {
+    use http_body_util::BodyExt as _;
+    let mut buf = bytes::BytesMut::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return None;
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        total += data.len();
+        if total <= max {
+            buf.extend_from_slice(&data);
+        } else if total > max.saturating_mul(2) {
+            return None;
+        }
+    }
+    (total <= max).then(|| buf.freeze())
+}
+
 /// Reads a body of at most `max` bytes.
 async fn read_body(body: Body, max: usize, what: &str) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, max).await.map_err(|_| {
@@ -150,18 +174,19 @@ async fn push_plugin(
     body: Body,
 ) -> Result<Response, ApiError> {
     authorize(&admin, &headers)?;
-    let bytes = axum::body::to_bytes(body, admin.max_plugin_bytes)
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "plugin {name} is larger than the limit of {} bytes (admin.max_plugin_bytes)",
+                admin.max_plugin_bytes
+            ),
+        )
+    };
+    let bytes = read_upload(body, admin.max_plugin_bytes)
         .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!(
-                    "plugin {name} is larger than the limit of {} bytes (admin.max_plugin_bytes)",
-                    admin.max_plugin_bytes
-                ),
-            )
-        })?;
+        .ok_or_else(too_large)?;
     let allow: Vec<String> = q
         .allow
         .split(',')

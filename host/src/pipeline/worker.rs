@@ -364,7 +364,9 @@ impl Worker {
         }
         crate::failpoint::after_write();
         for webhook in &self.webhooks {
-            webhook.offer(&output.kept).await;
+            webhook
+                .offer(&output.kept, self.pipeline.tag().control_version)
+                .await;
         }
         let offsets = std::mem::take(&mut buf.next_offsets);
         buf.since = None;

@@ -35,6 +35,8 @@ struct Item {
     app: String,
     name: String,
     json: String,
+    /// The control-plane version of the pipeline that kept the event.
+    control_version: u64,
 }
 
 /// Per partition, offset -> events of that offset not yet delivered or dead-lettered.
@@ -97,7 +99,7 @@ impl WebhookSink {
 
     /// Queues the kept events this webhook takes (by name, or forwarded to it by a
     /// plugin). Waits while the queue is full.
-    pub async fn offer(&self, kept: &[Kept]) {
+    pub async fn offer(&self, kept: &[Kept], control_version: u64) {
         let mine = |k: &&Kept| {
             self.events.contains(&k.event.name) || k.forwards.contains(&Target::Webhook(self.index))
         };
@@ -116,6 +118,7 @@ impl WebhookSink {
                 app: k.event.app.clone(),
                 name: k.event.name.clone(),
                 json: event_json(&k.event),
+                control_version,
             };
             crate::metrics::WEBHOOK_PENDING
                 .with_label_values(&[&self.name])
@@ -276,33 +279,38 @@ impl Delivery {
         crate::metrics::WEBHOOK_EVENTS
             .with_label_values(&[&self.name, "dead_letter"])
             .inc_by(batch.len() as u64);
-        let dead: Vec<DeadLetter> = batch
-            .iter()
-            .map(|i| DeadLetter {
-                origin: i.origin,
-                event_id: i.event_id.clone(),
-                app: i.app.clone(),
-                name: i.name.clone(),
-                stage: "webhook",
-                plugin: self.name.clone(),
-                plugin_version: String::new(),
-                reason: reason.to_owned(),
-                raw: i.json.clone(),
-            })
-            .collect();
-        let mut backoff = self.backoff;
-        while let Err(e) = self
-            .dead_letters
-            // The control-plane version is not known to the webhook task: 0.
-            .insert_dead_letters(&dead, &self.pipeline, 0)
-            .await
-        {
-            warn!(webhook = %self.name, error = %e, "cannot write webhook dead letters; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+        // Rows record the version that kept each event: one INSERT per version.
+        let mut by_version: std::collections::BTreeMap<u64, Vec<DeadLetter>> = Default::default();
+        for i in batch {
+            by_version
+                .entry(i.control_version)
+                .or_default()
+                .push(DeadLetter {
+                    origin: i.origin,
+                    event_id: i.event_id.clone(),
+                    app: i.app.clone(),
+                    name: i.name.clone(),
+                    stage: "webhook",
+                    plugin: self.name.clone(),
+                    plugin_version: String::new(),
+                    reason: reason.to_owned(),
+                    raw: i.json.clone(),
+                });
         }
-        crate::metrics::DEAD_LETTERS
-            .with_label_values(&["webhook"])
-            .inc_by(dead.len() as u64);
+        for (version, dead) in by_version {
+            let mut backoff = self.backoff;
+            while let Err(e) = self
+                .dead_letters
+                .insert_dead_letters(&dead, &self.pipeline, version)
+                .await
+            {
+                warn!(webhook = %self.name, error = %e, "cannot write webhook dead letters; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            crate::metrics::DEAD_LETTERS
+                .with_label_values(&["webhook"])
+                .inc_by(dead.len() as u64);
+        }
     }
 }
