@@ -49,12 +49,7 @@ impl Running {
     pub fn of(p: &Pipeline) -> Self {
         Self {
             tag: p.tag(),
-            plugins: p
-                .versions()
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect(),
+            plugins: p.plugin_versions(),
             schemas: p.schema_versions(),
         }
     }
@@ -404,8 +399,8 @@ impl Agent {
             );
         }
         self.seen = state.version;
-        let key = self.preparer.key(&state);
         if self.swaps.is_none() {
+            // No processor: nothing to prepare, only the version to report.
             self.send(Swap {
                 pipeline: None,
                 control_version: state.version,
@@ -413,6 +408,7 @@ impl Agent {
             .await;
             return;
         }
+        let key = self.preparer.key(&state);
         if self.applied.as_ref() == Some(&key) {
             // Nothing to prepare (or back to what runs, after a version that failed).
             self.failed = None;

@@ -301,15 +301,7 @@ impl Pipeline {
     }
 
     pub fn new(name: String, chain: Vec<Stage>, routes: Arc<Routes>, batch_size: usize) -> Self {
-        let versions = chain
-            .iter()
-            .map(|s| {
-                let p = s.instance.plugin();
-                format!("{}@{}", p.name(), p.version())
-            })
-            .collect::<Vec<_>>()
-            .join(",");
-        Self {
+        let mut pipeline = Self {
             name,
             tag: Tag::default(),
             events: None,
@@ -317,8 +309,10 @@ impl Pipeline {
             chain,
             routes,
             batch_size: batch_size.max(1),
-            versions,
-        }
+            versions: String::new(),
+        };
+        pipeline.versions = pipeline.plugin_versions().join(",");
+        pipeline
     }
 
     /// Validates events against these schemas before the chain.
@@ -361,6 +355,17 @@ impl Pipeline {
     /// `name@version,...` of the chain.
     pub fn versions(&self) -> &str {
         &self.versions
+    }
+
+    /// `name@version` of each plugin, in chain order.
+    pub fn plugin_versions(&self) -> Vec<String> {
+        self.chain
+            .iter()
+            .map(|s| {
+                let p = s.instance.plugin();
+                format!("{}@{}", p.name(), p.version())
+            })
+            .collect()
     }
 
     /// The tables and counters plugins may route to.
