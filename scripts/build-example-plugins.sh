@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
-# Builds the JavaScript and Python example plugins into WebAssembly components of
+# Builds the JavaScript, Python and C example plugins into WebAssembly components of
 # weir's `plugin` world, installing what is missing first:
 #   OUT_DIR/js_enrich.wasm      from examples/plugins/js      (npm componentize-qjs, QuickJS)
 #   OUT_DIR/python_enrich.wasm  from examples/plugins/python  (PyPI componentize-py)
+#   OUT_DIR/c_enrich.wasm       from examples/plugins/c       (Debian clang-14 + wasi-libc,
+#                                                              crates.io wit-bindgen-cli)
 # A component whose inputs (sources, wit/, pinned tool versions) are unchanged since its
 # last build is not rebuilt.
 #
 # Usage: scripts/build-example-plugins.sh OUT_DIR
 # Environment:
 #   WEIR_CACHE  where the Python venv with componentize-py lives (default ~/.cache/weir;
-#               the venv is $WEIR_CACHE/venv)
+#               the venv is $WEIR_CACHE/venv) and wit-bindgen ($WEIR_CACHE/tools/bin)
 #   FORCE=1     rebuild even when nothing changed
-# Needs node >= 18 with npm (installed with apt-get when missing) and python3 with venv.
+# Needs node >= 18 with npm, python3 with venv, clang-14, lld-14, wasi-libc (installed
+# with apt-get when missing), cargo, and rustup's wasm32-wasip2 target (wasm-component-ld).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 JS_DIR="$ROOT/examples/plugins/js"
 PY_DIR="$ROOT/examples/plugins/python"
+C_DIR="$ROOT/examples/plugins/c"
+WIT_BINDGEN_VERSION=0.61.1
 WEIR_CACHE="${WEIR_CACHE:-$HOME/.cache/weir}"
 VENV="$WEIR_CACHE/venv"
 FORCE="${FORCE:-0}"
@@ -172,6 +177,49 @@ compile_python() {
     componentize app -p "$STAGE" -o "$BUILD_OUT" >&2
 }
 
+# --- C -------------------------------------------------------------------------------
+
+ensure_c_tools() {
+  local missing=()
+  command -v clang-14 >/dev/null 2>&1 || command -v clang >/dev/null 2>&1 || missing+=(clang-14)
+  command -v wasm-ld-14 >/dev/null 2>&1 || command -v wasm-ld >/dev/null 2>&1 || missing+=(lld-14)
+  [[ -f /usr/include/wasm32-wasi/stdlib.h ]] || missing+=(wasi-libc)
+  compgen -G '/usr/lib/llvm-*/lib/clang/*/lib/wasi/libclang_rt.builtins-wasm32.a' >/dev/null ||
+    missing+=(libclang-rt-14-dev-wasm32)
+  command -v cc >/dev/null 2>&1 || missing+=(gcc)
+  if ((${#missing[@]})); then
+    apt_install "${missing[@]}" || die "c: install ${missing[*]} (Debian: apt-get install ${missing[*]})"
+  fi
+  local tools="$WEIR_CACHE/tools"
+  WIT_BINDGEN="$tools/bin/wit-bindgen"
+  if ! [[ -x $WIT_BINDGEN && $("$WIT_BINDGEN" --version 2>/dev/null) == *"$WIT_BINDGEN_VERSION"* ]]; then
+    log "c: cargo install wit-bindgen-cli $WIT_BINDGEN_VERSION (C bindings only) into $tools"
+    # Its own target directory: this may run inside `cargo test`, which holds the lock
+    # of the workspace's.
+    env -u CARGO_TARGET_DIR cargo install --quiet --locked wit-bindgen-cli --version "$WIT_BINDGEN_VERSION" \
+      --no-default-features --features c --root "$tools" --target-dir "$tools/build" >&2 ||
+      die "c: cargo install wit-bindgen-cli failed"
+    rm -rf "$tools/build"
+  fi
+  export WIT_BINDGEN
+}
+
+build_c() {
+  local output="$OUT_DIR/c_enrich.wasm" hash
+  hash="$(inputs_hash "$ROOT/wit" "$C_DIR/src" "$C_DIR/build.sh") wit-bindgen $WIT_BINDGEN_VERSION"
+  if up_to_date "$output" "$hash"; then
+    log "c: $output is up to date"
+    return
+  fi
+  ensure_c_tools
+  build c "$output" "$hash" compile_c
+}
+
+compile_c() {
+  "$C_DIR/build.sh" "$BUILD_OUT" >&2
+}
+
 build_js
 build_python
-log "done: $OUT_DIR/js_enrich.wasm $OUT_DIR/python_enrich.wasm"
+build_c
+log "done: $OUT_DIR/js_enrich.wasm $OUT_DIR/python_enrich.wasm $OUT_DIR/c_enrich.wasm"

@@ -1,7 +1,8 @@
-//! The example plugin in each language (Rust, JavaScript, Python), built from source by
-//! this test (`scripts/build-example-plugins.sh`; the Rust one by `build.rs`), passes the
-//! same behavioural test through the real host: every sample event gets the same
-//! outcome, reason and resulting event bytes from all three.
+//! The example plugin in each language (Rust, JavaScript, Python, C), built from source
+//! by this test (`scripts/build-example-plugins.sh`; the Rust one by `build.rs`), passes
+//! the same behavioural test through the real host: every sample event gets the same
+//! outcome, reason and resulting event bytes from all four. Each language's own unit
+//! tests of the plugin's logic run natively here too.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -11,7 +12,13 @@ use weir::ingest::envelope::{self, BodyFormat};
 use weir::runtime::{Event, Limits, Runtime, Verdict};
 use weir_tests::{PLUGIN_DIR, plugin_path, repo_root};
 
-fn build_examples() -> (PathBuf, PathBuf) {
+struct Examples {
+    js: PathBuf,
+    python: PathBuf,
+    c: PathBuf,
+}
+
+fn build_examples() -> Examples {
     let out = Path::new(PLUGIN_DIR).join("../../examples");
     let status = Command::new(repo_root().join("scripts/build-example-plugins.sh"))
         .arg(&out)
@@ -19,9 +26,29 @@ fn build_examples() -> (PathBuf, PathBuf) {
         .expect("run scripts/build-example-plugins.sh");
     assert!(
         status.success(),
-        "building the JS and Python plugins failed"
+        "building the JS, Python and C plugins failed"
     );
-    (out.join("js_enrich.wasm"), out.join("python_enrich.wasm"))
+    Examples {
+        js: out.join("js_enrich.wasm"),
+        python: out.join("python_enrich.wasm"),
+        c: out.join("c_enrich.wasm"),
+    }
+}
+
+/// Runs a command in `dir`; panics with its output if it fails.
+fn run_native(what: &str, dir: &Path, program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn sample_events() -> Vec<Event> {
@@ -48,6 +75,14 @@ fn sample_events() -> Vec<Event> {
     .collect()
 }
 
+/// A kept event as comparable text: its fields, and its JSON fields' exact bytes.
+fn keep(e: &Event) -> String {
+    format!(
+        "keep {} {} {:?} {} properties={} context={}",
+        e.event_id, e.name, e.user_id, e.timestamp_ms, e.properties, e.context
+    )
+}
+
 /// Each verdict as comparable text: outcome, then reason or resulting event.
 async fn run(path: &Path, config: &str, events: &[Event]) -> Vec<String> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -68,8 +103,8 @@ async fn run(path: &Path, config: &str, events: &[Event]) -> Vec<String> {
         .into_iter()
         .zip(events)
         .map(|(v, original)| match v {
-            Verdict::Pass => format!("keep {}", weir::pipeline::event_json(original)),
-            Verdict::Keep(e) => format!("keep {}", weir::pipeline::event_json(&e)),
+            Verdict::Pass => keep(original),
+            Verdict::Keep(e) => keep(&e),
             Verdict::Route(..) => panic!("the enrich plugins never route"),
             Verdict::Drop(r) => format!("drop {r}"),
             Verdict::Reject(r) => format!("reject {r}"),
@@ -79,15 +114,24 @@ async fn run(path: &Path, config: &str, events: &[Event]) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rust_javascript_and_python_plugins_behave_the_same() {
-    let (js, python) = build_examples();
+async fn rust_javascript_python_and_c_plugins_behave_the_same() {
+    let Examples { js, python, c } = build_examples();
     let events = sample_events();
     let rust = run(&plugin_path("enrich"), "{}", &events).await;
     assert!(rust.iter().any(|v| v.starts_with("keep")));
     assert!(rust.iter().any(|v| v.starts_with("drop")));
     assert!(rust.iter().any(|v| v.starts_with("reject")));
     assert!(!rust.iter().any(|v| v.starts_with("failed")), "{rust:#?}");
-    for (lang, path) in [("JavaScript", &js), ("Python", &python)] {
+    // Properties are edited in place: the members the plugin did not touch keep their
+    // bytes (no float rounding of a huge integer, no `1e+16` for `1e16`), the new one
+    // goes at the end.
+    assert!(
+        rust.iter().any(|v| v.ends_with(
+            r#"properties={"post_id":"p1","z":1,"a":[1.0,2.5e-7,1e16,-0],"n":18446744073709551616,"enriched_by":"enrich"} context={}"#
+        )),
+        "{rust:#?}"
+    );
+    for (lang, path) in [("JavaScript", &js), ("Python", &python), ("C", &c)] {
         let got = run(path, "{}", &events).await;
         for (i, (want, got)) in rust.iter().zip(&got).enumerate() {
             assert_eq!(got, want, "{lang}, event {i}");
@@ -100,4 +144,40 @@ async fn rust_javascript_and_python_plugins_behave_the_same() {
     let rust = run(&plugin_path("enrich"), config, &events).await;
     let js = run(&js, config, &events).await;
     assert_eq!(js, rust, "JavaScript with {config}");
+    let c_verdicts = run(&c, config, &events).await;
+    assert_eq!(c_verdicts, rust, "C with {config}");
+
+    // A configuration that does not parse rejects every event, naming the fault.
+    for (lang, path) in [("Rust", plugin_path("enrich")), ("C", c)] {
+        let verdicts = run(&path, r#"{"drop_flag":1}"#, &events).await;
+        assert!(
+            verdicts
+                .iter()
+                .all(|v| v.starts_with("reject invalid plugin config: invalid type:")),
+            "{lang}: {verdicts:?}"
+        );
+    }
+}
+
+#[test]
+fn each_language_s_unit_tests_pass_natively() {
+    let examples = repo_root().join("examples/plugins");
+    run_native(
+        "JavaScript unit tests (node --test)",
+        &examples.join("js"),
+        "node",
+        &["--test", "test/"],
+    );
+    run_native(
+        "Python unit tests (python3 -m unittest)",
+        &examples.join("python"),
+        "python3",
+        &["-m", "unittest", "discover", "-s", "tests"],
+    );
+    run_native(
+        "C unit tests (build.sh --test)",
+        &examples.join("c"),
+        "./build.sh",
+        &["--test"],
+    );
 }

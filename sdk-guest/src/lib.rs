@@ -49,6 +49,7 @@
 extern crate self as weir_plugin_sdk;
 
 use std::cell::OnceCell;
+use std::ops::Range;
 
 pub use serde_json::{Map, Value, json};
 
@@ -69,39 +70,272 @@ pub use wit_bindgen as __wit_bindgen;
 
 pub use bindings::weir::plugin::host::Level;
 
-/// A JSON object field of an event (`properties`, `context`): kept as the host's text
-/// until a plugin reads it, and re-serialised only if the plugin changed it.
+/// A JSON object field of an event (`properties`, `context`), kept as the host's text.
+///
+/// Reading a member scans the text's top level once and parses only the values read.
+/// Setting a member splices its new value into the text: every other member keeps its
+/// bytes and its place, so numbers the plugin does not touch (a `1.0`, an integer beyond
+/// `u64`) reach the sinks exactly as the app sent them, and nothing is re-serialised.
+/// A new member goes at the end. When a key appears more than once, reads and writes
+/// see its last occurrence, as a JSON parser that keeps the last value does.
+///
+/// The whole-object API (`properties()`, `properties_mut()`) parses the text into a map;
+/// after `properties_mut()` the object is written back from the map (keys sorted).
 #[derive(Debug, Clone)]
 struct JsonObject {
     raw: String,
-    parsed: OnceCell<Map<String, Value>>,
-    dirty: bool,
+    /// The top-level members of `raw`, scanned on the first read by key; an empty list
+    /// when `raw` is not a JSON object (it then reads as `{}`, as the map API does).
+    members: OnceCell<Vec<Member>>,
+    /// `raw` parsed whole, for the map API.
+    map: OnceCell<Map<String, Value>>,
+    /// `properties_mut()` was called: the map is the truth from now on.
+    map_dirty: bool,
+    /// A member was set by splicing.
+    spliced: bool,
+}
+
+/// One top-level member of a [`JsonObject`]'s text.
+#[derive(Debug, Clone)]
+struct Member {
+    /// The key's text between its quotes (still escaped if `key_escaped`).
+    key: Range<usize>,
+    key_escaped: bool,
+    /// The value's text.
+    value: Range<usize>,
+    /// The value, parsed on first read (`None` if its text does not parse).
+    parsed: OnceCell<Option<Value>>,
 }
 
 impl JsonObject {
     fn from_raw(raw: String) -> Self {
         Self {
             raw,
-            parsed: OnceCell::new(),
-            dirty: false,
+            members: OnceCell::new(),
+            map: OnceCell::new(),
+            map_dirty: false,
+            spliced: false,
         }
     }
 
-    fn get(&self) -> &Map<String, Value> {
-        self.parsed
+    fn members(&self) -> &[Member] {
+        self.members
+            .get_or_init(|| scan_object(&self.raw).unwrap_or_default())
+    }
+
+    /// The index of the last member named `key`.
+    fn find(&self, key: &str) -> Option<usize> {
+        self.members().iter().rposition(|m| {
+            let text = &self.raw[m.key.clone()];
+            if m.key_escaped {
+                let quoted = &self.raw[m.key.start - 1..m.key.end + 1];
+                serde_json::from_str::<String>(quoted).is_ok_and(|k| k == key)
+            } else {
+                text == key
+            }
+        })
+    }
+
+    fn get(&self, key: &str) -> Option<&Value> {
+        if self.map_dirty {
+            return self.map.get().and_then(|m| m.get(key));
+        }
+        let member = &self.members()[self.find(key)?];
+        member
+            .parsed
+            .get_or_init(|| serde_json::from_str(&self.raw[member.value.clone()]).ok())
+            .as_ref()
+    }
+
+    fn set(&mut self, key: String, value: Value) {
+        if self.map_dirty {
+            self.map
+                .get_mut()
+                .expect("map_dirty implies a parsed map")
+                .insert(key, value);
+            return;
+        }
+        if self.members().is_empty() && scan_object(&self.raw).is_none() {
+            // Not an object: it reads as `{}`, so it is written as one.
+            self.raw = "{}".into();
+            self.members = OnceCell::new();
+        }
+        let text = serde_json::to_string(&value).expect("a Value always serialises");
+        let found = self.find(&key);
+        let members = self.members.get_mut().expect("scanned by find");
+        match found {
+            Some(i) => {
+                let old = members[i].value.clone();
+                self.raw.replace_range(old.clone(), &text);
+                let new_end = old.start + text.len();
+                members[i].value = old.start..new_end;
+                members[i].parsed = OnceCell::from(Some(value));
+                for m in &mut members[i + 1..] {
+                    m.key = shift(&m.key, old.end, new_end);
+                    m.value = shift(&m.value, old.end, new_end);
+                }
+            }
+            None => {
+                // After the last member, or before the closing `}` of an empty object.
+                let at = members
+                    .last()
+                    .map_or(self.raw.trim_end().len() - 1, |m| m.value.end);
+                let key_text = serde_json::to_string(&key).expect("a string always serialises");
+                let mut member = String::with_capacity(key_text.len() + text.len() + 2);
+                if !members.is_empty() {
+                    member.push(',');
+                }
+                let key_start = at + member.len() + 1;
+                member.push_str(&key_text);
+                let key_end = at + member.len() - 1;
+                member.push(':');
+                let value_start = at + member.len();
+                member.push_str(&text);
+                self.raw.insert_str(at, &member);
+                members.push(Member {
+                    key: key_start..key_end,
+                    key_escaped: key_text.contains('\\'),
+                    value: value_start..value_start + text.len(),
+                    parsed: OnceCell::from(Some(value)),
+                });
+            }
+        }
+        self.map = OnceCell::new();
+        self.spliced = true;
+    }
+
+    fn map(&self) -> &Map<String, Value> {
+        self.map
             .get_or_init(|| serde_json::from_str(&self.raw).unwrap_or_default())
     }
 
-    fn get_mut(&mut self) -> &mut Map<String, Value> {
-        self.get();
-        self.dirty = true;
-        self.parsed.get_mut().expect("initialised above")
+    fn map_mut(&mut self) -> &mut Map<String, Value> {
+        self.map();
+        self.map_dirty = true;
+        self.members = OnceCell::new();
+        self.map.get_mut().expect("initialised above")
+    }
+
+    fn is_changed(&self) -> bool {
+        self.map_dirty || self.spliced
     }
 
     fn into_raw(self) -> String {
-        match (self.dirty, self.parsed.into_inner()) {
+        match (self.map_dirty, self.map.into_inner()) {
             (true, Some(map)) => serde_json::to_string(&map).unwrap_or(self.raw),
             _ => self.raw,
+        }
+    }
+}
+
+/// `range` moved by the change of an earlier span's end from `old_end` to `new_end`.
+fn shift(range: &Range<usize>, old_end: usize, new_end: usize) -> Range<usize> {
+    range.start + new_end - old_end..range.end + new_end - old_end
+}
+
+/// The top-level members of a JSON object's text, or `None` if it is not one. Values
+/// are skipped, not checked (the host hands plugins validated JSON); a value that does
+/// not parse reads as absent.
+fn scan_object(raw: &str) -> Option<Vec<Member>> {
+    let b = raw.as_bytes();
+    let mut i = skip_ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i = skip_ws(b, i + 1);
+    let mut members = Vec::new();
+    if b.get(i) == Some(&b'}') {
+        i += 1;
+    } else {
+        loop {
+            if b.get(i) != Some(&b'"') {
+                return None;
+            }
+            let (end, key_escaped) = skip_string(b, i)?;
+            let key = i + 1..end - 1;
+            i = skip_ws(b, end);
+            if b.get(i) != Some(&b':') {
+                return None;
+            }
+            let start = skip_ws(b, i + 1);
+            i = skip_value(b, start)?;
+            members.push(Member {
+                key,
+                key_escaped,
+                value: start..i,
+                parsed: OnceCell::new(),
+            });
+            i = skip_ws(b, i);
+            match b.get(i) {
+                Some(b',') => i = skip_ws(b, i + 1),
+                Some(b'}') => {
+                    i += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    (skip_ws(b, i) == b.len()).then_some(members)
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// From the opening quote at `i`: the index after the closing quote, and whether the
+/// string has escapes.
+fn skip_string(b: &[u8], mut i: usize) -> Option<(usize, bool)> {
+    let mut escaped = false;
+    i += 1;
+    loop {
+        match b.get(i)? {
+            b'"' => return Some((i + 1, escaped)),
+            b'\\' => {
+                escaped = true;
+                i += 2;
+            }
+            _ => i += 1,
+        }
+    }
+}
+
+/// From the first byte of a value at `i`: the index after it.
+fn skip_value(b: &[u8], mut i: usize) -> Option<usize> {
+    match b.get(i)? {
+        b'"' => skip_string(b, i).map(|(end, _)| end),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            loop {
+                match b.get(i)? {
+                    b'"' => {
+                        i = skip_string(b, i)?.0;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(i + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+        }
+        _ => {
+            let start = i;
+            while !matches!(
+                b.get(i),
+                None | Some(b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')
+            ) {
+                i += 1;
+            }
+            (i > start).then_some(i)
         }
     }
 }
@@ -212,19 +446,23 @@ impl Event {
         self.changed = true;
     }
 
-    /// The event's properties.
+    /// The event's properties, parsed whole. To read a few members, [`Event::property`]
+    /// is cheaper: it parses only the values it reads.
     pub fn properties(&self) -> &Map<String, Value> {
-        self.properties.get()
+        self.properties.map()
     }
 
-    /// The event's properties, for changing.
+    /// The event's properties, for changing as a map. The event is then written back
+    /// from the map (keys sorted, numbers as `serde_json` writes them). To set a few
+    /// members, [`Event::set_property`] is cheaper and keeps the others' bytes.
     pub fn properties_mut(&mut self) -> &mut Map<String, Value> {
-        self.properties.get_mut()
+        self.properties.map_mut()
     }
 
-    /// One property.
+    /// One property (the last, if the key appears more than once), parsed on first
+    /// read; `None` if absent.
     pub fn property(&self, key: &str) -> Option<&Value> {
-        self.properties().get(key)
+        self.properties.get(key)
     }
 
     /// One property, if it is a string.
@@ -232,19 +470,38 @@ impl Event {
         self.property(key).and_then(Value::as_str)
     }
 
-    /// Sets one property.
+    /// Sets one property: its new value replaces the old one's text in place, or is
+    /// appended. The other properties keep their bytes and order.
+    ///
+    /// ```
+    /// # use weir_plugin_sdk::{Event, json};
+    /// let mut event = Event::new("post_liked").with_properties(json!({"n": 1.0}));
+    /// event.set_property("checked", true);
+    /// # let wit = event.into_wit();
+    /// assert_eq!(wit.properties, r#"{"n":1.0,"checked":true}"#);
+    /// ```
     pub fn set_property(&mut self, key: impl Into<String>, value: impl Into<Value>) {
-        self.properties_mut().insert(key.into(), value.into());
+        self.properties.set(key.into(), value.into());
     }
 
-    /// The event's context (device, locale, page ...).
+    /// The event's context (device, locale, page ...), parsed whole.
     pub fn context(&self) -> &Map<String, Value> {
-        self.context.get()
+        self.context.map()
     }
 
-    /// The event's context, for changing.
+    /// One member of the context, parsed on first read.
+    pub fn context_value(&self, key: &str) -> Option<&Value> {
+        self.context.get(key)
+    }
+
+    /// Sets one member of the context, keeping the others' bytes.
+    pub fn set_context_value(&mut self, key: impl Into<String>, value: impl Into<Value>) {
+        self.context.set(key.into(), value.into());
+    }
+
+    /// The event's context, for changing as a map (written back with keys sorted).
     pub fn context_mut(&mut self) -> &mut Map<String, Value> {
-        self.context.get_mut()
+        self.context.map_mut()
     }
 
     /// Sends a row to the pipeline's table `table` (declared in `[[pipeline.table]]`),
@@ -291,7 +548,7 @@ impl Event {
 
     /// True if the plugin changed anything (or asked for mutable access to the JSON).
     pub fn is_changed(&self) -> bool {
-        self.changed || self.properties.dirty || self.context.dirty
+        self.changed || self.properties.is_changed() || self.context.is_changed()
     }
 
     #[doc(hidden)]
@@ -558,6 +815,80 @@ mod tests {
         let mut e = Event::new("n");
         e.set_name("m");
         assert!(matches!(Outcome::keep(e).into_wit(), bindings::Outcome::Keep(w) if w.name == "m"));
+    }
+
+    fn with_raw_properties(raw: &str) -> Event {
+        let mut e = Event::new("n");
+        e.properties = JsonObject::from_raw(raw.into());
+        e
+    }
+
+    #[test]
+    fn set_property_splices_and_keeps_the_other_members_bytes() {
+        let raw = r#"{ "n": 18446744073709551616, "f": 1.0, "s": "a}\"b", "o": {"x": [1, "]"]}, "t": false }"#;
+        let mut e = with_raw_properties(raw);
+        assert_eq!(e.property("t"), Some(&json!(false)));
+        assert_eq!(e.property("o"), Some(&json!({"x": [1, "]"]})));
+        assert_eq!(e.property("s"), Some(&json!("a}\"b")));
+        e.set_property("t", "yes");
+        e.set_property("added", json!({"k": [true]}));
+        e.set_property("f", 2);
+        assert_eq!(e.property("t"), Some(&json!("yes")));
+        assert_eq!(e.property("added"), Some(&json!({"k": [true]})));
+        assert!(e.is_changed());
+        assert_eq!(
+            e.into_wit().properties,
+            r#"{ "n": 18446744073709551616, "f": 2, "s": "a}\"b", "o": {"x": [1, "]"]}, "t": "yes","added":{"k":[true]} }"#
+        );
+    }
+
+    #[test]
+    fn escaped_and_repeated_keys_resolve_like_a_last_wins_parser() {
+        let mut e = with_raw_properties(r#"{"a":1,"\u0061":2,"b\"":3}"#);
+        assert_eq!(e.property("a"), Some(&json!(2)));
+        assert_eq!(e.property("b\""), Some(&json!(3)));
+        assert_eq!(e.properties()["a"], json!(2));
+        e.set_property("a", 9);
+        e.set_property("q\"", 1);
+        assert_eq!(e.property("a"), Some(&json!(9)));
+        assert_eq!(e.property("q\""), Some(&json!(1)));
+        assert_eq!(
+            e.into_wit().properties,
+            r#"{"a":1,"\u0061":9,"b\"":3,"q\"":1}"#
+        );
+    }
+
+    #[test]
+    fn text_that_is_not_an_object_reads_as_empty_and_is_replaced_when_set() {
+        for raw in ["", "[1]", "{\"a\":1", "{\"a\" 1}", "{} x", "null"] {
+            let mut e = with_raw_properties(raw);
+            assert_eq!(e.property("a"), None, "{raw}");
+            assert!(e.properties().is_empty(), "{raw}");
+            e.set_property("k", 1);
+            assert_eq!(e.into_wit().properties, r#"{"k":1}"#, "{raw}");
+        }
+        let mut e = with_raw_properties(" { } ");
+        e.set_property("k", 1);
+        assert_eq!(e.into_wit().properties, r#" { "k":1} "#);
+    }
+
+    #[test]
+    fn the_map_api_sees_spliced_members_and_writes_sorted_keys() {
+        let mut e = with_raw_properties(r#"{"z":1,"a":2}"#);
+        e.set_property("m", 3);
+        assert_eq!(e.properties().len(), 3);
+        e.properties_mut().remove("z");
+        e.set_property("b", 4);
+        assert_eq!(e.property("b"), Some(&json!(4)));
+        assert_eq!(e.into_wit().properties, r#"{"a":2,"b":4,"m":3}"#);
+        let mut e = with_raw_properties(r#"{"z":1}"#);
+        e.set_context_value("locale", "fr");
+        assert_eq!(e.context_value("locale"), Some(&json!("fr")));
+        let wit = e.into_wit();
+        assert_eq!(
+            (wit.properties.as_str(), wit.context.as_str()),
+            (r#"{"z":1}"#, r#"{"locale":"fr"}"#)
+        );
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! what is wrong with it. Only the envelope is checked here (types, sizes, names);
 //! what an event means is for JSON Schemas and plugins, later in the pipeline.
 
+use std::collections::BTreeMap;
+
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
@@ -182,14 +184,16 @@ fn check_event(
             ),
         ));
     }
-    let value: Value = serde_json::from_str(raw).map_err(json_error)?;
-    let Value::Object(mut obj) = value else {
+    // The event's fields, each as its raw text: `properties` and `context` go on as the
+    // app sent them (validated JSON, never parsed into values and re-serialised).
+    let Ok(fields) = serde_json::from_str::<BTreeMap<String, &RawValue>>(raw) else {
+        let value: Value = serde_json::from_str(raw).map_err(json_error)?;
         return Err(EnvelopeError::new(
             "invalid_event",
             format!("an event must be a JSON object, not {}", kind(&value)),
         ));
     };
-    if let Some(key) = obj.keys().find(|k| !EVENT_FIELDS.contains(&k.as_str())) {
+    if let Some(key) = fields.keys().find(|k| !EVENT_FIELDS.contains(&k.as_str())) {
         return Err(EnvelopeError::field(
             "unknown_field",
             key,
@@ -199,7 +203,7 @@ fn check_event(
             ),
         ));
     }
-    let depth = depth(&obj);
+    let depth = 1 + fields.values().map(|v| depth(v.get())).max().unwrap_or(0);
     if depth > limits.max_depth {
         return Err(EnvelopeError::new(
             "too_deep",
@@ -208,6 +212,16 @@ fn check_event(
                 limits.max_depth
             ),
         ));
+    }
+    // The small fields are parsed as values; the JSON objects are not.
+    let mut obj: Map<String, Value> = Map::new();
+    for field in ["name", "user_id", "event_id", "timestamp"] {
+        if let Some(v) = fields.get(field) {
+            obj.insert(
+                field.into(),
+                serde_json::from_str(v.get()).map_err(json_error)?,
+            );
+        }
     }
 
     let name = match obj.remove("name") {
@@ -233,8 +247,8 @@ fn check_event(
         None | Some(Value::Null) => now_ms,
         Some(v) => parse_timestamp(&v)?,
     };
-    let properties = json_object(&mut obj, "properties")?;
-    let context = json_object(&mut obj, "context")?;
+    let properties = json_object(fields.get("properties").copied(), "properties")?;
+    let context = json_object(fields.get("context").copied(), "context")?;
     Ok(WireEvent {
         event_id,
         name,
@@ -328,13 +342,24 @@ fn parse_timestamp(v: &Value) -> Result<i64, EnvelopeError> {
     }
 }
 
-fn json_object(obj: &mut Map<String, Value>, field: &str) -> Result<Box<RawValue>, EnvelopeError> {
-    let text = match obj.remove(field) {
-        None | Some(Value::Null) => "{}".to_owned(),
-        Some(v @ Value::Object(_)) => v.to_string(),
-        Some(other) => return Err(wrong_type(field, "an object", &other)),
+/// `properties` or `context`: the raw text of a JSON object as the app sent it (key
+/// order, numbers, escapes), without the whitespace between tokens (`{}` when absent or
+/// null). Compact text is what ClickHouse's `visitParam*` functions can read.
+fn json_object(raw: Option<&RawValue>, field: &str) -> Result<Box<RawValue>, EnvelopeError> {
+    let Some(raw) = raw else {
+        return Ok(RawValue::from_string("{}".into()).expect("valid JSON"));
     };
-    Ok(RawValue::from_string(text).expect("a serialised object is valid JSON"))
+    match raw.get().as_bytes().first() {
+        Some(b'{') => Ok(match compact(raw.get()) {
+            Some(text) => RawValue::from_string(text).expect("compacted valid JSON is valid"),
+            None => raw.to_owned(),
+        }),
+        Some(b'n') => Ok(RawValue::from_string("{}".into()).expect("valid JSON")),
+        _ => {
+            let value: Value = serde_json::from_str(raw.get()).map_err(json_error)?;
+            Err(wrong_type(field, "an object", &value))
+        }
+    }
 }
 
 fn wrong_type(field: &str, expected: &str, got: &Value) -> EnvelopeError {
@@ -356,20 +381,64 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-/// Nesting depth of an event object (the event itself is depth 1), without recursion.
-fn depth(obj: &Map<String, Value>) -> usize {
-    let mut max = 1;
-    let mut stack: Vec<(&Value, usize)> = obj.values().map(|v| (v, 2)).collect();
-    while let Some((v, d)) = stack.pop() {
-        match v {
-            Value::Object(m) => {
-                max = max.max(d);
-                stack.extend(m.values().map(|v| (v, d + 1)));
+/// Valid JSON text without the whitespace between its tokens, or `None` if it has none.
+fn compact(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let (mut in_string, mut escaped) = (false, false);
+    let first = bytes.iter().position(|&b| {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
             }
-            Value::Array(a) => {
-                max = max.max(d);
-                stack.extend(a.iter().map(|v| (v, d + 1)));
+            return false;
+        }
+        in_string = b == b'"';
+        matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+    })?;
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&bytes[..first]);
+    for &b in &bytes[first..] {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
             }
+        } else if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            continue;
+        } else {
+            in_string = b == b'"';
+        }
+        out.push(b);
+    }
+    // Only ASCII whitespace was removed, between tokens: still UTF-8.
+    Some(String::from_utf8(out).expect("UTF-8 in, UTF-8 out"))
+}
+
+/// Nesting depth of a JSON value's (valid) text: 0 for a scalar, 1 for `[]` or `{}`.
+fn depth(text: &str) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in text.as_bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b'}' | b']' => depth -= 1,
             _ => {}
         }
     }
@@ -431,6 +500,25 @@ mod tests {
         )
         .unwrap()[0];
         assert_eq!(e.timestamp_ms, 1_700_000_000_123);
+    }
+
+    #[test]
+    fn properties_and_context_keep_the_apps_bytes() {
+        let props =
+            "{ \"z\": 1.0,\n\t\"a\": [1e16, -0, \"] }\\\" {\"],\r\n \"n\": 18446744073709551616 }";
+        let body = format!(r#"{{"name":"x","properties":{props},"context":{{"b":2,"a":1}}}}"#);
+        let e = &parse(&body, BodyFormat::Json).unwrap()[0];
+        // Only the whitespace between tokens goes.
+        assert_eq!(
+            e.properties.get(),
+            r#"{"z":1.0,"a":[1e16,-0,"] }\" {"],"n":18446744073709551616}"#
+        );
+        assert_eq!(e.context.get(), r#"{"b":2,"a":1}"#);
+        let e = &parse(r#"{"name":"x","properties":null}"#, BodyFormat::Json).unwrap()[0];
+        assert_eq!(e.properties.get(), "{}");
+        // Brackets inside strings do not count as nesting.
+        assert_eq!(depth(r#"{"a":"[[[{{{","b":[{}]}"#), 3);
+        assert_eq!(depth("1"), 0);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 // `enrich`, in JavaScript: the same plugin as plugins/enrich/src/lib.rs, with the same
-// outcomes, reasons and output bytes. Pure functions: plugin.js wires them to weir.
+// outcomes, reasons and output bytes (properties are edited in place, as the Rust SDK
+// does: see json-object.js). Pure functions: plugin.js wires them to weir.
 //
 // For engagement events it
 // - drops test traffic (an event whose `properties.<drop_flag>` is `true`);
@@ -11,7 +12,8 @@
 // Configuration (JSON, from the pipeline), every key optional:
 // `{"require_user": ["profile_viewed", "post_liked"], "drop_flag": "is_test"}`.
 
-import { SerdeNumber, parseExact, parseObject, stringify } from "./serde-json-compat.js";
+import { JsonObject } from "./json-object.js";
+import { SerdeNumber, parseExact } from "./serde-json-compat.js";
 
 export const DEFAULT_CONFIG = Object.freeze({
   requireUser: Object.freeze(["profile_viewed", "post_liked"]),
@@ -84,8 +86,8 @@ function describe(value) {
  * `counterAdd(name, delta)` is the host's counter import.
  */
 export function enrich(event, config, counterAdd) {
-  const properties = readProperties(event.properties);
-  if (own(properties, config.dropFlag) === true) {
+  const properties = new JsonObject(event.properties);
+  if (properties.get(config.dropFlag) === true) {
     counterAdd("dropped_test_traffic", 1);
     return { tag: "drop", val: "test traffic" };
   }
@@ -93,25 +95,12 @@ export function enrich(event, config, counterAdd) {
     return { tag: "reject", val: `${event.name} requires a user_id` };
   }
   if (event.name === "profile_viewed") {
-    const profile = own(properties, "profile_id");
+    const profile = properties.get("profile_id");
     if (typeof profile !== "string") {
       return { tag: "reject", val: "profile_viewed needs a string properties.profile_id" };
     }
-    properties.self_view = event.userId === profile;
+    properties.set("self_view", event.userId === profile);
   }
-  properties.enriched_by = "enrich";
-  return { tag: "keep", val: { ...event, properties: stringify(properties) } };
-}
-
-// Like the Rust SDK: properties that are not a JSON object read as `{}`.
-function readProperties(text) {
-  try {
-    return parseObject(text);
-  } catch {
-    return {};
-  }
-}
-
-function own(object, key) {
-  return Object.hasOwn(object, key) ? object[key] : undefined;
+  properties.set("enriched_by", "enrich");
+  return { tag: "keep", val: { ...event, properties: properties.text } };
 }

@@ -1,17 +1,15 @@
-// JSON as the Rust plugins see it (serde_json 1.x, default features), so that this
-// plugin returns the same bytes as plugins/enrich for the same event:
+// The plugin's configuration read as the Rust plugins' serde_json reads it, so that
+// this plugin accepts the configurations plugins/enrich accepts and rejects the others
+// with the same reasons:
 //
-// - an object's keys are written sorted by code point (serde_json's map is a BTreeMap);
-// - output is compact, strings escaped like JSON.stringify (same rules as serde_json);
 // - numbers keep serde_json's types: an integer that fits u64/i64 stays an exact
 //   integer, anything else (a fraction, an exponent, `-0`, a huge integer) is an f64,
-//   computed the way serde_json computes it and written the way it writes it
+//   computed the way serde_json computes it and described the way it writes it
 //   (`1.0`, `1e+16`, `-0.0`);
 // - what serde_json refuses, we refuse: nesting deeper than 127, lone surrogate
-//   escapes, numbers out of the f64 range.
+//   escapes, numbers out of the f64 range; error messages name the same faults.
 //
-// The common case (only small integers, shallow, no surrogate escapes) goes through the
-// engine's JSON.parse; anything else through the exact parser below.
+// (Event properties do not go through this: see json-object.js.)
 
 /** An f64 or integer read by the exact parser, kept as serde_json would write it. */
 export class SerdeNumber {
@@ -35,96 +33,11 @@ const I32_MAX = 2147483647;
 const I32_MIN = -2147483648;
 const POW10 = Array.from({ length: 309 }, (_, i) => Number(`1e${i}`));
 
-// Signs that JSON.parse might read something differently from serde_json: a number
-// with a fraction or exponent, `-0`, an integer too long to be exact in a double.
-const NUMBER_RISK = /\d[.eE]|-0|\d{16}/;
-const SURROGATE_ESCAPE = /\\u[dD][89a-fA-F]/;
-const JSON_STRING = /"[^"\\]*(?:\\.[^"\\]*)*"/g;
-
 class JsonError extends Error {}
-
-/**
- * Parses the text of a JSON object as serde_json's `from_str::<Map<String, Value>>`
- * would: returns the object, or throws a JsonError.
- */
-export function parseObject(text) {
-  const value = fastPathOk(text) ? JSON.parse(text) : new Parser(text).parseDocument();
-  if (value === null || typeof value !== "object" || Array.isArray(value) || value instanceof SerdeNumber) {
-    throw new JsonError("invalid type: expected a JSON object");
-  }
-  return value;
-}
 
 /** Parses any JSON value exactly as serde_json would (numbers become SerdeNumber). */
 export function parseExact(text, options) {
   return new Parser(text, options).parseDocument();
-}
-
-function fastPathOk(text) {
-  if (SURROGATE_ESCAPE.test(text) || mayBeTooDeep(text)) return false;
-  return !NUMBER_RISK.test(text) || !NUMBER_RISK.test(text.replace(JSON_STRING, '""'));
-}
-
-function mayBeTooDeep(text) {
-  if (text.length < 2 * MAX_DEPTH) return false;
-  let opened = 0;
-  for (const bracket of ["{", "["]) {
-    for (let i = text.indexOf(bracket); i !== -1; i = text.indexOf(bracket, i + 1)) {
-      if (++opened >= MAX_DEPTH) return true;
-    }
-  }
-  return false;
-}
-
-/** Writes a value as serde_json's `to_string` would. */
-export function stringify(value) {
-  if (value === null || value === undefined) return "null";
-  switch (typeof value) {
-    case "boolean":
-      return value ? "true" : "false";
-    case "string":
-      return JSON.stringify(value);
-    case "number":
-      return formatNumber(value);
-    case "bigint":
-      return value.toString();
-    case "object": {
-      if (value instanceof SerdeNumber) return value.text;
-      if (Array.isArray(value)) return `[${value.map(stringify).join(",")}]`;
-      const keys = sortKeys(Object.keys(value));
-      let out = "{";
-      for (let i = 0; i < keys.length; i++) {
-        if (i > 0) out += ",";
-        out += JSON.stringify(keys[i]) + ":" + stringify(value[keys[i]]);
-      }
-      return out + "}";
-    }
-    default:
-      return "null";
-  }
-}
-
-const SURROGATE = /[\uD800-\uDFFF]/;
-
-function sortKeys(keys) {
-  keys.sort(); // UTF-16 order: the same as code point order unless astral characters meet U+E000-U+FFFF
-  if (keys.length > 1 && SURROGATE.test(keys.join(""))) keys.sort(compareCodePoints);
-  return keys;
-}
-
-function compareCodePoints(a, b) {
-  const x = Array.from(a, (c) => c.codePointAt(0));
-  const y = Array.from(b, (c) => c.codePointAt(0));
-  for (let i = 0; i < Math.min(x.length, y.length); i++) {
-    if (x[i] !== y[i]) return x[i] - y[i];
-  }
-  return x.length - y.length;
-}
-
-function formatNumber(n) {
-  if (!Number.isFinite(n)) return "null";
-  if (Number.isSafeInteger(n) && !Object.is(n, -0)) return String(n);
-  return formatF64(n);
 }
 
 /** An f64 as serde_json writes it: shortest round-trip digits, fixed notation for

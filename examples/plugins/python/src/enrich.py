@@ -1,5 +1,6 @@
 """``enrich``, in Python: the same plugin as plugins/enrich/src/lib.rs, with the same
-outcomes, reasons and output bytes. Pure functions: app.py wires them to weir.
+outcomes, reasons and output bytes (properties are edited in place, as the Rust SDK
+does: see json_object.py). Pure functions: app.py wires them to weir.
 
 For engagement events it
 
@@ -16,7 +17,8 @@ Configuration (JSON, from the pipeline), every key optional:
 import json
 from dataclasses import dataclass
 
-from serde_json_compat import JsonError, JsonObject, Pairs, format_f64, loads
+from json_object import JsonObject
+from serde_json_compat import JsonError, Pairs, format_f64, loads
 
 
 @dataclass(frozen=True)
@@ -101,17 +103,16 @@ def enrich(event, config, counter_add):
     Returns ``("keep", event)`` with the event's properties updated, ``("drop", reason)``
     or ``("reject", reason)``."""
     properties = JsonObject(event.properties)
-    props = properties.data
-    if props.get(config.drop_flag) is True:
+    if properties.get(config.drop_flag) is True:
         counter_add("dropped_test_traffic", 1)
         return ("drop", "test traffic")
     if event.user_id is None and event.name in config.require_user:
         return ("reject", f"{event.name} requires a user_id")
     if event.name == "profile_viewed":
-        profile = props.get("profile_id")
+        profile = properties.get("profile_id")
         if not isinstance(profile, str):
             return ("reject", "profile_viewed needs a string properties.profile_id")
-        props["self_view"] = event.user_id == profile
-    props["enriched_by"] = "enrich"
-    event.properties = properties.dumps()
+        properties.set("self_view", event.user_id == profile)
+    properties.set("enriched_by", "enrich")
+    event.properties = properties.text
     return ("keep", event)

@@ -1,22 +1,19 @@
-"""JSON as the Rust plugins see it (serde_json 1.x, default features).
+"""The plugin's configuration read as the Rust plugins' serde_json reads it.
 
-So that this plugin returns the same bytes as plugins/enrich for the same event:
+So that this plugin accepts the configurations plugins/enrich accepts and rejects the
+others for the same faults:
 
-- an object's keys are written sorted by code point (serde_json's map is a BTreeMap),
-  compactly, with serde_json's string escapes;
 - numbers keep serde_json's types: an integer that fits u64/i64 stays an exact integer,
   anything else (a fraction, an exponent, ``-0``, a huge integer) is an f64 computed the
-  way serde_json computes it and written the way it writes it (``1.0``, ``1e+16``,
+  way serde_json computes it and described the way it writes it (``1.0``, ``1e+16``,
   ``0.00001``, ``-0.0``);
 - what serde_json refuses, this refuses: ``NaN``/``Infinity``, nesting deeper than 127,
   lone surrogate escapes, numbers out of the f64 range.
 
-The standard library's C parser and encoder do the work; only numbers with a fraction
-or an exponent (and rare integers) go through Python code.
+(Event properties do not go through this: see json_object.py.)
 """
 
 import json
-import json.encoder
 import math
 import re
 
@@ -37,7 +34,6 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|.)", re.S)
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _BRACKET = re.compile(r"[\[\]{}]")
-_encode_string = json.encoder.encode_basestring  # the C version when available
 
 
 class JsonError(ValueError):
@@ -66,7 +62,6 @@ def _constant(name):
 
 _DECODER = json.JSONDecoder(parse_float=_float, parse_constant=_constant)
 _DECODER_INTS = json.JSONDecoder(parse_float=_float, parse_int=_int, parse_constant=_constant)
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True, check_circular=False)
 
 
 class Pairs(list):
@@ -131,48 +126,6 @@ def _has_lone_surrogate_escape(text):
         elif code is not None and 0xDC00 <= code <= 0xDFFF:
             return True
     return lead_end is not None
-
-
-class JsonObject:
-    """A JSON object field of an event (``properties``, ``context``): the parsed dict,
-    ``{}`` when the text is not a JSON object (as in the Rust SDK)."""
-
-    __slots__ = ("data", "_has_floats")
-
-    def __init__(self, text):
-        try:
-            data, self._has_floats = loads(text)
-        except JsonError:
-            data, self._has_floats = {}, False
-        self.data = data if isinstance(data, dict) else {}
-
-    def dumps(self):
-        """The object's text, as serde_json's ``to_string`` writes it."""
-        if self._has_floats:
-            return dumps(self.data)
-        return _ENCODER.encode(self.data)
-
-
-def dumps(value):
-    """Writes a value as serde_json's ``to_string`` would."""
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, str):
-        return _encode_string(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return format_f64(value)
-    if isinstance(value, dict):
-        items = sorted(value.items())
-        return "{" + ",".join(_encode_string(k) + ":" + dumps(v) for k, v in items) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(map(dumps, value)) + "]"
-    raise TypeError(f"not JSON: {type(value).__name__}")
 
 
 def format_f64(f):
