@@ -231,6 +231,12 @@ pub struct KafkaConfig {
     pub produce_timeout_ms: u64,
     /// Consumer session timeout in milliseconds. Default 10000.
     pub session_timeout_ms: u64,
+    /// Longest a fetch request may wait at the broker for new records
+    /// (librdkafka's `fetch.wait.max.ms`), in milliseconds. Default 20. Kafka answers a
+    /// fetch as soon as a record arrives, whatever this is; Tansu holds every fetch
+    /// for this long (half of it from 500 ms up), so it bounds how fresh counters and
+    /// rows can be there. 1-10000.
+    pub fetch_wait_max_ms: u64,
     /// Extra librdkafka properties for both producer and consumer, e.g.
     /// `{ "security.protocol" = "ssl" }`.
     pub properties: HashMap<String, String>,
@@ -246,6 +252,7 @@ impl Default for KafkaConfig {
             group: "weir-processor".into(),
             produce_timeout_ms: 5000,
             session_timeout_ms: 10_000,
+            fetch_wait_max_ms: 20,
             properties: HashMap::new(),
         }
     }
@@ -681,6 +688,12 @@ impl Config {
                 "kafka.partitions and kafka.replication_factor must be at least 1",
             ));
         }
+        if !(1..=10_000).contains(&self.kafka.fetch_wait_max_ms) {
+            return Err(invalid(format!(
+                "kafka.fetch_wait_max_ms must be 1-10000, not {}",
+                self.kafka.fetch_wait_max_ms
+            )));
+        }
         let p = &self.processor;
         if p.flush_max_events == 0 || p.flush_interval_ms == 0 || p.plugin_batch_size == 0 {
             return Err(invalid(
@@ -839,7 +852,10 @@ mod tests {
         assert_eq!(c.ingest.max_events_per_request, 1000);
         assert_eq!(c.ingest.max_depth, 32);
         assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(c.kafka.fetch_wait_max_ms, 20);
         assert_eq!(c.clickhouse.database, "weir");
+        let err = Config::parse("[kafka]\nfetch_wait_max_ms = 0").unwrap_err();
+        assert!(err.to_string().contains("fetch_wait_max_ms must be 1-10000"), "{err}");
     }
 
     #[test]

@@ -79,6 +79,13 @@ pub static PRODUCE_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
         latency(),
     )
 });
+pub static CONSUME_DELAY: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "weir_kafka_consume_delay_seconds",
+        "Time from a record's Kafka timestamp (when ingest produced it) to the processor receiving it",
+        latency(),
+    )
+});
 pub static BATCH_EVENTS: LazyLock<Histogram> = LazyLock::new(|| {
     histogram(
         "weir_processor_batch_events",

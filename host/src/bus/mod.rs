@@ -216,6 +216,7 @@ pub fn consumer(cfg: &KafkaConfig) -> Result<Consumer, BusError> {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
+        .set("fetch.wait.max.ms", cfg.fetch_wait_max_ms.to_string())
         .set("fetch.max.bytes", (4 * MAX_RECORD_BYTES).to_string())
         .set("max.partition.fetch.bytes", MAX_RECORD_BYTES.to_string())
         .set("reconnect.backoff.max.ms", "1000")

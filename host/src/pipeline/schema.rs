@@ -17,10 +17,62 @@ use crate::runtime::Event;
 /// Most errors listed in one dead letter's reason.
 const MAX_ERRORS: usize = 10;
 
+/// One compiled schema, and which of the event's JSON fields it can see.
+struct Compiled {
+    validator: jsonschema::Validator,
+    reads_properties: bool,
+    reads_context: bool,
+}
+
+impl Compiled {
+    fn new(schema: &Value) -> Result<Self, jsonschema::ValidationError<'static>> {
+        Ok(Self {
+            validator: jsonschema::validator_for(schema)?,
+            reads_properties: reads(schema, "properties"),
+            reads_context: reads(schema, "context"),
+        })
+    }
+}
+
+/// Whether a schema can look inside the event's `field` (`properties` or `context`).
+/// Conservative: only a root object whose keywords are annotations or act on members
+/// by name, and whose `properties` does not name `field`, is known not to (the field's
+/// value is then not parsed for it).
+fn reads(schema: &Value, field: &str) -> bool {
+    const BY_NAME_ONLY: [&str; 15] = [
+        "$schema",
+        "$id",
+        "$comment",
+        "$defs",
+        "definitions",
+        "title",
+        "description",
+        "default",
+        "examples",
+        "deprecated",
+        "readOnly",
+        "writeOnly",
+        "type",
+        "required",
+        "properties",
+    ];
+    let Some(root) = schema.as_object() else {
+        return true;
+    };
+    if root.keys().any(|k| !BY_NAME_ONLY.contains(&k.as_str())) {
+        return true;
+    }
+    match root.get("properties") {
+        None => false,
+        Some(Value::Object(members)) => members.contains_key(field),
+        Some(_) => true,
+    }
+}
+
 /// The compiled schemas of a pipeline, by event name.
 #[derive(Default)]
 pub struct Schemas {
-    by_name: HashMap<String, jsonschema::Validator>,
+    by_name: HashMap<String, Compiled>,
     /// `event@version` (`event@file` for a configuration file's schema), sorted.
     versions: std::collections::BTreeMap<String, String>,
 }
@@ -54,7 +106,7 @@ impl Schemas {
     pub fn add(&mut self, name: &str, text: &str, origin: &Path) -> Result<(), String> {
         let schema: Value = serde_json::from_str(text)
             .map_err(|e| format!("schema of {name} ({}) is not JSON: {e}", origin.display()))?;
-        let validator = jsonschema::validator_for(&schema).map_err(|e| {
+        let validator = Compiled::new(&schema).map_err(|e| {
             format!(
                 "schema of {name} ({}) is not a valid JSON Schema: {e}",
                 origin.display()
@@ -69,7 +121,7 @@ impl Schemas {
 
     /// Sets the schema of event `name` (replacing any), from the control plane.
     pub fn put(&mut self, name: &str, schema: &Value, version: u32) -> Result<(), String> {
-        let validator = jsonschema::validator_for(schema).map_err(|e| {
+        let validator = Compiled::new(schema).map_err(|e| {
             format!("schema of {name} version {version} is not a valid JSON Schema: {e}")
         })?;
         self.by_name.insert(name.to_owned(), validator);
@@ -88,19 +140,26 @@ impl Schemas {
     /// Validates an event if its name has a schema. `Err` lists each error as
     /// `pointer: message`.
     pub fn check(&self, event: &Event) -> Result<(), String> {
-        let Some(validator) = self.by_name.get(&event.name) else {
+        let Some(schema) = self.by_name.get(&event.name) else {
             return Ok(());
         };
-        let parse = |text: &str| serde_json::from_str::<Value>(text).unwrap_or(Value::Null);
+        // A field the schema cannot see is not parsed: `{}` stands in for it.
+        let parse = |reads: bool, text: &str| {
+            if reads {
+                serde_json::from_str::<Value>(text).unwrap_or(Value::Null)
+            } else {
+                Value::Object(serde_json::Map::new())
+            }
+        };
         let instance = serde_json::json!({
             "event_id": event.event_id,
             "name": event.name,
             "user_id": event.user_id,
             "timestamp": event.timestamp_ms,
-            "properties": parse(&event.properties),
-            "context": parse(&event.context),
+            "properties": parse(schema.reads_properties, &event.properties),
+            "context": parse(schema.reads_context, &event.context),
         });
-        let mut errors = validator.iter_errors(&instance).peekable();
+        let mut errors = schema.validator.iter_errors(&instance).peekable();
         if errors.peek().is_none() {
             return Ok(());
         }
@@ -182,6 +241,42 @@ mod tests {
         assert!(err.contains("/properties/position: "), "{err}");
         // No schema: no check.
         assert!(s.check(&event("app_opened", None, "{}")).is_ok());
+    }
+
+    #[test]
+    fn fields_a_schema_cannot_see_are_not_parsed() {
+        let schema: Value = serde_json::json!({"type": "object", "required": ["properties"],
+            "properties": {"properties": {"type": "object"}}});
+        assert!(reads(&schema, "properties"));
+        assert!(!reads(&schema, "context"));
+        for keyword in [
+            "additionalProperties",
+            "allOf",
+            "$ref",
+            "unevaluatedProperties",
+        ] {
+            let mut wider = schema.clone();
+            wider[keyword] = serde_json::json!(true);
+            assert!(reads(&wider, "context"), "{keyword}");
+        }
+        assert!(reads(&serde_json::json!(true), "context"));
+        // The check gives the same answer: a context the schema cannot see never fails
+        // it, one it names is read.
+        let s = schemas();
+        let mut e = event("profile_viewed", Some("u"), r#"{"profile_id":"p"}"#);
+        e.context = "not json".into();
+        assert!(s.check(&e).is_ok());
+        let mut s = Schemas::default();
+        s.add(
+            "x",
+            r#"{"properties": {"context": {"required": ["locale"]}}}"#,
+            Path::new("x.json"),
+        )
+        .unwrap();
+        let mut e = event("x", None, "{}");
+        assert!(s.check(&e).unwrap_err().contains("locale"));
+        e.context = r#"{"locale":"fr"}"#.into();
+        assert!(s.check(&e).is_ok());
     }
 
     #[test]

@@ -278,6 +278,10 @@ impl Worker {
                     forget(&revoked, &mut self.watermarks, &mut self.held, &mut self.counters, &self.webhooks, &mut buf);
                     match msg {
                         Ok(m) => {
+                            if let Some(ms) = m.timestamp().to_millis() {
+                                let delay_ms = crate::now_ms().saturating_sub(ms).max(0);
+                                crate::metrics::CONSUME_DELAY.observe(delay_ms as f64 / 1000.0);
+                            }
                             buf.add(m.partition(), m.offset(), m.payload());
                             if buf.len() >= self.cfg.flush_max_events {
                                 self.flush(&mut buf, &mut shutdown).await;
