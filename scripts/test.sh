@@ -20,6 +20,20 @@ started=$(date +%s)
 step "Installing what is missing (apt packages, Tansu, wasm32-wasip2)"
 scripts/stack.sh install
 
+# The cached target directory grows with every build: each test binary of each build is
+# kept (hundreds of MB with debug info). Test and bench executables untouched for two
+# days go (cargo relinks one if it is needed again), and the incremental cache when it
+# passes 15 GiB. A full disk made the linker die with a bus error.
+step "Pruning stale build outputs in $CARGO_TARGET_DIR"
+for dir in "$CARGO_TARGET_DIR"/{debug,release}/deps; do
+  [ -d "$dir" ] && find "$dir" -maxdepth 1 -type f -executable ! -name '*.so' -mtime +2 -delete
+done
+if [ -d "$CARGO_TARGET_DIR/debug/incremental" ] &&
+  [ "$(du -sm "$CARGO_TARGET_DIR/debug/incremental" | cut -f1)" -gt 15360 ]; then
+  rm -rf "$CARGO_TARGET_DIR/debug/incremental"
+fi
+df -h "$CARGO_TARGET_DIR" | tail -n 1
+
 step "cargo fmt --check"
 cargo fmt --all --check
 

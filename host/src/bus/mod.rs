@@ -60,7 +60,7 @@ impl Producer {
             .set("acks", "all")
             .set("message.timeout.ms", cfg.produce_timeout_ms.to_string())
             .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
-            .set("linger.ms", "2")
+            .set("linger.ms", cfg.linger_ms.to_string())
             .set("reconnect.backoff.max.ms", "1000")
             .create()?;
         Ok(Self {

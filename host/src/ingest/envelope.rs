@@ -2,8 +2,6 @@
 //! what is wrong with it. Only the envelope is checked here (types, sizes, names);
 //! what an event means is for JSON Schemas and plugins, later in the pipeline.
 
-use std::collections::BTreeMap;
-
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
@@ -186,24 +184,34 @@ fn check_event(
     }
     // The event's fields, each as its raw text: `properties` and `context` go on as the
     // app sent them (validated JSON, never parsed into values and re-serialised).
-    let Ok(fields) = serde_json::from_str::<BTreeMap<String, &RawValue>>(raw) else {
+    let Ok(fields) = serde_json::from_str::<Fields>(raw) else {
         let value: Value = serde_json::from_str(raw).map_err(json_error)?;
         return Err(EnvelopeError::new(
             "invalid_event",
             format!("an event must be a JSON object, not {}", kind(&value)),
         ));
     };
-    if let Some(key) = fields.keys().find(|k| !EVENT_FIELDS.contains(&k.as_str())) {
+    if let Some(key) = fields.unknown {
         return Err(EnvelopeError::field(
             "unknown_field",
-            key,
+            &key,
             format!(
                 "unknown field {key:?}; an event has only {}",
                 EVENT_FIELDS.join(", ")
             ),
         ));
     }
-    let depth = 1 + fields.values().map(|v| depth(v.get())).max().unwrap_or(0);
+    let fields = fields.values;
+    let get = |name: &str| {
+        let i = EVENT_FIELDS.iter().position(|f| *f == name)?;
+        fields[i]
+    };
+    let depth = 1 + fields
+        .iter()
+        .flatten()
+        .map(|v| depth(v.get()))
+        .max()
+        .unwrap_or(0);
     if depth > limits.max_depth {
         return Err(EnvelopeError::new(
             "too_deep",
@@ -216,7 +224,7 @@ fn check_event(
     // The small fields are parsed as values; the JSON objects are not.
     let mut obj: Map<String, Value> = Map::new();
     for field in ["name", "user_id", "event_id", "timestamp"] {
-        if let Some(v) = fields.get(field) {
+        if let Some(v) = get(field) {
             obj.insert(
                 field.into(),
                 serde_json::from_str(v.get()).map_err(json_error)?,
@@ -247,8 +255,8 @@ fn check_event(
         None | Some(Value::Null) => now_ms,
         Some(v) => parse_timestamp(&v)?,
     };
-    let properties = json_object(fields.get("properties").copied(), "properties")?;
-    let context = json_object(fields.get("context").copied(), "context")?;
+    let properties = json_object(get("properties"), "properties")?;
+    let context = json_object(get("context"), "context")?;
     Ok(WireEvent {
         event_id,
         name,
@@ -257,6 +265,68 @@ fn check_event(
         properties,
         context,
     })
+}
+
+/// An event object's members by [`EVENT_FIELDS`] index, as raw JSON text borrowed from
+/// the request (a repeated member: the last one), and the first unknown member's name.
+/// Read without a map or a `String` per key.
+struct Fields<'a> {
+    values: [Option<&'a RawValue>; EVENT_FIELDS.len()],
+    unknown: Option<String>,
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Fields<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Fields<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an event object")
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut map: M,
+            ) -> Result<Self::Value, M::Error> {
+                let mut fields = Fields {
+                    values: [None; EVENT_FIELDS.len()],
+                    unknown: None,
+                };
+                while let Some(Key(key)) = map.next_key::<Key>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    match EVENT_FIELDS.iter().position(|f| *f == key) {
+                        Some(i) => fields.values[i] = Some(value),
+                        None => {
+                            fields.unknown.get_or_insert_with(|| key.into_owned());
+                        }
+                    }
+                }
+                Ok(fields)
+            }
+        }
+        d.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+/// An object key, borrowed from the request unless it has escapes.
+struct Key<'a>(std::borrow::Cow<'a, str>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Key<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Key(std::borrow::Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(Visit)
+    }
 }
 
 /// Checks an event name: 1-128 characters of `[A-Za-z0-9_.:-]`.
@@ -516,6 +586,18 @@ mod tests {
         assert_eq!(e.context.get(), r#"{"b":2,"a":1}"#);
         let e = &parse(r#"{"name":"x","properties":null}"#, BodyFormat::Json).unwrap()[0];
         assert_eq!(e.properties.get(), "{}");
+        // Keys are compared decoded; a repeated member counts once (the last).
+        let e = &parse(
+            r#"{"n\u0061me":"x","name":"y","user_id":"u"}"#,
+            BodyFormat::Json,
+        )
+        .unwrap()[0];
+        assert_eq!((e.name.as_str(), e.user_id.as_deref()), ("y", Some("u")));
+        let err = err(r#"{"name":"x","z\u00e9":1,"other":2}"#);
+        assert_eq!(
+            (err.code, err.field.as_deref()),
+            ("unknown_field", Some("zé"))
+        );
         // Brackets inside strings do not count as nesting.
         assert_eq!(depth(r#"{"a":"[[[{{{","b":[{}]}"#), 3);
         assert_eq!(depth("1"), 0);
