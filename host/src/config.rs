@@ -872,6 +872,12 @@ mod tests {
                 .contains("fetch_wait_max_ms must be 1-10000"),
             "{err}"
         );
+        assert_eq!(c.kafka.linger_ms, 5);
+        let err = Config::parse("[kafka]\nlinger_ms = 1001").unwrap_err();
+        assert!(
+            err.to_string().contains("linger_ms must be 0-1000"),
+            "{err}"
+        );
     }
 
     #[test]
