@@ -451,59 +451,60 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// Follows valid JSON text byte by byte and tells which bytes belong to strings.
+#[derive(Default)]
+struct Strings {
+    inside: bool,
+    escaped: bool,
+}
+
+impl Strings {
+    /// Whether `b`, the text's next byte, is part of a string literal (quotes included).
+    fn step(&mut self, b: u8) -> bool {
+        if self.inside {
+            match b {
+                _ if self.escaped => self.escaped = false,
+                b'\\' => self.escaped = true,
+                b'"' => self.inside = false,
+                _ => {}
+            }
+            return true;
+        }
+        self.inside = b == b'"';
+        self.inside
+    }
+}
+
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
 /// Valid JSON text without the whitespace between its tokens, or `None` if it has none.
 fn compact(text: &str) -> Option<String> {
     let bytes = text.as_bytes();
-    let (mut in_string, mut escaped) = (false, false);
-    let first = bytes.iter().position(|&b| {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-            return false;
-        }
-        in_string = b == b'"';
-        matches!(b, b' ' | b'\t' | b'\n' | b'\r')
-    })?;
+    let mut strings = Strings::default();
+    let first = bytes.iter().position(|&b| !strings.step(b) && is_ws(b))?;
     let mut out = Vec::with_capacity(bytes.len());
     out.extend_from_slice(&bytes[..first]);
-    for &b in &bytes[first..] {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
-        } else if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
-            continue;
-        } else {
-            in_string = b == b'"';
-        }
-        out.push(b);
-    }
+    // Stepping over `first` again leaves the state as it is: it is whitespace.
+    out.extend(
+        bytes[first..]
+            .iter()
+            .filter(|&&b| strings.step(b) || !is_ws(b)),
+    );
     // Only ASCII whitespace was removed, between tokens: still UTF-8.
     Some(String::from_utf8(out).expect("UTF-8 in, UTF-8 out"))
 }
 
 /// Nesting depth of a JSON value's (valid) text: 0 for a scalar, 1 for `[]` or `{}`.
 fn depth(text: &str) -> usize {
-    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    let (mut depth, mut max) = (0usize, 0usize);
+    let mut strings = Strings::default();
     for &b in text.as_bytes() {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
-            }
+        if strings.step(b) {
             continue;
         }
         match b {
-            b'"' => in_string = true,
             b'{' | b'[' => {
                 depth += 1;
                 max = max.max(depth);
