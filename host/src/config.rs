@@ -279,6 +279,18 @@ pub struct ClickHouseConfig {
     pub user: String,
     /// Password. Default empty.
     pub password: String,
+    /// How INSERTs travel: `lz4` (default) or `none`. On loopback or a fast LAN, `none`
+    /// spares both weir and ClickHouse the (de)compression.
+    pub compression: InsertCompression,
+}
+
+/// `clickhouse.compression`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InsertCompression {
+    #[default]
+    Lz4,
+    None,
 }
 
 impl Default for ClickHouseConfig {
@@ -289,6 +301,7 @@ impl Default for ClickHouseConfig {
             database: "weir".into(),
             user: "default".into(),
             password: String::new(),
+            compression: InsertCompression::Lz4,
         }
     }
 }
@@ -873,6 +886,11 @@ mod tests {
             "{err}"
         );
         assert_eq!(c.kafka.linger_ms, 5);
+        assert_eq!(c.clickhouse.compression, InsertCompression::Lz4);
+        let c = Config::parse("[clickhouse]\ncompression = \"none\"").unwrap();
+        assert_eq!(c.clickhouse.compression, InsertCompression::None);
+        let err = Config::parse("[clickhouse]\ncompression = \"zstd\"").unwrap_err();
+        assert!(err.to_string().contains("zstd"), "{err}");
         let err = Config::parse("[kafka]\nlinger_ms = 1001").unwrap_err();
         assert!(
             err.to_string().contains("linger_ms must be 0-1000"),

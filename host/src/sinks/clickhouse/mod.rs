@@ -14,7 +14,7 @@ use clickhouse::{Client, Row};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::config::ClickHouseConfig;
+use crate::config::{ClickHouseConfig, InsertCompression};
 use crate::pipeline::route::Routes;
 use crate::pipeline::{DeadLetter, Kept, RoutedRow};
 
@@ -222,6 +222,10 @@ impl ClickHouseSink {
             .chain(&cfg.failover_urls)
             .map(|url| {
                 let client = Client::default()
+                    .with_compression(match cfg.compression {
+                        InsertCompression::Lz4 => clickhouse::Compression::Lz4,
+                        InsertCompression::None => clickhouse::Compression::None,
+                    })
                     .with_url(url)
                     .with_user(&cfg.user)
                     .with_password(&cfg.password)
