@@ -47,6 +47,29 @@ pub enum DecodeError {
 }
 
 impl IngestRecord {
+    /// A record of the current format version.
+    pub fn new(app: String, received_ms: i64, events: Vec<WireEvent>) -> Self {
+        Self {
+            v: RECORD_VERSION,
+            app,
+            received_ms,
+            events,
+        }
+    }
+
+    /// The Kafka key: the first event's user (or, without one, its id), so that a
+    /// user's single-event requests land on one partition and stay in order.
+    pub fn key(&self) -> String {
+        let first = self
+            .events
+            .first()
+            .expect("a record holds at least one event");
+        first
+            .user_id
+            .clone()
+            .unwrap_or_else(|| first.event_id.clone())
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("serialising an ingest record cannot fail")
     }

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use serde::Serialize;
 
 use crate::bus::Producer;
-use crate::bus::record::{IngestRecord, RECORD_VERSION, WireEvent};
+use crate::bus::record::{IngestRecord, WireEvent};
 use crate::ingest::envelope::{self, BodyFormat};
 use crate::sinks::clickhouse::{ClickHouseSink, DeadLetterFilter, DeadLetterRecord};
 
@@ -102,16 +102,8 @@ impl DeadLetters {
         }
         for (app, events) in by_app {
             for chunk in events.chunks(EVENTS_PER_RECORD) {
-                let key = chunk[0]
-                    .user_id
-                    .clone()
-                    .unwrap_or_else(|| chunk[0].event_id.clone());
-                let record = IngestRecord {
-                    v: RECORD_VERSION,
-                    app: app.clone(),
-                    received_ms: now,
-                    events: chunk.to_vec(),
-                };
+                let record = IngestRecord::new(app.clone(), now, chunk.to_vec());
+                let key = record.key();
                 self.producer.send(&record, &key).await.map_err(|e| {
                     anyhow::anyhow!(
                         "replayed {} events, then Kafka refused the next record: {e}",

@@ -21,7 +21,7 @@ use serde_json::json;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::warn;
 
-use crate::bus::record::{IngestRecord, RECORD_VERSION};
+use crate::bus::record::IngestRecord;
 use crate::bus::{BusError, Producer};
 use crate::config::IngestConfig;
 use crate::pipeline::route::Routes;
@@ -393,17 +393,8 @@ async fn accept<S: Sink>(
         uuid::Uuid::now_v7().to_string()
     })?;
     let event_ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
-    // Key by the first event's user (or id): a user's single-event requests stay in order.
-    let key = events[0]
-        .user_id
-        .clone()
-        .unwrap_or_else(|| events[0].event_id.clone());
-    let record = IngestRecord {
-        v: RECORD_VERSION,
-        app: app.clone(),
-        received_ms: now_ms,
-        events,
-    };
+    let record = IngestRecord::new(app.clone(), now_ms, events);
+    let key = record.key();
     let produce = std::time::Instant::now();
     let sent = state.sink.send(record, key).await;
     crate::metrics::PRODUCE_DURATION.observe(produce.elapsed().as_secs_f64());
