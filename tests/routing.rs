@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
 use weir::config::{PipelineConfig, PluginConfig};
+use weir::model::Origin;
 use weir::pipeline::route::Routes;
-use weir::pipeline::{Origin, Pipeline, Stage};
+use weir::pipeline::{Pipeline, Stage};
 use weir::runtime::Runtime;
 use weir_tests::{
     ClickHouse, READ_KEY, Redis, Tansu, WRITE_KEY, Weir, engagement_pipeline, metric, plugin_path,
@@ -557,7 +558,7 @@ name = "post_likes"
                 index: 0,
                 received_ms: 0,
             };
-            let wire = weir::bus::record::WireEvent {
+            let wire = weir::model::WireEvent {
                 event_id: format!("e{i}"),
                 name: (*name).into(),
                 user_id: Some("u1".into()),

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use weir::config::{FailurePolicy, PluginConfig};
-use weir::pipeline::{Origin, Pipeline, Stage};
-use weir::runtime::{Event, Limits, Plugin, PluginInstance, Runtime, Verdict};
+use weir::model::{Event, FailureKind, Limits, Origin};
+use weir::pipeline::{Pipeline, Stage};
+use weir::runtime::{Plugin, PluginInstance, Runtime, Verdict};
 use weir_tests::plugin_path;
 
 const DEADLINE: Duration = Duration::from_millis(50);
@@ -59,7 +60,8 @@ fn assert_isolated(verdicts: &[Verdict], events: &[Event], bad: &[usize], why: &
     assert_eq!(verdicts.len(), events.len());
     for (i, v) in verdicts.iter().enumerate() {
         match v {
-            Verdict::Failed(reason) if bad.contains(&i) => {
+            Verdict::Failed(failure) if bad.contains(&i) => {
+                let reason = &failure.message;
                 assert!(
                     reason.contains(why),
                     "event {i}: reason {reason:?} does not name {why:?}"
@@ -85,15 +87,15 @@ fn assert_isolated(verdicts: &[Verdict], events: &[Event], bad: &[usize], why: &
 async fn isolate(n: usize, bad: &[(usize, &str)], why: &str) -> (PluginInstance, Duration) {
     let plugin = load("hostile").await;
     let mut instance = plugin.instantiate().await.unwrap();
-    let events = batch(n, bad);
+    let mut events = batch(n, bad);
     let started = Instant::now();
-    let verdicts = instance.process(&events).await;
+    let verdicts = instance.process(&mut events).await;
     let took = started.elapsed();
     let positions: Vec<usize> = bad.iter().map(|(at, _)| *at).collect();
     assert_isolated(&verdicts, &events, &positions, why);
 
-    let next = batch(10, &[]);
-    let verdicts = instance.process(&next).await;
+    let mut next = batch(10, &[]);
+    let verdicts = instance.process(&mut next).await;
     assert_isolated(&verdicts, &next, &[], "");
     (instance, took)
 }
@@ -141,27 +143,28 @@ async fn every_limit_in_one_batch() {
         (150, "recurse"),
         (255, "sleep"),
     ];
-    let events = batch(256, &bad);
-    let verdicts = instance.process(&events).await;
-    let reasons: Vec<&str> = verdicts
+    let mut events = batch(256, &bad);
+    let verdicts = instance.process(&mut events).await;
+    let failures: Vec<_> = verdicts
         .iter()
         .filter_map(|v| match v {
-            Verdict::Failed(r) => Some(r.as_str()),
+            Verdict::Failed(f) => Some(f),
             _ => None,
         })
         .collect();
-    assert_eq!(reasons.len(), bad.len(), "{reasons:?}");
-    for (want, got) in [
-        "unreachable",
-        "deadline",
-        "memory cap",
-        "stack overflow",
-        "deadline",
+    assert_eq!(failures.len(), bad.len(), "{failures:?}");
+    for ((want, kind), got) in [
+        ("unreachable", FailureKind::Trap),
+        ("deadline", FailureKind::Deadline),
+        ("memory cap", FailureKind::MemoryCap),
+        ("stack overflow", FailureKind::StackOverflow),
+        ("deadline", FailureKind::Deadline),
     ]
     .iter()
-    .zip(&reasons)
+    .zip(&failures)
     {
-        assert!(got.contains(want), "{got:?} should name {want:?}");
+        assert!(got.message.contains(want), "{got:?} should name {want:?}");
+        assert_eq!(got.kind, *kind, "{got:?}");
     }
     assert_eq!(
         verdicts
@@ -197,7 +200,7 @@ async fn quarantine_pipeline(policy: FailurePolicy) -> Pipeline {
     Pipeline::new("p".into(), vec![stage], Default::default(), 16)
 }
 
-fn wire_batch(names: &[&str]) -> Vec<(Origin, String, weir::bus::record::WireEvent)> {
+fn wire_batch(names: &[&str]) -> Vec<(Origin, String, weir::model::WireEvent)> {
     names
         .iter()
         .enumerate()
@@ -208,7 +211,7 @@ fn wire_batch(names: &[&str]) -> Vec<(Origin, String, weir::bus::record::WireEve
                 index: 0,
                 received_ms: 0,
             };
-            let e = weir::bus::record::WireEvent {
+            let e = weir::model::WireEvent {
                 event_id: format!("w{i}"),
                 name: (*name).into(),
                 user_id: None,

@@ -9,8 +9,10 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::Config;
 use crate::control::client::AdminClient;
-use crate::pipeline::{Pipeline, dry_run};
-use crate::runtime::{Limits, Runtime};
+use crate::control::dry_run;
+use crate::model::Limits;
+use crate::pipeline::Pipeline;
+use crate::runtime::Runtime;
 
 #[derive(Parser)]
 #[command(name = "weir", version, about = "A WebAssembly-plugin event processor")]

@@ -8,9 +8,21 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Deserialize;
+
+// Each section's struct lives with the module it configures; the file's shape is here.
+pub use crate::bus::KafkaConfig;
+pub use crate::ingest::IngestConfig;
+use crate::model::is_identifier;
+pub use crate::pipeline::config::{
+    FailurePolicy, PipelineConfig, PluginConfig, ProcessorConfig, SchemaConfig,
+    default_deadline_ms, default_memory_mib, default_quarantine_after, default_quarantine_secs,
+};
+pub use crate::sinks::clickhouse::{ClickHouseConfig, InsertCompression, TableConfig};
+pub use crate::sinks::counters::{CounterConfig, RedisConfig};
+pub use crate::sinks::topic::{TopicConfig, TopicKey};
+pub use crate::sinks::webhook::WebhookConfig;
 
 /// The write key and admin token of the development configuration. weir prints them at
 /// start and refuses to listen on a non-loopback address while any of them is in use.
@@ -140,64 +152,6 @@ impl Default for ControlConfig {
     }
 }
 
-/// `[redis]`: where counters live.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RedisConfig {
-    /// Server URL. Default `redis://127.0.0.1:6379`.
-    pub url: String,
-    /// Prefix of every key weir writes. Default `weir`.
-    pub key_prefix: String,
-    /// Timeout of one round trip, in milliseconds. Default 2000.
-    pub timeout_ms: u64,
-    /// Most counter increments held in memory while Redis is unreachable. Past it,
-    /// the processor stops taking new events until Redis answers. Default 1,000,000.
-    pub max_pending: usize,
-}
-
-impl Default for RedisConfig {
-    fn default() -> Self {
-        Self {
-            url: "redis://127.0.0.1:6379".into(),
-            key_prefix: "weir".into(),
-            timeout_ms: 2000,
-            max_pending: 1_000_000,
-        }
-    }
-}
-
-/// `[ingest]`: the HTTP endpoint apps post events to.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct IngestConfig {
-    /// Address to listen on. Default `127.0.0.1:8080`.
-    pub listen: SocketAddr,
-    /// Largest request body accepted, in bytes (413 beyond). Default 1 MiB.
-    pub max_body_bytes: usize,
-    /// Largest single event, in bytes of its JSON text (400 beyond). Default 32 KiB.
-    pub max_event_bytes: usize,
-    /// Most events in one request (400 beyond). Default 1000.
-    pub max_events_per_request: usize,
-    /// Deepest nesting of objects and arrays inside one event (400 beyond). Default 32.
-    pub max_depth: usize,
-    /// Origins allowed to post from a browser (CORS), e.g. `["https://app.example.com"]`;
-    /// `["*"]` allows any. Default: none.
-    pub cors_origins: Vec<String>,
-}
-
-impl Default for IngestConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            max_body_bytes: 1024 * 1024,
-            max_event_bytes: 32 * 1024,
-            max_events_per_request: 1000,
-            max_depth: 32,
-            cors_origins: Vec::new(),
-        }
-    }
-}
-
 /// `[[app]]`: one app (tenant) and the write keys that post on its behalf.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -210,377 +164,6 @@ pub struct AppConfig {
     /// (`GET /v1/counters/...`). A write key never reads. Default none.
     #[serde(default)]
     pub read_keys: Vec<String>,
-}
-
-/// `[kafka]`: brokers, topic and consumer group.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KafkaConfig {
-    /// Bootstrap servers, comma separated. Default `127.0.0.1:9092`.
-    pub brokers: String,
-    /// Topic holding accepted events. Default `weir.events`.
-    pub topic: String,
-    /// Partitions of the topic when weir creates it. Default 4.
-    pub partitions: i32,
-    /// Replication factor when weir creates the topic. Default 1.
-    pub replication_factor: i32,
-    /// Consumer group of the processors. Default `weir-processor`.
-    pub group: String,
-    /// How long ingest waits for Kafka to acknowledge a request's events before it
-    /// answers 503, in milliseconds. Default 5000.
-    pub produce_timeout_ms: u64,
-    /// Consumer session timeout in milliseconds. Default 10000.
-    pub session_timeout_ms: u64,
-    /// Longest a fetch request may wait at the broker for new records
-    /// (librdkafka's `fetch.wait.max.ms`), in milliseconds. Default 50. Kafka answers a
-    /// fetch as soon as a record arrives, whatever this is; Tansu holds every fetch
-    /// for this long (half of it from 500 ms up), so there it bounds how fresh
-    /// counters and rows can be, and a lower value costs the broker CPU (more
-    /// fetches). 1-10000.
-    pub fetch_wait_max_ms: u64,
-    /// How long the producer waits to batch records bound for the same partition
-    /// (librdkafka's `linger.ms`), in milliseconds. Default 5: fewer, fuller produce
-    /// requests (less broker CPU) for a few milliseconds of ingest latency. 0-1000.
-    pub linger_ms: u64,
-    /// Extra librdkafka properties for both producer and consumer, e.g.
-    /// `{ "security.protocol" = "ssl" }`.
-    pub properties: HashMap<String, String>,
-}
-
-impl Default for KafkaConfig {
-    fn default() -> Self {
-        Self {
-            brokers: "127.0.0.1:9092".into(),
-            topic: "weir.events".into(),
-            partitions: 4,
-            replication_factor: 1,
-            group: "weir-processor".into(),
-            produce_timeout_ms: 5000,
-            session_timeout_ms: 10_000,
-            fetch_wait_max_ms: 50,
-            linger_ms: 5,
-            properties: HashMap::new(),
-        }
-    }
-}
-
-/// `[clickhouse]`: where processed events and dead letters are written.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ClickHouseConfig {
-    /// HTTP URL of the server. Default `http://127.0.0.1:8123`.
-    pub url: String,
-    /// Other endpoints serving the same tables (replicas, a second load balancer),
-    /// tried in order when the current one fails. Default none.
-    pub failover_urls: Vec<String>,
-    /// Database; weir creates it and its tables. Default `weir`.
-    pub database: String,
-    /// User. Default `default`.
-    pub user: String,
-    /// Password. Default empty.
-    pub password: String,
-    /// How INSERTs travel: `lz4` (default) or `none`. On loopback or a fast LAN, `none`
-    /// spares both weir and ClickHouse the (de)compression.
-    pub compression: InsertCompression,
-}
-
-/// `clickhouse.compression`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum InsertCompression {
-    #[default]
-    Lz4,
-    None,
-}
-
-impl Default for ClickHouseConfig {
-    fn default() -> Self {
-        Self {
-            url: "http://127.0.0.1:8123".into(),
-            failover_urls: Vec::new(),
-            database: "weir".into(),
-            user: "default".into(),
-            password: String::new(),
-            compression: InsertCompression::Lz4,
-        }
-    }
-}
-
-/// `[processor]`: how consumed events are batched into ClickHouse.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ProcessorConfig {
-    /// Run the processor (consume, plugins, sinks) in this instance. Default true.
-    pub enabled: bool,
-    /// Flush when this many events are buffered. Default 10000.
-    pub flush_max_events: usize,
-    /// Flush at least this often while events are buffered, in milliseconds. Default 1000.
-    pub flush_interval_ms: u64,
-    /// Events per plugin call. Default 256.
-    pub plugin_batch_size: usize,
-    /// Delay before retrying a failed ClickHouse insert, in milliseconds (doubles up to
-    /// 30 s). The batch is retried until it succeeds; offsets do not move meanwhile.
-    /// Default 500.
-    pub retry_backoff_ms: u64,
-}
-
-impl Default for ProcessorConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            flush_max_events: 10_000,
-            flush_interval_ms: 1000,
-            plugin_batch_size: 256,
-            retry_backoff_ms: 500,
-        }
-    }
-}
-
-/// `[pipeline]`: the plugin chain every event runs through, in order.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PipelineConfig {
-    /// Name of the pipeline, recorded with each row (`pipeline` column). Default `default`.
-    pub name: String,
-    /// Names of the events that go through the schemas and the plugin chain; other
-    /// events are written to `events` untouched. Default: every event.
-    pub events: Vec<String>,
-    /// The plugins, in the order they run.
-    #[serde(rename = "plugin")]
-    pub plugins: Vec<PluginConfig>,
-    /// Typed ClickHouse tables plugins route rows to.
-    #[serde(rename = "table")]
-    pub tables: Vec<TableConfig>,
-    /// Counters plugins increment (kept in Redis).
-    #[serde(rename = "counter")]
-    pub counters: Vec<CounterConfig>,
-    /// JSON Schemas events are validated against before the plugins run.
-    #[serde(rename = "schema")]
-    pub schemas: Vec<SchemaConfig>,
-    /// HTTP endpoints kept events of chosen names are POSTed to.
-    #[serde(rename = "webhook")]
-    pub webhooks: Vec<WebhookConfig>,
-    /// Kafka topics kept events of chosen names are forwarded to.
-    #[serde(rename = "topic")]
-    pub topics: Vec<TopicConfig>,
-}
-
-/// `[[pipeline.topic]]`: forwards kept events of the listed names to a Kafka topic
-/// (created if missing), one JSON record per event, at least once.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TopicConfig {
-    /// Name, `[A-Za-z_][A-Za-z0-9_]*`, used in logs and metrics.
-    pub name: String,
-    /// The topic; must differ from `kafka.topic`.
-    pub topic: String,
-    /// Event names forwarded (as the plugins left them). Plugins can also forward any
-    /// event here by the sink's name. Default none.
-    #[serde(default)]
-    pub events: Vec<String>,
-    /// Record key: `user_id` (default; the event id when there is no user) or `event_id`.
-    #[serde(default)]
-    pub key: TopicKey,
-}
-
-/// What a forwarded record is keyed by.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TopicKey {
-    #[default]
-    UserId,
-    EventId,
-}
-
-/// `[[pipeline.webhook]]`: POSTs kept events of the listed names to a URL, in batches
-/// (`{"webhook": NAME, "events": [EVENT, ...]}`), at least once, with retries.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WebhookConfig {
-    /// Name, `[A-Za-z_][A-Za-z0-9_]*`, used in logs, metrics and dead letters.
-    pub name: String,
-    /// `http://` or `https://` URL.
-    pub url: String,
-    /// Event names sent (after the plugin chain: as the plugins left them). Plugins
-    /// can also forward any event here by the webhook's name. Default none.
-    #[serde(default)]
-    pub events: Vec<String>,
-    /// Most events per POST; 1 sends each event on its own. Default 100.
-    #[serde(default = "default_webhook_batch")]
-    pub batch_size: usize,
-    /// Timeout of one POST, in milliseconds. Default 5000.
-    #[serde(default = "default_webhook_timeout")]
-    pub timeout_ms: u64,
-    /// Attempts of one batch before its events go to dead_letters. Default 8.
-    #[serde(default = "default_webhook_attempts")]
-    pub max_attempts: u32,
-    /// Pause before the first retry, doubled each time up to 30 s. Default 500.
-    #[serde(default = "default_webhook_backoff")]
-    pub retry_backoff_ms: u64,
-    /// Most events queued for delivery; past it the processor waits. Default 10000.
-    #[serde(default = "default_webhook_pending")]
-    pub max_pending: usize,
-    /// Extra request headers (e.g. an API key). Default none.
-    #[serde(default)]
-    pub headers: std::collections::BTreeMap<String, String>,
-}
-
-fn default_webhook_batch() -> usize {
-    100
-}
-fn default_webhook_timeout() -> u64 {
-    5000
-}
-fn default_webhook_attempts() -> u32 {
-    8
-}
-fn default_webhook_backoff() -> u64 {
-    500
-}
-fn default_webhook_pending() -> usize {
-    10_000
-}
-
-/// `[[pipeline.schema]]`: a JSON Schema for the events of one name. The schema sees
-/// the event as `{"event_id", "name", "user_id", "timestamp" (epoch ms), "properties",
-/// "context"}`; an event that fails goes to the dead letters (stage `schema`) with the
-/// JSON pointer and message of each error.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SchemaConfig {
-    /// The event name.
-    pub event: String,
-    /// Path of the schema (JSON), relative to the config file.
-    pub path: PathBuf,
-}
-
-impl Default for PipelineConfig {
-    fn default() -> Self {
-        Self {
-            name: "default".into(),
-            events: Vec::new(),
-            plugins: Vec::new(),
-            tables: Vec::new(),
-            counters: Vec::new(),
-            schemas: Vec::new(),
-            webhooks: Vec::new(),
-            topics: Vec::new(),
-        }
-    }
-}
-
-/// `[[pipeline.table]]`: a typed table plugins write rows to (`row` outputs). weir
-/// creates it with its columns after the columns it fills itself: `event_id`, `app`,
-/// `timestamp` (the event's, `DateTime`), `plugins`, `kafka_partition`, `kafka_offset`,
-/// `kafka_index`.
-#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TableConfig {
-    /// Table name, `[A-Za-z_][A-Za-z0-9_]*`; must not be `events` or `dead_letters`.
-    pub name: String,
-    /// The columns, each `"name Type"`. Types: `String`, `Int8`..`Int64`,
-    /// `UInt8`..`UInt64`, `Float32`, `Float64`, `Bool` (stored as `UInt8`), `Date`,
-    /// `DateTime`, and `Nullable(T)` of any of them.
-    pub columns: Vec<String>,
-    /// The sorting key. Default `["timestamp"]`.
-    #[serde(default)]
-    pub order_by: Vec<String>,
-}
-
-/// `[[pipeline.counter]]`: a counter plugins increment (`count` outputs), per app and
-/// key, read by apps at `GET /v1/counters/{name}/{key}`.
-#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CounterConfig {
-    /// Counter name, `[A-Za-z_][A-Za-z0-9_]*`.
-    pub name: String,
-    /// Also keep a count per UTC day of the event's timestamp. Default false.
-    #[serde(default)]
-    pub by_day: bool,
-    /// How long per-day counts are kept, in days. Default 90.
-    #[serde(default = "default_day_retention")]
-    pub day_retention_days: u32,
-}
-
-fn default_day_retention() -> u32 {
-    90
-}
-
-/// `[[pipeline.plugin]]`: one plugin of the chain.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PluginConfig {
-    /// Name, used in logs, metrics and dead letters.
-    pub name: String,
-    /// Path of the component (`.wasm`), relative to the config file.
-    pub path: PathBuf,
-    /// The plugin's own configuration, handed to it as JSON. Default `{}`.
-    #[serde(default)]
-    pub config: Option<toml::Table>,
-    /// Wall-clock budget of one batch call, in milliseconds. Default 100.
-    #[serde(default = "default_deadline_ms")]
-    pub deadline_ms: u64,
-    /// Linear memory cap of an instance, in MiB. Default 64.
-    #[serde(default = "default_memory_mib")]
-    pub memory_mib: usize,
-    /// What happens to events while the plugin is quarantined: `closed` (default: they
-    /// go to the dead letters) or `open` (they pass this plugin untouched).
-    #[serde(default)]
-    pub failure_policy: FailurePolicy,
-    /// Quarantine the plugin after this many consecutive failing batch calls (calls in
-    /// which it failed on at least half the events: traps, deadlines, memory cap).
-    /// Default 3.
-    #[serde(default = "default_quarantine_after")]
-    pub quarantine_after: u32,
-    /// How long a quarantine lasts before the plugin is tried again, in seconds.
-    /// Default 30.
-    #[serde(default = "default_quarantine_secs")]
-    pub quarantine_secs: u64,
-}
-
-/// What a pipeline does with events a quarantined plugin cannot process.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FailurePolicy {
-    /// Fail closed: dead-letter the events.
-    #[default]
-    Closed,
-    /// Fail open: pass the events on as if the plugin had kept them unchanged.
-    Open,
-}
-
-pub(crate) fn default_quarantine_after() -> u32 {
-    3
-}
-
-pub(crate) fn default_quarantine_secs() -> u64 {
-    30
-}
-
-pub(crate) fn default_deadline_ms() -> u64 {
-    100
-}
-
-pub(crate) fn default_memory_mib() -> usize {
-    64
-}
-
-impl PluginConfig {
-    /// The plugin's configuration as JSON text.
-    pub fn config_json(&self) -> String {
-        match &self.config {
-            Some(table) => serde_json::to_string(table).unwrap_or_else(|_| "{}".into()),
-            None => "{}".into(),
-        }
-    }
-
-    /// The sandbox limits of this plugin.
-    pub fn limits(&self) -> crate::runtime::Limits {
-        crate::runtime::Limits {
-            deadline: Duration::from_millis(self.deadline_ms),
-            memory_bytes: self.memory_mib << 20,
-        }
-    }
 }
 
 impl Config {
@@ -746,7 +329,7 @@ impl Config {
                 )));
             }
         }
-        crate::pipeline::route::Routes::new(&self.pipeline).map_err(invalid)?;
+        crate::pipeline::route::Routes::new(&self.pipeline).map_err(|e| invalid(e.to_string()))?;
         let mut hooks = std::collections::HashSet::new();
         for w in &self.pipeline.webhooks {
             let n = &w.name;
@@ -764,7 +347,7 @@ impl Config {
             if let Some(bad) = w
                 .events
                 .iter()
-                .find(|e| crate::ingest::envelope::check_name(e).is_err())
+                .find(|e| crate::model::check_name(e).is_err())
             {
                 return Err(invalid(format!(
                     "webhook {n}: {bad:?} is not a valid event name"
@@ -796,7 +379,7 @@ impl Config {
             }
             if t.events
                 .iter()
-                .any(|e| crate::ingest::envelope::check_name(e).is_err())
+                .any(|e| crate::model::check_name(e).is_err())
             {
                 return Err(invalid(format!(
                     "topic sink {n}: events must list valid event names"
@@ -807,14 +390,14 @@ impl Config {
             .pipeline
             .events
             .iter()
-            .find(|e| crate::ingest::envelope::check_name(e).is_err())
+            .find(|e| crate::model::check_name(e).is_err())
         {
             return Err(invalid(format!(
                 "pipeline.events: {bad:?} is not a valid event name"
             )));
         }
         for schema in &self.pipeline.schemas {
-            if crate::ingest::envelope::check_name(&schema.event).is_err() {
+            if crate::model::check_name(&schema.event).is_err() {
                 return Err(invalid(format!(
                     "[[pipeline.schema]] event {:?} is not a valid event name",
                     schema.event
@@ -855,13 +438,6 @@ impl Config {
             })
             .collect()
     }
-}
-
-/// True for a plain SQL identifier (safe to interpolate into DDL).
-pub fn is_identifier(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 #[cfg(test)]

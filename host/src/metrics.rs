@@ -108,6 +108,20 @@ pub static PLUGIN_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["plugin", "version", "outcome"],
     )
 });
+pub static PLUGIN_FAILURES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "weir_plugin_failures_total",
+        "Events a plugin failed on, by kind: deadline, memory_cap, stack_overflow, trap, bad_outcome, quarantined",
+        &["plugin", "version", "kind"],
+    )
+});
+pub static PLUGIN_COUNTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "weir_plugin_counter_total",
+        "What plugins count with the counter-add host import (at most 256 counters per plugin version)",
+        &["plugin", "version", "counter"],
+    )
+});
 pub static PLUGIN_QUARANTINED: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     gauge_vec(
         "weir_plugin_quarantined",

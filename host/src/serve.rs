@@ -13,12 +13,13 @@ use crate::bus::{self, Producer};
 use crate::config::{Config, DEV_ADMIN_TOKEN, DEV_WRITE_KEY};
 use crate::control::Control;
 use crate::control::admin::{self, Admin};
-use crate::control::agent::{Agent, Preparer, Running};
+use crate::control::agent::{Agent, Preparer};
 use crate::control::dead_letters::DeadLetters;
 use crate::control::store::Store;
-use crate::ingest::{self, Counters, Ingest, SharedRoutes};
+use crate::ingest::{self, CounterSource, Counters, Ingest};
+use crate::model::Counter;
 use crate::pipeline::route::Routes;
-use crate::pipeline::worker::Worker;
+use crate::pipeline::worker::{Running, SharedRoutes, Worker};
 use crate::runtime::Runtime;
 use crate::sinks::clickhouse::{ClickHouseError, ClickHouseSink};
 use crate::sinks::counters::{CounterReader, CounterSink};
@@ -77,7 +78,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     ));
     let worker = match pipeline {
         Some(pipeline) => {
-            let sink = ClickHouseSink::new(&config.clickhouse, pipeline.routes().clone());
+            let sink = ClickHouseSink::new(&config.clickhouse, pipeline.routes().tables.clone());
             // A table that does not match the pipeline is a configuration error; an
             // unreachable ClickHouse is an outage: ingest must come up regardless, and the
             // processor creates the tables before its first write.
@@ -109,7 +110,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             let mut webhooks = Vec::new();
             for (i, w) in config.pipeline.webhooks.iter().enumerate() {
                 webhooks.push(
-                    WebhookSink::start(w, i, sink.clone(), config.pipeline.name.clone())
+                    WebhookSink::start(w, i, Arc::new(sink.clone()), config.pipeline.name.clone())
                         .map_err(anyhow::Error::msg)?,
                 );
             }
@@ -155,7 +156,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
                 max_plugin_bytes: admin_cfg.max_plugin_bytes,
                 instance_ttl: Duration::from_millis(config.control.instance_ttl_ms),
                 dead_letters: DeadLetters {
-                    sink: ClickHouseSink::new(&config.clickhouse, routes.clone()),
+                    sink: ClickHouseSink::new(&config.clickhouse, routes.tables.clone()),
                     producer: producer.clone(),
                 },
             });
@@ -176,9 +177,11 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let mut ingest = Ingest::new(&config.ingest, keys, producer.clone());
     ingest = ingest.with_counters(Counters {
         read_keys: config.read_keys(),
-        routes: shared_routes,
-        reader: CounterReader::new(&config.redis)
-            .context("cannot set up the Redis counter reader")?,
+        source: Arc::new(RedisCounters {
+            routes: shared_routes,
+            reader: CounterReader::new(&config.redis)
+                .context("cannot set up the Redis counter reader")?,
+        }),
     });
     let state = Arc::new(ingest);
     let router = ingest::app(state, &config.ingest.cors_origins);
@@ -216,6 +219,36 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let _ = tokio::time::timeout(Duration::from_secs(5), agent).await;
     info!("stopped");
     Ok(())
+}
+
+/// The counters API's source: the counters of the pipeline in force (replaced by the
+/// processor on a swap), read from Redis.
+struct RedisCounters {
+    routes: SharedRoutes,
+    reader: CounterReader,
+}
+
+impl CounterSource for RedisCounters {
+    fn counter(&self, name: &str) -> Option<Counter> {
+        let routes = self.routes.read().expect("routes lock").clone();
+        routes.counter(name).cloned()
+    }
+
+    fn read<'a>(
+        &'a self,
+        app: &'a str,
+        counter: &'a str,
+        key: &'a str,
+        days: u32,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<serde_json::Value, Box<dyn std::error::Error + Send + Sync>>,
+    > {
+        Box::pin(async move {
+            let value = self.reader.get(app, counter, key, days).await?;
+            Ok(serde_json::to_value(value)?)
+        })
+    }
 }
 
 /// A name for this instance in the control plane's status: host, process, and a

@@ -2,7 +2,9 @@
 //! processor reads from. Delivery is at-least-once: offsets are committed only after
 //! the sinks acknowledged what they cover (see `pipeline::worker`).
 
-pub mod record;
+mod config;
+
+pub use config::KafkaConfig;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -19,8 +21,7 @@ use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{info, warn};
 
-use crate::config::KafkaConfig;
-use record::IngestRecord;
+use crate::model::IngestRecord;
 
 /// Errors at the Kafka boundary.
 #[derive(Debug, thiserror::Error)]

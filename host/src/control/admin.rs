@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 
 use super::dead_letters::DeadLetters;
 use super::{AdminError, Control, PipelineDoc};
+use crate::control::dry_run;
 use crate::ingest::{ApiError, bearer};
-use crate::pipeline::dry_run;
 use crate::sinks::clickhouse::DeadLetterFilter;
 
 /// What the admin routes share.
@@ -299,7 +299,7 @@ async fn test_plugin(
         .ok_or_else(|| not_found(format!("the component of {name}@{} is missing", pv.version)))?;
     let events_json = serde_json::to_vec(&req.events).expect("JSON");
     let events = dry_run::parse_samples(&events_json).map_err(bad)?;
-    let limits = crate::runtime::Limits {
+    let limits = crate::model::Limits {
         deadline: Duration::from_millis(req.deadline_ms),
         memory_bytes: req.memory_mib << 20,
     };

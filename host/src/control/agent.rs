@@ -25,35 +25,10 @@ use super::{InstanceStatus, PipelineVersion, State};
 use crate::config::{ControlConfig, PipelineConfig};
 use crate::pipeline::route::Routes;
 use crate::pipeline::schema::Schemas;
+use crate::pipeline::worker::{Running, Swap};
 use crate::pipeline::{Pipeline, Stage, Tag};
 use crate::runtime::{Compiled, Runtime};
-use crate::sinks::clickhouse::ClickHouseSink;
-
-/// A new pipeline for the processor, or only a newer control-plane version (a change
-/// that does not concern this instance's pipeline).
-pub struct Swap {
-    pub pipeline: Option<Pipeline>,
-    pub control_version: u64,
-}
-
-/// What the processor runs now (it publishes this after each swap).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Running {
-    pub tag: Tag,
-    /// `name@version` of each plugin.
-    pub plugins: Vec<String>,
-    pub schemas: Vec<String>,
-}
-
-impl Running {
-    pub fn of(p: &Pipeline) -> Self {
-        Self {
-            tag: p.tag(),
-            plugins: p.plugin_versions(),
-            schemas: p.schema_versions(),
-        }
-    }
-}
+use crate::sinks::clickhouse::{ClickHouseSink, Table, same_tables};
 
 /// What decides the pipeline an instance runs: equal keys, same pipeline.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,8 +45,8 @@ pub struct Preparer {
     file: PipelineConfig,
     /// The configuration file's tables and counters.
     routes: Arc<Routes>,
-    /// The routes of the pipeline last prepared (their tables exist).
-    prepared_routes: Option<Arc<Routes>>,
+    /// The tables of the pipeline last prepared (they exist).
+    prepared_tables: Option<Arc<[Table]>>,
     /// To create the tables of a new version before it is swapped in.
     sink: Option<ClickHouseSink>,
     batch_size: usize,
@@ -100,7 +75,7 @@ impl Preparer {
             file,
             routes,
             batch_size,
-            prepared_routes: None,
+            prepared_tables: None,
             sink: None,
             compiled: HashMap::new(),
             used: std::collections::HashSet::new(),
@@ -198,11 +173,11 @@ impl Preparer {
             Arc::new(Routes::new(&pv.doc.routes_config(&self.file))?)
         };
         let tables_ready = self
-            .prepared_routes
+            .prepared_tables
             .as_ref()
-            .is_none_or(|r| r.same_tables(&routes));
+            .is_none_or(|t| same_tables(t, &routes.tables));
         if let (false, Some(sink)) = (tables_ready, &self.sink) {
-            sink.with_routes(routes.clone())
+            sink.with_tables(routes.tables.clone())
                 .ensure_schema()
                 .await
                 .map_err(|e| format!("cannot prepare its ClickHouse tables: {e}"))?;
@@ -304,7 +279,7 @@ impl Agent {
         } else {
             None
         };
-        let now = crate::now_ms();
+        let now = crate::model::now_ms();
         let (_, running) = watch::channel(pipeline.as_ref().map(Running::of).unwrap_or_default());
         let agent = Self {
             status: InstanceStatus {
@@ -335,7 +310,7 @@ impl Agent {
         running: watch::Receiver<Running>,
         sink: ClickHouseSink,
     ) -> Self {
-        self.preparer.prepared_routes = Some(sink.routes().clone());
+        self.preparer.prepared_tables = Some(sink.tables().clone());
         self.preparer.sink = Some(sink);
         self.swaps = Some(swaps);
         self.running = running;
@@ -435,7 +410,7 @@ impl Agent {
                 crate::metrics::CONTROL_SWAPS
                     .with_label_values(&["swapped"])
                     .inc();
-                self.preparer.prepared_routes = Some(pipeline.routes().clone());
+                self.preparer.prepared_tables = Some(pipeline.routes().tables.clone());
                 self.applied = Some(key);
                 self.failed = None;
                 self.status.error = None;
@@ -488,7 +463,7 @@ impl Agent {
             s.schemas = running.schemas;
             s.consumer_lag = Some(consumer_lag());
         }
-        s.updated_at_ms = crate::now_ms();
+        s.updated_at_ms = crate::model::now_ms();
         if let Err(e) = self.store.heartbeat(s).await {
             warn!(error = %e, "cannot report this instance's status to the control plane");
         }

@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, HashSet};
 use serde::Serialize;
 
 use crate::bus::Producer;
-use crate::bus::record::{IngestRecord, WireEvent};
 use crate::ingest::envelope::{self, BodyFormat};
+use crate::model::{IngestRecord, WireEvent};
 use crate::sinks::clickhouse::{ClickHouseSink, DeadLetterFilter, DeadLetterRecord};
 
 /// Most events per replayed record (as a request of `POST /v1/events`).
@@ -63,7 +63,7 @@ impl DeadLetters {
             max_events: 1,
             max_depth: 64,
         };
-        let now = crate::now_ms();
+        let now = crate::model::now_ms();
         for d in letters {
             let skip = |reason: &str| Skipped {
                 event_id: d.event_id.clone(),

@@ -18,6 +18,7 @@ pub mod admin;
 pub mod agent;
 pub mod client;
 pub mod dead_letters;
+pub mod dry_run;
 pub mod store;
 
 use std::collections::{BTreeMap, HashSet};
@@ -188,8 +189,8 @@ impl ChainEntry {
         Ok((name, version))
     }
 
-    pub fn limits(&self) -> crate::runtime::Limits {
-        crate::runtime::Limits {
+    pub fn limits(&self) -> crate::model::Limits {
+        crate::model::Limits {
             deadline: std::time::Duration::from_millis(self.deadline_ms),
             memory_bytes: self.memory_mib << 20,
         }
@@ -313,7 +314,7 @@ impl Control {
                 return Ok((out, expected));
             };
             state.version = expected + 1;
-            state.changed_at_ms = crate::now_ms();
+            state.changed_at_ms = crate::model::now_ms();
             state.change = what.clone();
             if self.store.commit(expected, &state).await? {
                 tracing::info!(version = state.version, change = %what, "control plane changed");
@@ -393,7 +394,7 @@ impl Control {
                     version: versions.last().map_or(1, |v| v.version + 1),
                     sha256: sha256.clone(),
                     size,
-                    uploaded_at_ms: crate::now_ms(),
+                    uploaded_at_ms: crate::model::now_ms(),
                     stubbed_imports: stubbed.clone(),
                 };
                 versions.push(pv.clone());
@@ -413,7 +414,7 @@ impl Control {
         event: &str,
         schema: Value,
     ) -> Result<(SchemaVersion, bool), AdminError> {
-        crate::ingest::envelope::check_name(event)
+        crate::model::check_name(event)
             .map_err(|e| invalid(format!("event name {event:?}: {e}")))?;
         jsonschema::validator_for(&schema)
             .map_err(|e| invalid(format!("not a valid JSON Schema: {e}")))?;
@@ -428,7 +429,7 @@ impl Control {
                 let sv = SchemaVersion {
                     event: event.to_owned(),
                     version: versions.last().map_or(1, |v| v.version + 1),
-                    created_at_ms: crate::now_ms(),
+                    created_at_ms: crate::model::now_ms(),
                     schema: schema.clone(),
                 };
                 versions.push(sv.clone());
@@ -489,7 +490,7 @@ impl Control {
                 }
                 let pv = PipelineVersion {
                     version: record.versions.last().map_or(1, |v| v.version + 1),
-                    created_at_ms: crate::now_ms(),
+                    created_at_ms: crate::model::now_ms(),
                     doc: doc.clone(),
                 };
                 record.versions.push(pv.clone());
@@ -566,7 +567,7 @@ fn check_pipeline(state: &State, doc: &PipelineDoc) -> Result<(), AdminError> {
     if let Some(bad) = doc
         .events
         .iter()
-        .find(|e| crate::ingest::envelope::check_name(e).is_err())
+        .find(|e| crate::model::check_name(e).is_err())
     {
         return Err(invalid(format!(
             "events: {bad:?} is not a valid event name"

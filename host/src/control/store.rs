@@ -131,7 +131,7 @@ impl Store {
             Store::Dir(s) => s.instances().await?,
             Store::Redis(s) => s.instances().await?,
         };
-        let now = crate::now_ms();
+        let now = crate::model::now_ms();
         let mut live = Vec::new();
         for (id, json) in all {
             match serde_json::from_str::<InstanceStatus>(&json) {

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::bus::record::WireEvent;
+use crate::model::{WireEvent, check_name};
 
 /// The fields an event may have. Anything else is refused, naming the field.
 pub const EVENT_FIELDS: [&str; 6] = [
@@ -327,25 +327,6 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for Key<'a> {
         }
         d.deserialize_str(Visit)
     }
-}
-
-/// Checks an event name: 1-128 characters of `[A-Za-z0-9_.:-]`.
-pub fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 128 {
-        return Err(format!(
-            "\"name\" must be 1-128 characters long, not {}",
-            name.len()
-        ));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')))
-    {
-        return Err(format!(
-            "\"name\" may only hold A-Z a-z 0-9 _ . : -, not {c:?}"
-        ));
-    }
-    Ok(())
 }
 
 fn optional_id(obj: &mut Map<String, Value>, field: &str) -> Result<Option<String>, EnvelopeError> {

@@ -4,7 +4,10 @@
 //! as one record, and answers 202 only once Kafka acknowledged it. It never waits on
 //! the processor.
 
+mod config;
 pub mod envelope;
+
+pub use config::IngestConfig;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,11 +24,9 @@ use serde_json::json;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::warn;
 
-use crate::bus::record::IngestRecord;
 use crate::bus::{BusError, Producer};
-use crate::config::IngestConfig;
-use crate::pipeline::route::Routes;
-use crate::sinks::counters::CounterReader;
+use crate::model::Counter;
+use crate::model::IngestRecord;
 use envelope::{BodyFormat, EnvelopeError, Limits};
 
 /// Where ingest writes accepted requests. [`Producer`] in production; tests of the
@@ -58,16 +59,30 @@ pub struct Ingest<S> {
     counters: Option<Counters>,
 }
 
-/// The tables and counters of the pipeline in force, shared by the processor (which
-/// replaces them on a hot swap) and the counters API.
-pub type SharedRoutes = Arc<std::sync::RwLock<Arc<Routes>>>;
+/// What the counters API reads: the counters the pipeline in force declares, and
+/// their values. `serve` implements it over the processor's pipeline and Redis; ingest
+/// knows neither.
+pub trait CounterSource: Send + Sync + 'static {
+    /// The declared counter named `name`, if any.
+    fn counter(&self, name: &str) -> Option<Counter>;
+    /// The value of `counter` for `app` and `key` (and of the last `days` UTC days),
+    /// as the API answers it.
+    fn read<'a>(
+        &'a self,
+        app: &'a str,
+        counter: &'a str,
+        key: &'a str,
+        days: u32,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<serde_json::Value, Box<dyn std::error::Error + Send + Sync>>,
+    >;
+}
 
-/// What the counters API needs: read keys, the declared counters, a Redis reader.
+/// What the counters API needs: read keys and the counters.
 pub struct Counters {
     pub read_keys: HashMap<String, String>,
-    /// The declared counters; replaced when a new pipeline version declares others.
-    pub routes: SharedRoutes,
-    pub reader: CounterReader,
+    pub source: Arc<dyn CounterSource>,
 }
 
 impl<S: Sink> Ingest<S> {
@@ -245,15 +260,14 @@ async fn get_counter<S: Sink>(
         };
         let Query(query) = query
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
-        let routes = counters.routes.read().expect("routes lock").clone();
-        let Some(spec) = routes.counter(&counter) else {
+        let Some(spec) = counters.source.counter(&counter) else {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!("no counter named {counter:?} is declared"),
             ));
         };
-        if key.is_empty() || key.len() > crate::pipeline::route::MAX_COUNTER_KEY {
+        if key.is_empty() || key.len() > crate::model::MAX_COUNTER_KEY {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad_key",
@@ -275,8 +289,8 @@ async fn get_counter<S: Sink>(
             ));
         }
         counters
-            .reader
-            .get(app, &counter, &key, query.days)
+            .source
+            .read(app, &counter, &key, query.days)
             .await
             .map_err(|e| {
                 warn!(error = %e, "counter read failed");
@@ -388,7 +402,7 @@ async fn accept<S: Sink>(
     let app = authenticate(state, headers)?.to_owned();
     let format = body_format(headers)?;
     let bytes = read_body(body, headers, state.max_body_bytes).await?;
-    let now_ms = crate::now_ms();
+    let now_ms = crate::model::now_ms();
     let events = envelope::parse_body(&bytes, format, &state.limits, now_ms, || {
         uuid::Uuid::now_v7().to_string()
     })?;

@@ -1,106 +1,28 @@
 //! The pipeline: decode Kafka records, run each event through the plugin chain, and
 //! sort the results into what the sinks write (kept events) and dead letters.
 
-pub mod dry_run;
+pub mod config;
 pub mod route;
 pub mod schema;
 pub mod worker;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
-use crate::bus::record::{IngestRecord, WireEvent};
-use crate::config::{FailurePolicy, PipelineConfig, PluginConfig};
-use crate::runtime::{self, Event, PluginInstance, Runtime, Verdict};
+use crate::model::{
+    self, Batch, CountRow, DeadLetter, Event, FailureKind, IngestRecord, Kept, Origin,
+    PluginFailure, RoutedRow, WireEvent,
+};
+use crate::runtime::{self, PluginInstance, Runtime, Verdict};
+use config::{FailurePolicy, PipelineConfig, PluginConfig};
 use route::{Fanout, Routes};
 use schema::Schemas;
 
-/// Where an event came from: its Kafka coordinates and position in the record. Stable
-/// across replays, so it identifies the event's slot in the stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Origin {
-    pub partition: i32,
-    pub offset: i64,
-    /// Position of the event inside its record.
-    pub index: u32,
-    pub received_ms: i64,
-}
-
-/// An event that went through the whole chain.
-#[derive(Debug, Clone)]
-pub struct Kept {
-    pub origin: Origin,
-    pub event: Event,
-    /// Webhooks and topic sinks a plugin forwarded the event to (usually none).
-    pub forwards: Vec<route::Target>,
-}
-
-/// An event that was refused or failed, with the stage and reason.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    pub origin: Origin,
-    pub event_id: String,
-    pub app: String,
-    pub name: String,
-    /// `decode` (not a weir record) or `plugin`.
-    pub stage: &'static str,
-    pub plugin: String,
-    pub plugin_version: String,
-    pub reason: String,
-    /// The event as JSON (or the record's bytes, lossily, for `decode`).
-    pub raw: String,
-}
-
-/// A row for a routed table, from an event that completed the chain.
-#[derive(Debug, Clone)]
-pub struct RoutedRow {
-    pub origin: Origin,
-    pub event_id: String,
-    pub app: String,
-    pub timestamp_ms: i64,
-    /// The declared columns, in RowBinary.
-    pub data: Vec<u8>,
-}
-
-/// A counter increment from an event that completed the chain.
-#[derive(Debug, Clone)]
-pub struct CountRow {
-    pub origin: Origin,
-    pub app: String,
-    /// The counter (of the pipeline version that produced the increment).
-    pub counter: Arc<route::Counter>,
-    pub key: String,
-    pub delta: i64,
-    /// The event's time (for per-day counts).
-    pub timestamp_ms: i64,
-}
-
-/// The result of one batch.
-#[derive(Debug, Default)]
-pub struct Output {
-    pub kept: Vec<Kept>,
-    pub dead: Vec<DeadLetter>,
-    pub dropped: usize,
-    /// Routed rows, by table index ([`Routes::tables`]); tables without rows are absent.
-    pub rows: std::collections::BTreeMap<usize, Vec<RoutedRow>>,
-    pub counts: Vec<CountRow>,
-}
-
-impl Output {
-    /// Takes the events of `partitions` out of the batch (a rebalance gave them to
-    /// another instance, which re-reads them).
-    pub fn drop_partitions(&mut self, partitions: &std::collections::HashSet<i32>) {
-        let keep = |o: &Origin| !partitions.contains(&o.partition);
-        self.kept.retain(|k| keep(&k.origin));
-        self.dead.retain(|d| keep(&d.origin));
-        for rows in self.rows.values_mut() {
-            rows.retain(|r| keep(&r.origin));
-        }
-        self.counts.retain(|c| keep(&c.origin));
-    }
-}
+/// Most distinct `counter-add` names exported as metrics per plugin version.
+const MAX_EXPORTED_COUNTERS: usize = 256;
 
 /// Errors while building a pipeline.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +52,8 @@ pub struct Stage {
     /// While set and in the future, the plugin is not called.
     quarantined_until: Option<Instant>,
     last_failure: String,
+    /// The `counter-add` names exported as metrics so far.
+    exported_counters: BTreeSet<String>,
 }
 
 impl Stage {
@@ -157,6 +81,7 @@ impl Stage {
             failing_calls: 0,
             quarantined_until: None,
             last_failure: String::new(),
+            exported_counters: BTreeSet::new(),
         }
     }
 
@@ -165,22 +90,31 @@ impl Stage {
         self.quarantined_until.is_some_and(|t| Instant::now() < t)
     }
 
-    async fn run(&mut self, batch: &[Event]) -> Vec<Verdict> {
+    /// Runs the plugin on `batch` (handed back as it was): one verdict per event.
+    async fn run(&mut self, batch: &mut Vec<Event>) -> Vec<Verdict> {
         let plugin = self.instance.plugin().clone();
         let labels = [plugin.name(), plugin.version()];
         if self.is_quarantined() {
             crate::metrics::PLUGIN_EVENTS
                 .with_label_values(&[labels[0], labels[1], "quarantined"])
                 .inc_by(batch.len() as u64);
-            let reason = format!(
-                "plugin quarantined after repeated failures; last: {}",
-                self.last_failure
+            let failure = PluginFailure::new(
+                FailureKind::Quarantined,
+                format!(
+                    "plugin quarantined after repeated failures; last: {}",
+                    self.last_failure
+                ),
             );
+            if self.policy == FailurePolicy::Closed {
+                crate::metrics::PLUGIN_FAILURES
+                    .with_label_values(&[labels[0], labels[1], FailureKind::Quarantined.as_str()])
+                    .inc_by(batch.len() as u64);
+            }
             return batch
                 .iter()
                 .map(|_| match self.policy {
                     FailurePolicy::Open => Verdict::Pass,
-                    FailurePolicy::Closed => Verdict::Failed(reason.clone()),
+                    FailurePolicy::Closed => Verdict::Failed(failure.clone()),
                 })
                 .collect();
         }
@@ -189,15 +123,27 @@ impl Stage {
         crate::metrics::PLUGIN_CALL_DURATION
             .with_label_values(&labels)
             .observe(started.elapsed().as_secs_f64());
+        self.export_counters(&labels);
         let mut counts = [0u64; 5];
+        let mut failures = [0u64; FailureKind::ALL.len()];
         for v in &verdicts {
             counts[match v {
                 Verdict::Pass => 0,
                 Verdict::Keep(_) | Verdict::Route(..) => 1,
                 Verdict::Drop(_) => 2,
                 Verdict::Reject(_) => 3,
-                Verdict::Failed(_) => 4,
+                Verdict::Failed(f) => {
+                    failures[f.kind as usize] += 1;
+                    4
+                }
             }] += 1;
+        }
+        for (kind, n) in FailureKind::ALL.iter().zip(failures) {
+            if n > 0 {
+                crate::metrics::PLUGIN_FAILURES
+                    .with_label_values(&[labels[0], labels[1], kind.as_str()])
+                    .inc_by(n);
+            }
         }
         for (outcome, n) in ["pass", "keep", "drop", "reject", "failed"]
             .iter()
@@ -212,7 +158,7 @@ impl Stage {
         let failed: Vec<&str> = verdicts
             .iter()
             .filter_map(|v| match v {
-                Verdict::Failed(r) => Some(r.as_str()),
+                Verdict::Failed(f) => Some(f.message.as_str()),
                 _ => None,
             })
             .collect();
@@ -246,6 +192,23 @@ impl Stage {
             self.failing_calls = 0;
         }
         verdicts
+    }
+
+    /// Adds what the plugin counted with `counter-add` to `weir_plugin_counter_total`
+    /// (names past the first [`MAX_EXPORTED_COUNTERS`] are left out, with a warning).
+    fn export_counters(&mut self, labels: &[&str; 2]) {
+        for (name, delta) in self.instance.take_counters() {
+            if !self.exported_counters.contains(&name) {
+                if self.exported_counters.len() >= MAX_EXPORTED_COUNTERS {
+                    warn!(plugin = labels[0], counter = %name, "plugin counts more than {MAX_EXPORTED_COUNTERS} counters; not exported");
+                    continue;
+                }
+                self.exported_counters.insert(name.clone());
+            }
+            crate::metrics::PLUGIN_COUNTERS
+                .with_label_values(&[labels[0], labels[1], &name])
+                .inc_by(delta);
+        }
     }
 }
 
@@ -379,11 +342,11 @@ impl Pipeline {
     }
 
     /// Runs decoded events through the chain, in plugin batches.
-    pub async fn run(&mut self, events: Vec<(Origin, String, WireEvent)>) -> Output {
-        let mut out = Output::default();
+    pub async fn run(&mut self, events: Vec<(Origin, String, WireEvent)>) -> Batch {
+        let mut out = Batch::default();
         let mut pending: Vec<(Origin, Event, Fanout)> = Vec::with_capacity(events.len());
         for (origin, app, e) in events {
-            let event = to_plugin_event(app, e);
+            let event = Event::from_wire(app, e);
             if self
                 .events
                 .as_ref()
@@ -402,17 +365,8 @@ impl Pipeline {
                     crate::metrics::SCHEMA_FAILURES
                         .with_label_values(&[&event.name])
                         .inc();
-                    out.dead.push(DeadLetter {
-                        origin,
-                        raw: event_json(&event),
-                        event_id: event.event_id,
-                        app: event.app,
-                        name: event.name,
-                        stage: "schema",
-                        plugin: String::new(),
-                        plugin_version: String::new(),
-                        reason,
-                    });
+                    out.dead
+                        .push(DeadLetter::of(origin, event, model::Stage::Schema, reason));
                 }
             }
         }
@@ -428,7 +382,7 @@ impl Pipeline {
                     batch.push(e);
                     fanouts.push(f);
                 }
-                let verdicts = stage.run(&batch).await;
+                let verdicts = stage.run(&mut batch).await;
                 let plugin = stage.instance.plugin();
                 let items = origins.into_iter().zip(batch).zip(fanouts).zip(verdicts);
                 for (((origin, original), mut fanout), verdict) in items {
@@ -447,7 +401,20 @@ impl Pipeline {
                                     next.push((origin, event.unwrap_or(original), fanout));
                                     continue;
                                 }
-                                Err(why) => format!("bad output: {why}"),
+                                Err(why) => {
+                                    let failure = PluginFailure::new(
+                                        FailureKind::BadOutcome,
+                                        format!("bad output: {why}"),
+                                    );
+                                    crate::metrics::PLUGIN_FAILURES
+                                        .with_label_values(&[
+                                            plugin.name(),
+                                            plugin.version(),
+                                            failure.kind.as_str(),
+                                        ])
+                                        .inc();
+                                    failure.message
+                                }
                             }
                         }
                         Verdict::Drop(reason) => {
@@ -455,19 +422,13 @@ impl Pipeline {
                             out.dropped += 1;
                             continue;
                         }
-                        Verdict::Reject(reason) | Verdict::Failed(reason) => reason,
+                        Verdict::Reject(reason) => reason,
+                        Verdict::Failed(failure) => failure.message,
                     };
-                    out.dead.push(DeadLetter {
-                        origin,
-                        raw: event_json(&original),
-                        event_id: original.event_id,
-                        app: original.app,
-                        name: original.name,
-                        stage: "plugin",
-                        plugin: plugin.name().to_owned(),
-                        plugin_version: plugin.version().to_owned(),
-                        reason,
-                    });
+                    out.dead.push(
+                        DeadLetter::of(origin, original, model::Stage::Plugin, reason)
+                            .by(plugin.name(), plugin.version()),
+                    );
                 }
             }
             pending = next;
@@ -537,40 +498,11 @@ pub fn decode(
             event_id: String::new(),
             app: String::new(),
             name: String::new(),
-            stage: "decode",
+            stage: model::Stage::Decode,
             plugin: String::new(),
             plugin_version: String::new(),
             reason: e.to_string(),
             raw: String::from_utf8_lossy(payload.unwrap_or_default()).into_owned(),
         })),
     }
-}
-
-pub fn to_plugin_event(app: String, e: WireEvent) -> Event {
-    Event {
-        event_id: e.event_id,
-        app,
-        name: e.name,
-        user_id: e.user_id,
-        timestamp_ms: e.timestamp_ms,
-        properties: e.properties.get().to_owned(),
-        context: e.context.get().to_owned(),
-    }
-}
-
-/// The event as the JSON a client would have sent (for dead letters).
-pub fn event_json(e: &Event) -> String {
-    let raw = |s: &str| {
-        serde_json::value::RawValue::from_string(s.to_owned())
-            .unwrap_or_else(|_| serde_json::value::to_raw_value(s).expect("string to JSON"))
-    };
-    serde_json::json!({
-        "event_id": e.event_id,
-        "name": e.name,
-        "user_id": e.user_id,
-        "timestamp": e.timestamp_ms,
-        "properties": raw(&e.properties),
-        "context": raw(&e.context),
-    })
-    .to_string()
 }

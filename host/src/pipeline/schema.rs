@@ -11,8 +11,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::config::SchemaConfig;
-use crate::runtime::Event;
+use super::config::SchemaConfig;
+use crate::model::Event;
 
 /// Most errors listed in one dead letter's reason.
 const MAX_ERRORS: usize = 10;

@@ -29,16 +29,45 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::{DeadLetter, Origin, Output, Pipeline};
-use crate::bus::record::WireEvent;
+use super::config::ProcessorConfig;
+use super::route::Routes;
+use super::{Pipeline, Tag};
 use crate::bus::{self, Consumer};
-use crate::config::ProcessorConfig;
-use crate::control::agent::{Running, Swap};
-use crate::ingest::SharedRoutes;
+use crate::model::{Batch, DeadLetter, Origin, WireEvent};
 use crate::sinks::clickhouse::{ClickHouseError, ClickHouseSink, Written};
 use crate::sinks::counters::{CounterError, CounterSink};
 use crate::sinks::topic::{TopicError, TopicSink};
 use crate::sinks::webhook::WebhookSink;
+
+/// A new pipeline for the processor, or only a newer control-plane version (a change
+/// that does not concern this instance's pipeline).
+pub struct Swap {
+    pub pipeline: Option<Pipeline>,
+    pub control_version: u64,
+}
+
+/// What the processor runs now (it publishes this after each swap).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Running {
+    pub tag: Tag,
+    /// `name@version` of each plugin.
+    pub plugins: Vec<String>,
+    pub schemas: Vec<String>,
+}
+
+impl Running {
+    pub fn of(p: &Pipeline) -> Self {
+        Self {
+            tag: p.tag(),
+            plugins: p.plugin_versions(),
+            schemas: p.schema_versions(),
+        }
+    }
+}
+
+/// The tables and counters of the pipeline in force, shared by the processor (which
+/// replaces them on a hot swap) and the counters API.
+pub type SharedRoutes = Arc<std::sync::RwLock<Arc<Routes>>>;
 
 /// Longest pause between retries of a failed flush.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -204,13 +233,16 @@ impl Worker {
                 let old = self.pipeline.tag();
                 self.pipeline = pipeline;
                 let routes = self.pipeline.routes().clone();
-                if !Arc::ptr_eq(self.sink.routes(), &routes) {
+                if !Arc::ptr_eq(self.sink.tables(), &routes.tables) {
                     // Other tables or counters: rows of later batches go to the new
                     // tables (the agent created them); increments already waiting for
                     // Redis keep the counters they were made for.
-                    self.sink = self.sink.with_routes(routes.clone());
-                    if let Some(shared) = &self.shared_routes {
-                        *shared.write().expect("routes lock") = routes;
+                    self.sink = self.sink.with_tables(routes.tables.clone());
+                }
+                if let Some(shared) = &self.shared_routes {
+                    let mut current = shared.write().expect("routes lock");
+                    if !Arc::ptr_eq(&current, &routes) {
+                        *current = routes;
                     }
                 }
                 let new = self.pipeline.tag();
@@ -279,7 +311,7 @@ impl Worker {
                     match msg {
                         Ok(m) => {
                             if let Some(ms) = m.timestamp().to_millis() {
-                                let delay_ms = crate::now_ms().saturating_sub(ms).max(0);
+                                let delay_ms = crate::model::now_ms().saturating_sub(ms).max(0);
                                 crate::metrics::CONSUME_DELAY.observe(delay_ms as f64 / 1000.0);
                             }
                             buf.add(m.partition(), m.offset(), m.payload());
@@ -397,7 +429,7 @@ impl Worker {
     /// re-reads it) and returned. False if shutdown came first.
     async fn write_until_acked(
         &mut self,
-        output: &mut Output,
+        output: &mut Batch,
         shutdown: &mut watch::Receiver<bool>,
     ) -> (bool, HashSet<i32>) {
         let mut backoff = Duration::from_millis(self.cfg.retry_backoff_ms);
@@ -423,7 +455,7 @@ impl Worker {
                     }
                     for d in &output.dead {
                         crate::metrics::DEAD_LETTERS
-                            .with_label_values(&[d.stage])
+                            .with_label_values(&[d.stage.as_str()])
                             .inc();
                     }
                     break true;
@@ -607,7 +639,7 @@ impl Worker {
     /// Skips rows a previous run already wrote, then writes the rest, one INSERT per
     /// table. `done` records what succeeded, so that a retry after a partial failure
     /// (ClickHouse died between two INSERTs) does not write a table twice.
-    async fn write(&mut self, output: &mut Output, done: &mut Done) -> Result<(), FlushError> {
+    async fn write(&mut self, output: &mut Batch, done: &mut Done) -> Result<(), FlushError> {
         self.sink.ensure_current().await?;
         if !done.checked {
             self.skip_replayed(output).await?;
@@ -647,7 +679,7 @@ impl Worker {
         Ok(())
     }
 
-    async fn skip_replayed(&mut self, output: &mut Output) -> Result<(), ClickHouseError> {
+    async fn skip_replayed(&mut self, output: &mut Batch) -> Result<(), ClickHouseError> {
         let mut ranges: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
         let origins = output
             .kept
@@ -717,7 +749,7 @@ impl Worker {
 fn absorb_revoked(
     consumer: &Consumer,
     early: &mut Vec<rdkafka::message::OwnedMessage>,
-    output: &mut Output,
+    output: &mut Batch,
     revoked: &mut HashSet<i32>,
 ) {
     let gone = consumer.context().take_revoked();

@@ -30,8 +30,10 @@ mod bindings {
     });
 }
 
-pub use bindings::weir::plugin::host::Level;
-pub use bindings::weir::plugin::types::{Count, Event, Outcome, Output, Routed, Row};
+use bindings::weir::plugin::host::Level;
+use bindings::weir::plugin::types::{Count, Event, Outcome, Output, Routed, Row};
+
+use crate::model::{self, FailureKind, Limits, PluginFailure, PluginOutput};
 
 /// How often the epoch advances: the granularity of call deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -51,15 +53,6 @@ pub enum RuntimeError {
     Invalid { name: String, reason: String },
     #[error("plugin {name}: cannot instantiate: {reason}")]
     Instantiate { name: String, reason: String },
-}
-
-/// Per-plugin limits.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Wall-clock budget of one batch call.
-    pub deadline: Duration,
-    /// Linear memory cap, in bytes.
-    pub memory_bytes: usize,
 }
 
 /// The shared engine. Cheap to clone.
@@ -349,14 +342,14 @@ pub enum Verdict {
     /// Kept unchanged: the caller still holds the event.
     Pass,
     /// Kept, changed by the plugin.
-    Keep(Event),
+    Keep(model::Event),
     /// Kept (changed when `Some`) and fanned out to tables and counters.
-    Route(Option<Event>, Vec<Output>),
+    Route(Option<model::Event>, Vec<PluginOutput>),
     Drop(String),
     Reject(String),
     /// The plugin failed on this event: a trap (deadline, memory, stack, panic) or an
-    /// invalid result. The reason names the limit or the problem.
-    Failed(String),
+    /// invalid result. The message names the limit or the problem.
+    Failed(PluginFailure),
 }
 
 /// One live instance. Not shared between threads; the processor owns one per plugin.
@@ -369,9 +362,9 @@ pub struct PluginInstance {
 /// Why one batch call did not produce outcomes.
 enum CallFailure {
     /// The instance trapped or was abandoned: it must not be used again.
-    Trap(String),
+    Trap(PluginFailure),
     /// The plugin answered with the wrong number of outcomes.
-    Mismatch(String),
+    Mismatch(PluginFailure),
 }
 
 impl PluginInstance {
@@ -379,9 +372,10 @@ impl PluginInstance {
         &self.plugin
     }
 
-    /// Counters the plugin reported through `counter-add`.
-    pub fn counters(&self) -> &BTreeMap<String, u64> {
-        &self.store.data().counters
+    /// Takes the counters the plugin reported through `counter-add` since the last
+    /// take (sums per name; at most 256 names per take).
+    pub fn take_counters(&mut self) -> BTreeMap<String, u64> {
+        std::mem::take(&mut self.store.data_mut().counters)
     }
 
     /// The largest linear memory this instance has asked for, in bytes.
@@ -389,10 +383,18 @@ impl PluginInstance {
         self.store.data().limiter.peak_memory
     }
 
-    /// Runs a batch. Returns one verdict per event. Never fails as a whole: when a call
-    /// traps, the instance is replaced and the batch bisected on fresh instances, so
-    /// only the events that cause the trap fail.
-    pub async fn process(&mut self, events: &[Event]) -> Vec<Verdict> {
+    /// Runs a batch. Returns one verdict per event; `events` is handed back as it
+    /// was (its events cross the sandbox boundary by move, not by copy). Never fails
+    /// as a whole: when a call traps, the instance is replaced and the batch bisected
+    /// on fresh instances, so only the events that cause the trap fail.
+    pub async fn process(&mut self, events: &mut Vec<model::Event>) -> Vec<Verdict> {
+        let wit: Vec<Event> = events.drain(..).map(to_wit).collect();
+        let verdicts = self.process_wit(&wit).await;
+        events.extend(wit.into_iter().map(from_wit));
+        verdicts
+    }
+
+    async fn process_wit(&mut self, events: &[Event]) -> Vec<Verdict> {
         let mut out: Vec<Option<Verdict>> = vec![None; events.len()];
         // Ranges still to run; popped from the end, so pushed right half first.
         let mut work = vec![(0, events.len())];
@@ -415,6 +417,7 @@ impl PluginInstance {
                         plugin = %self.plugin.name(),
                         version = %self.plugin.version(),
                         events = slice.len(),
+                        kind = reason.kind.as_str(),
                         reason = %reason,
                         "plugin failed; isolating the offending events"
                     );
@@ -437,7 +440,10 @@ impl PluginInstance {
     async fn replace(&mut self) -> bool {
         match self.plugin.instantiate().await {
             Ok(fresh) => {
+                // What the plugin counted before the trap stays counted.
+                let counters = self.take_counters();
                 *self = fresh;
+                self.store.data_mut().counters = counters;
                 true
             }
             Err(e) => {
@@ -457,18 +463,24 @@ impl PluginInstance {
         let result = match tokio::time::timeout(limits.deadline + HOST_CALL_GRACE, call).await {
             Ok(result) => result,
             Err(_) => {
-                return Err(CallFailure::Trap(format!(
-                    "deadline exceeded: the call waited in a host call for longer than {} ms",
-                    limits.deadline.as_millis()
+                return Err(CallFailure::Trap(PluginFailure::new(
+                    FailureKind::Deadline,
+                    format!(
+                        "deadline exceeded: the call waited in a host call for longer than {} ms",
+                        limits.deadline.as_millis()
+                    ),
                 )));
             }
         };
         match result {
             Ok(outcomes) if outcomes.len() == events.len() => Ok(outcomes),
-            Ok(outcomes) => Err(CallFailure::Mismatch(format!(
-                "plugin returned {} outcomes for {} events",
-                outcomes.len(),
-                events.len()
+            Ok(outcomes) => Err(CallFailure::Mismatch(PluginFailure::new(
+                FailureKind::BadOutcome,
+                format!(
+                    "plugin returned {} outcomes for {} events",
+                    outcomes.len(),
+                    events.len()
+                ),
             ))),
             Err(e) => Err(CallFailure::Trap(describe_trap(
                 &e,
@@ -482,30 +494,44 @@ impl PluginInstance {
 /// Extra time a call may spend inside host functions beyond its deadline.
 const HOST_CALL_GRACE: Duration = Duration::from_millis(20);
 
-/// A trap message that names the limit that fired, when one did.
-fn describe_trap(e: &wasmtime::Error, limits: Limits, denied_memory: Option<usize>) -> String {
+/// A trap's kind and a message that names the limit that fired, when one did.
+fn describe_trap(
+    e: &wasmtime::Error,
+    limits: Limits,
+    denied_memory: Option<usize>,
+) -> PluginFailure {
     let detail = format!("{e:#}");
     if let Some(wanted) = denied_memory {
-        return format!(
-            "memory cap exceeded: the plugin asked for {} MiB of linear memory, the cap is {} MiB ({})",
-            wanted >> 20,
-            limits.memory_bytes >> 20,
-            first_line(&detail)
+        return PluginFailure::new(
+            FailureKind::MemoryCap,
+            format!(
+                "memory cap exceeded: the plugin asked for {} MiB of linear memory, the cap is {} MiB ({})",
+                wanted >> 20,
+                limits.memory_bytes >> 20,
+                first_line(&detail)
+            ),
         );
     }
     match e.downcast_ref::<wasmtime::Trap>() {
-        Some(wasmtime::Trap::Interrupt) => format!(
-            "deadline exceeded: the call ran longer than {} ms",
-            limits.deadline.as_millis()
+        Some(wasmtime::Trap::Interrupt) => PluginFailure::new(
+            FailureKind::Deadline,
+            format!(
+                "deadline exceeded: the call ran longer than {} ms",
+                limits.deadline.as_millis()
+            ),
         ),
-        Some(wasmtime::Trap::StackOverflow) => {
+        Some(wasmtime::Trap::StackOverflow) => PluginFailure::new(
+            FailureKind::StackOverflow,
             format!(
                 "stack overflow: the wasm stack cap is {} KiB",
                 MAX_WASM_STACK / 1024
-            )
-        }
-        Some(trap) => format!("trap: {trap}"),
-        None => format!("plugin failed: {}", first_line(&detail)),
+            ),
+        ),
+        Some(trap) => PluginFailure::new(FailureKind::Trap, format!("trap: {trap}")),
+        None => PluginFailure::new(
+            FailureKind::Trap,
+            format!("plugin failed: {}", first_line(&detail)),
+        ),
     }
 }
 
@@ -563,18 +589,22 @@ const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 /// Checks what a plugin returned for one event.
 fn check_outcome(outcome: Outcome, original: &Event) -> Verdict {
+    let bad = |why| Verdict::Failed(PluginFailure::new(FailureKind::BadOutcome, why));
     match outcome {
         Outcome::Keep(event) => match check_event(event, original) {
-            Ok(event) => Verdict::Keep(event),
-            Err(why) => Verdict::Failed(why),
+            Ok(event) => Verdict::Keep(from_wit(event)),
+            Err(why) => bad(why),
         },
-        Outcome::Route(Routed { event, outputs }) => match event {
-            None => Verdict::Route(None, outputs),
-            Some(event) => match check_event(event, original) {
-                Ok(event) => Verdict::Route(Some(event), outputs),
-                Err(why) => Verdict::Failed(why),
-            },
-        },
+        Outcome::Route(Routed { event, outputs }) => {
+            let outputs = outputs.into_iter().map(output_from_wit).collect();
+            match event {
+                None => Verdict::Route(None, outputs),
+                Some(event) => match check_event(event, original) {
+                    Ok(event) => Verdict::Route(Some(from_wit(event)), outputs),
+                    Err(why) => bad(why),
+                },
+            }
+        }
         Outcome::Pass => Verdict::Pass,
         Outcome::Drop(reason) => Verdict::Drop(reason),
         Outcome::Reject(reason) => Verdict::Reject(reason),
@@ -584,7 +614,7 @@ fn check_outcome(outcome: Outcome, original: &Event) -> Verdict {
 /// Checks an event a plugin returned changed; restores the fields it may not change.
 fn check_event(mut event: Event, original: &Event) -> Result<Event, String> {
     if event.name != original.name
-        && let Err(why) = crate::ingest::envelope::check_name(&event.name)
+        && let Err(why) = crate::model::check_name(&event.name)
     {
         return Err(format!("plugin renamed the event badly: {why}"));
     }
@@ -608,6 +638,48 @@ fn check_event(mut event: Event, original: &Event) -> Result<Event, String> {
     event.app.clone_from(&original.app);
     event.event_id.clone_from(&original.event_id);
     Ok(event)
+}
+
+/// The host's event as the WIT type (fields moved, not copied).
+fn to_wit(e: model::Event) -> Event {
+    Event {
+        event_id: e.event_id,
+        app: e.app,
+        name: e.name,
+        user_id: e.user_id,
+        timestamp_ms: e.timestamp_ms,
+        properties: e.properties,
+        context: e.context,
+    }
+}
+
+/// The WIT event as the host's (fields moved, not copied).
+fn from_wit(e: Event) -> model::Event {
+    model::Event {
+        event_id: e.event_id,
+        app: e.app,
+        name: e.name,
+        user_id: e.user_id,
+        timestamp_ms: e.timestamp_ms,
+        properties: e.properties,
+        context: e.context,
+    }
+}
+
+fn output_from_wit(o: Output) -> PluginOutput {
+    match o {
+        Output::Row(Row { table, columns }) => PluginOutput::Row { table, columns },
+        Output::Count(Count {
+            counter,
+            key,
+            delta,
+        }) => PluginOutput::Count {
+            counter,
+            key,
+            delta,
+        },
+        Output::Forward(name) => PluginOutput::Forward(name),
+    }
 }
 
 fn is_json_object(text: &str) -> bool {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::ingest::envelope::{self, BodyFormat};
-use crate::pipeline::event_json;
-use crate::runtime::{Event, Output, Plugin, RuntimeError, Verdict};
+use crate::model::{Event, PluginOutput};
+use crate::runtime::{Plugin, RuntimeError, Verdict};
 
 /// Parses sample events: a JSON event, a JSON array, or NDJSON, in the format of
 /// `POST /v1/events`. Events without an id get `sample-N`.
@@ -30,7 +30,7 @@ pub fn parse_samples(body: &[u8]) -> Result<Vec<Event>, String> {
         max_depth: 32,
     };
     let mut n = 0;
-    let events = envelope::parse_body(body, format, &limits, crate::now_ms(), || {
+    let events = envelope::parse_body(body, format, &limits, crate::model::now_ms(), || {
         n += 1;
         format!("sample-{n}")
     })
@@ -43,7 +43,7 @@ pub fn parse_samples(body: &[u8]) -> Result<Vec<Event>, String> {
     })?;
     Ok(events
         .into_iter()
-        .map(|e| crate::pipeline::to_plugin_event("sample".into(), e))
+        .map(|e| Event::from_wire("sample".into(), e))
         .collect())
 }
 
@@ -98,12 +98,16 @@ pub async fn run(
         peak_memory_bytes: 0,
         counters: Default::default(),
     };
-    let as_json = |e: &Event| serde_json::from_str::<Value>(&event_json(e)).unwrap_or(Value::Null);
+    let as_json = |e: &Event| serde_json::from_str::<Value>(&e.to_json()).unwrap_or(Value::Null);
     let mut index = 0;
-    for batch in events.chunks(batch_size.max(1)) {
+    for chunk in events.chunks(batch_size.max(1)) {
+        let mut batch = chunk.to_vec();
         let started = Instant::now();
-        let verdicts = instance.process(batch).await;
+        let verdicts = instance.process(&mut batch).await;
         report.call_time += started.elapsed();
+        for (name, n) in instance.take_counters() {
+            *report.counters.entry(name).or_insert(0) += n;
+        }
         for (event, verdict) in batch.iter().zip(verdicts) {
             let id = &event.event_id;
             let line = match verdict {
@@ -130,9 +134,9 @@ pub async fn run(
                     report.rejected += 1;
                     json!({"index": index, "event_id": id, "outcome": "reject", "reason": reason})
                 }
-                Verdict::Failed(reason) => {
+                Verdict::Failed(failure) => {
                     report.failed += 1;
-                    json!({"index": index, "event_id": id, "outcome": "failed", "reason": reason})
+                    json!({"index": index, "event_id": id, "outcome": "failed", "kind": failure.kind.as_str(), "reason": failure.message})
                 }
             };
             report.outcomes.push(line);
@@ -140,22 +144,24 @@ pub async fn run(
         }
     }
     report.peak_memory_bytes = instance.peak_memory();
-    report.counters = instance.counters().clone();
     Ok(report)
 }
 
 /// A plugin output as JSON (a row's columns parsed when they are JSON, kept as text
 /// otherwise, so that a bad row shows as the plugin sent it).
-fn output_json(output: &Output) -> Value {
+fn output_json(output: &PluginOutput) -> Value {
     match output {
-        Output::Row(row) => {
-            let columns =
-                serde_json::from_str::<Value>(&row.columns).unwrap_or_else(|_| json!(row.columns));
-            json!({"row": {"table": row.table, "columns": columns}})
+        PluginOutput::Row { table, columns } => {
+            let columns = serde_json::from_str::<Value>(columns).unwrap_or_else(|_| json!(columns));
+            json!({"row": {"table": table, "columns": columns}})
         }
-        Output::Count(c) => {
-            json!({"count": {"counter": c.counter, "key": c.key, "delta": c.delta}})
+        PluginOutput::Count {
+            counter,
+            key,
+            delta,
+        } => {
+            json!({"count": {"counter": counter, "key": key, "delta": delta}})
         }
-        Output::Forward(sink) => json!({"forward": sink}),
+        PluginOutput::Forward(sink) => json!({"forward": sink}),
     }
 }

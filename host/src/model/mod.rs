@@ -1,0 +1,40 @@
+//! The vocabulary every other module speaks, and nothing else: events as the host
+//! sees them, the Kafka record that carries them, where an event came from, what the
+//! pipeline makes of it (kept events, routed rows, counter increments, dead letters),
+//! the rules for names, and a plugin's limits.
+//!
+//! This module depends on no other module of weir; everything else may depend on it.
+//! The WIT-generated types of the plugin contract stay in `runtime`, which converts
+//! them to and from these at the sandbox boundary (by moving fields, not copying).
+
+mod batch;
+mod event;
+mod names;
+mod record;
+
+pub use batch::{
+    Batch, CountRow, Counter, DeadLetter, FailureKind, Kept, PluginFailure, RoutedRow, Stage,
+    Target,
+};
+pub use event::{Event, Origin, PluginOutput};
+pub use names::{MAX_COUNTER_KEY, MAX_EVENT_NAME, check_name, is_identifier};
+pub use record::{DecodeError, IngestRecord, RECORD_VERSION, WireEvent};
+
+use std::time::Duration;
+
+/// A plugin's sandbox limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Wall-clock budget of one batch call.
+    pub deadline: Duration,
+    /// Linear memory cap, in bytes.
+    pub memory_bytes: usize,
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

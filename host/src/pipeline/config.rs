@@ -1,0 +1,176 @@
+//! `[processor]` and `[pipeline]`: batching and flushing, and the plugin chain every event runs through.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::model::Limits;
+use crate::sinks::clickhouse::TableConfig;
+use crate::sinks::counters::CounterConfig;
+use crate::sinks::topic::TopicConfig;
+use crate::sinks::webhook::WebhookConfig;
+
+/// `[processor]`: how consumed events are batched into ClickHouse.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessorConfig {
+    /// Run the processor (consume, plugins, sinks) in this instance. Default true.
+    pub enabled: bool,
+    /// Flush when this many events are buffered. Default 10000.
+    pub flush_max_events: usize,
+    /// Flush at least this often while events are buffered, in milliseconds. Default 1000.
+    pub flush_interval_ms: u64,
+    /// Events per plugin call. Default 256.
+    pub plugin_batch_size: usize,
+    /// Delay before retrying a failed ClickHouse insert, in milliseconds (doubles up to
+    /// 30 s). The batch is retried until it succeeds; offsets do not move meanwhile.
+    /// Default 500.
+    pub retry_backoff_ms: u64,
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            flush_max_events: 10_000,
+            flush_interval_ms: 1000,
+            plugin_batch_size: 256,
+            retry_backoff_ms: 500,
+        }
+    }
+}
+
+/// `[pipeline]`: the plugin chain every event runs through, in order.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Name of the pipeline, recorded with each row (`pipeline` column). Default `default`.
+    pub name: String,
+    /// Names of the events that go through the schemas and the plugin chain; other
+    /// events are written to `events` untouched. Default: every event.
+    pub events: Vec<String>,
+    /// The plugins, in the order they run.
+    #[serde(rename = "plugin")]
+    pub plugins: Vec<PluginConfig>,
+    /// Typed ClickHouse tables plugins route rows to.
+    #[serde(rename = "table")]
+    pub tables: Vec<TableConfig>,
+    /// Counters plugins increment (kept in Redis).
+    #[serde(rename = "counter")]
+    pub counters: Vec<CounterConfig>,
+    /// JSON Schemas events are validated against before the plugins run.
+    #[serde(rename = "schema")]
+    pub schemas: Vec<SchemaConfig>,
+    /// HTTP endpoints kept events of chosen names are POSTed to.
+    #[serde(rename = "webhook")]
+    pub webhooks: Vec<WebhookConfig>,
+    /// Kafka topics kept events of chosen names are forwarded to.
+    #[serde(rename = "topic")]
+    pub topics: Vec<TopicConfig>,
+}
+
+/// `[[pipeline.schema]]`: a JSON Schema for the events of one name. The schema sees
+/// the event as `{"event_id", "name", "user_id", "timestamp" (epoch ms), "properties",
+/// "context"}`; an event that fails goes to the dead letters (stage `schema`) with the
+/// JSON pointer and message of each error.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaConfig {
+    /// The event name.
+    pub event: String,
+    /// Path of the schema (JSON), relative to the config file.
+    pub path: PathBuf,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            name: "default".into(),
+            events: Vec::new(),
+            plugins: Vec::new(),
+            tables: Vec::new(),
+            counters: Vec::new(),
+            schemas: Vec::new(),
+            webhooks: Vec::new(),
+            topics: Vec::new(),
+        }
+    }
+}
+
+/// `[[pipeline.plugin]]`: one plugin of the chain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Name, used in logs, metrics and dead letters.
+    pub name: String,
+    /// Path of the component (`.wasm`), relative to the config file.
+    pub path: PathBuf,
+    /// The plugin's own configuration, handed to it as JSON. Default `{}`.
+    #[serde(default)]
+    pub config: Option<toml::Table>,
+    /// Wall-clock budget of one batch call, in milliseconds. Default 100.
+    #[serde(default = "default_deadline_ms")]
+    pub deadline_ms: u64,
+    /// Linear memory cap of an instance, in MiB. Default 64.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: usize,
+    /// What happens to events while the plugin is quarantined: `closed` (default: they
+    /// go to the dead letters) or `open` (they pass this plugin untouched).
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+    /// Quarantine the plugin after this many consecutive failing batch calls (calls in
+    /// which it failed on at least half the events: traps, deadlines, memory cap).
+    /// Default 3.
+    #[serde(default = "default_quarantine_after")]
+    pub quarantine_after: u32,
+    /// How long a quarantine lasts before the plugin is tried again, in seconds.
+    /// Default 30.
+    #[serde(default = "default_quarantine_secs")]
+    pub quarantine_secs: u64,
+}
+
+/// What a pipeline does with events a quarantined plugin cannot process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Fail closed: dead-letter the events.
+    #[default]
+    Closed,
+    /// Fail open: pass the events on as if the plugin had kept them unchanged.
+    Open,
+}
+
+pub fn default_quarantine_after() -> u32 {
+    3
+}
+
+pub fn default_quarantine_secs() -> u64 {
+    30
+}
+
+pub fn default_deadline_ms() -> u64 {
+    100
+}
+
+pub fn default_memory_mib() -> usize {
+    64
+}
+
+impl PluginConfig {
+    /// The plugin's configuration as JSON text.
+    pub fn config_json(&self) -> String {
+        match &self.config {
+            Some(table) => serde_json::to_string(table).unwrap_or_else(|_| "{}".into()),
+            None => "{}".into(),
+        }
+    }
+
+    /// The sandbox limits of this plugin.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            deadline: Duration::from_millis(self.deadline_ms),
+            memory_bytes: self.memory_mib << 20,
+        }
+    }
+}

@@ -1,0 +1,402 @@
+//! The tables weir writes: the columns it fills itself, the column types a declared
+//! table may use, their DDL, and their RowBinary encoding.
+//!
+//! A plugin's row arrives as JSON text; it is checked against the table's declared
+//! columns once, when the pipeline resolves the plugin's outputs, and encoded straight
+//! into RowBinary, so the sink only concatenates bytes. The SQL runs on ClickHouse
+//! 18.16 (Debian 12's package) and on current releases.
+
+use serde_json::Value;
+
+use super::config::TableConfig;
+use crate::model::{RoutedRow, is_identifier};
+
+/// DDL of the tables weir writes, for a database name. Idempotent.
+pub fn schema(db: &str) -> Vec<String> {
+    vec![
+        format!("CREATE DATABASE IF NOT EXISTS {db}"),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {db}.events (
+                event_id String,
+                app String,
+                name String,
+                user_id Nullable(String),
+                timestamp DateTime,
+                timestamp_ms Int64,
+                received_at DateTime,
+                properties String,
+                context String,
+                pipeline String,
+                plugins String,
+                control_version UInt64,
+                kafka_partition UInt32,
+                kafka_offset UInt64,
+                kafka_index UInt32
+            ) ENGINE = MergeTree()
+            PARTITION BY toYYYYMM(timestamp)
+            ORDER BY (app, name, timestamp, event_id)"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {db}.dead_letters (
+                event_id String,
+                app String,
+                name String,
+                stage String,
+                plugin String,
+                plugin_version String,
+                reason String,
+                raw String,
+                failed_at DateTime,
+                pipeline String,
+                control_version UInt64,
+                kafka_partition UInt32,
+                kafka_offset UInt64,
+                kafka_index UInt32
+            ) ENGINE = MergeTree()
+            PARTITION BY toYYYYMM(failed_at)
+            ORDER BY (stage, failed_at)"
+        ),
+    ]
+}
+
+/// Columns weir fills in every routed table, in this order, before the declared ones.
+pub const SYSTEM_COLUMNS: [(&str, &str); 8] = [
+    ("event_id", "String"),
+    ("app", "String"),
+    ("timestamp", "DateTime"),
+    ("plugins", "String"),
+    ("control_version", "UInt64"),
+    ("kafka_partition", "UInt32"),
+    ("kafka_offset", "UInt64"),
+    ("kafka_index", "UInt32"),
+];
+
+/// A column type weir can check and encode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ColumnType {
+    String,
+    Int(u8),
+    UInt(u8),
+    Float32,
+    Float64,
+    Bool,
+    Date,
+    DateTime,
+    Nullable(Box<ColumnType>),
+}
+
+impl ColumnType {
+    /// Parses a declared type (`UInt32`, `Nullable(String)` ...).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Some(inner) = s
+            .strip_prefix("Nullable(")
+            .and_then(|r| r.strip_suffix(')'))
+        {
+            let inner = Self::parse(inner)?;
+            if matches!(inner, Self::Nullable(_)) {
+                return Err(format!("type {s} nests Nullable"));
+            }
+            return Ok(Self::Nullable(Box::new(inner)));
+        }
+        Ok(match s {
+            "String" => Self::String,
+            "Int8" => Self::Int(8),
+            "Int16" => Self::Int(16),
+            "Int32" => Self::Int(32),
+            "Int64" => Self::Int(64),
+            "UInt8" => Self::UInt(8),
+            "UInt16" => Self::UInt(16),
+            "UInt32" => Self::UInt(32),
+            "UInt64" => Self::UInt(64),
+            "Float32" => Self::Float32,
+            "Float64" => Self::Float64,
+            "Bool" => Self::Bool,
+            "Date" => Self::Date,
+            "DateTime" => Self::DateTime,
+            other => {
+                return Err(format!(
+                    "unsupported column type {other:?} (String, Int8-64, UInt8-64, Float32/64, Bool, Date, DateTime, Nullable(T))"
+                ));
+            }
+        })
+    }
+
+    /// The ClickHouse type of the column.
+    pub fn sql(&self) -> String {
+        match self {
+            Self::String => "String".into(),
+            Self::Int(bits) => format!("Int{bits}"),
+            Self::UInt(bits) => format!("UInt{bits}"),
+            Self::Float32 => "Float32".into(),
+            Self::Float64 => "Float64".into(),
+            Self::Bool => "UInt8".into(),
+            Self::Date => "Date".into(),
+            Self::DateTime => "DateTime".into(),
+            Self::Nullable(inner) => format!("Nullable({})", inner.sql()),
+        }
+    }
+
+    /// Appends `value` in RowBinary, or says why it does not fit.
+    pub fn encode(&self, value: Option<&Value>, out: &mut Vec<u8>) -> Result<(), String> {
+        let value = match (self, value) {
+            (Self::Nullable(inner), v) => {
+                return match v {
+                    None | Some(Value::Null) => {
+                        out.push(1);
+                        Ok(())
+                    }
+                    Some(v) => {
+                        out.push(0);
+                        inner.encode(Some(v), out)
+                    }
+                };
+            }
+            (_, None) => return Err("is missing (only Nullable columns may be)".into()),
+            (_, Some(v)) => v,
+        };
+        let wrong = || format!("is {}, got {}", self.sql(), kind(value));
+        match self {
+            Self::String => {
+                let s = value.as_str().ok_or_else(wrong)?;
+                put_varint(out, s.len() as u64);
+                out.extend_from_slice(s.as_bytes());
+            }
+            Self::Int(bits) => {
+                let n = value.as_i64().ok_or_else(wrong)?;
+                let (lo, hi) = match bits {
+                    64 => (i64::MIN, i64::MAX),
+                    b => (-(1i64 << (b - 1)), (1i64 << (b - 1)) - 1),
+                };
+                if n < lo || n > hi {
+                    return Err(format!("is Int{bits}; {n} is out of range"));
+                }
+                out.extend_from_slice(&n.to_le_bytes()[..(*bits as usize / 8)]);
+            }
+            Self::UInt(bits) => {
+                let n = value.as_u64().ok_or_else(wrong)?;
+                if *bits < 64 && n >= (1u64 << bits) {
+                    return Err(format!("is UInt{bits}; {n} is out of range"));
+                }
+                out.extend_from_slice(&n.to_le_bytes()[..(*bits as usize / 8)]);
+            }
+            Self::Float32 => {
+                let f = value.as_f64().ok_or_else(wrong)?;
+                out.extend_from_slice(&(f as f32).to_le_bytes());
+            }
+            Self::Float64 => {
+                let f = value.as_f64().ok_or_else(wrong)?;
+                out.extend_from_slice(&f.to_le_bytes());
+            }
+            Self::Bool => out.push(u8::from(value.as_bool().ok_or_else(wrong)?)),
+            Self::Date => {
+                let s = value.as_str().ok_or_else(wrong)?;
+                let date =
+                    time::Date::parse(s, time::macros::format_description!("[year]-[month]-[day]"))
+                        .map_err(|_| format!("is Date; {s:?} is not YYYY-MM-DD"))?;
+                let days = date.to_julian_day()
+                    - time::Date::from_calendar_date(1970, time::Month::January, 1)
+                        .expect("valid date")
+                        .to_julian_day();
+                let days = u16::try_from(days)
+                    .map_err(|_| format!("is Date; {s} is out of range (1970-2149)"))?;
+                out.extend_from_slice(&days.to_le_bytes());
+            }
+            Self::DateTime => {
+                let ms = match value {
+                    Value::Number(n) => n.as_i64().ok_or_else(wrong)?,
+                    Value::String(s) => {
+                        time::OffsetDateTime::parse(
+                            s,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .map_err(|_| format!("is DateTime; {s:?} is not RFC 3339"))?
+                        .unix_timestamp()
+                            * 1000
+                    }
+                    _ => return Err(wrong()),
+                };
+                let secs = u32::try_from(ms.div_euclid(1000))
+                    .map_err(|_| format!("is DateTime; {ms} ms is out of range (1970-2106)"))?;
+                out.extend_from_slice(&secs.to_le_bytes());
+            }
+            Self::Nullable(_) => unreachable!("handled above"),
+        }
+        Ok(())
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Appends an unsigned LEB128 number (RowBinary's string length prefix).
+pub fn put_varint(out: &mut Vec<u8>, mut n: u64) {
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// One declared column.
+#[derive(Debug, Clone)]
+pub struct Column {
+    pub name: String,
+    pub ty: ColumnType,
+}
+
+/// A declared table.
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub name: String,
+    pub columns: Vec<Column>,
+    pub order_by: Vec<String>,
+}
+
+impl Table {
+    pub fn new(cfg: &TableConfig) -> Result<Self, String> {
+        let t = &cfg.name;
+        if !is_identifier(t) || t == "events" || t == "dead_letters" {
+            return Err(format!(
+                "table name {t:?} must match [A-Za-z_][A-Za-z0-9_]* and not be events or dead_letters"
+            ));
+        }
+        if cfg.columns.is_empty() {
+            return Err(format!("table {t} declares no columns"));
+        }
+        let mut columns: Vec<Column> = Vec::new();
+        for decl in &cfg.columns {
+            let (name, ty) = decl
+                .trim()
+                .split_once(char::is_whitespace)
+                .ok_or_else(|| format!("table {t}: column {decl:?} must be \"name Type\""))?;
+            if !is_identifier(name) {
+                return Err(format!(
+                    "table {t}: column name {name:?} must match [A-Za-z_][A-Za-z0-9_]*"
+                ));
+            }
+            if SYSTEM_COLUMNS.iter().any(|(n, _)| *n == name) {
+                return Err(format!(
+                    "table {t}: column {name} is filled by weir itself; choose another name"
+                ));
+            }
+            if columns.iter().any(|c| c.name == name) {
+                return Err(format!("table {t}: column {name} is declared twice"));
+            }
+            let ty = ColumnType::parse(ty).map_err(|e| format!("table {t}, column {name}: {e}"))?;
+            columns.push(Column {
+                name: name.to_owned(),
+                ty,
+            });
+        }
+        let order_by = if cfg.order_by.is_empty() {
+            vec!["timestamp".to_owned()]
+        } else {
+            cfg.order_by.clone()
+        };
+        for key in &order_by {
+            let known = SYSTEM_COLUMNS.iter().any(|(n, _)| n == key)
+                || columns
+                    .iter()
+                    .any(|c| &c.name == key && !matches!(c.ty, ColumnType::Nullable(_)));
+            if !known {
+                return Err(format!(
+                    "table {t}: order_by names {key:?}, which is not a non-Nullable column"
+                ));
+            }
+        }
+        Ok(Self {
+            name: t.clone(),
+            columns,
+            order_by,
+        })
+    }
+
+    /// `CREATE TABLE IF NOT EXISTS` for this table in database `db`.
+    pub fn ddl(&self, db: &str) -> String {
+        let columns: Vec<String> = SYSTEM_COLUMNS
+            .iter()
+            .map(|(n, t)| format!("{n} {t}"))
+            .chain(
+                self.columns
+                    .iter()
+                    .map(|c| format!("{} {}", c.name, c.ty.sql())),
+            )
+            .collect();
+        format!(
+            "CREATE TABLE IF NOT EXISTS {db}.{} ({}) ENGINE = MergeTree() PARTITION BY toYYYYMM(timestamp) ORDER BY ({})",
+            self.name,
+            columns.join(", "),
+            self.order_by.join(", ")
+        )
+    }
+
+    /// The column list of an INSERT, in RowBinary order.
+    pub fn insert_columns(&self) -> String {
+        SYSTEM_COLUMNS
+            .iter()
+            .map(|(n, _)| *n)
+            .chain(self.columns.iter().map(|c| c.name.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Checks a plugin's row (JSON object text) and encodes the declared columns.
+    pub fn encode(&self, json: &str) -> Result<Vec<u8>, String> {
+        let map: serde_json::Map<String, Value> = serde_json::from_str(json)
+            .map_err(|e| format!("row for table {} is not a JSON object: {e}", self.name))?;
+        if let Some(extra) = map
+            .keys()
+            .find(|k| !self.columns.iter().any(|c| &c.name == *k))
+        {
+            return Err(format!("table {} has no column {extra:?}", self.name));
+        }
+        let mut out = Vec::with_capacity(json.len());
+        for c in &self.columns {
+            c.ty.encode(map.get(&c.name), &mut out)
+                .map_err(|e| format!("table {}, column {} {e}", self.name, c.name))?;
+        }
+        Ok(out)
+    }
+}
+
+/// True if both declare the same tables (names, columns, order).
+pub fn same_tables(a: &[Table], b: &[Table]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.ddl("") == y.ddl(""))
+}
+
+/// Appends a routed row in RowBinary: weir's columns in [`SYSTEM_COLUMNS`] order, then
+/// the declared ones (already encoded).
+pub fn put_routed_row(out: &mut Vec<u8>, row: &RoutedRow, plugins: &str, control_version: u64) {
+    put_string(out, &row.event_id);
+    put_string(out, &row.app);
+    out.extend_from_slice(&datetime(row.timestamp_ms).to_le_bytes());
+    put_string(out, plugins);
+    out.extend_from_slice(&control_version.to_le_bytes());
+    out.extend_from_slice(&(row.origin.partition as u32).to_le_bytes());
+    out.extend_from_slice(&(row.origin.offset as u64).to_le_bytes());
+    out.extend_from_slice(&row.origin.index.to_le_bytes());
+    out.extend_from_slice(&row.data);
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    put_varint(out, s.len() as u64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Seconds since the epoch for a `DateTime` column (clamped to its range).
+pub fn datetime(ms: i64) -> u32 {
+    (ms.div_euclid(1000)).clamp(0, u32::MAX as i64) as u32
+}

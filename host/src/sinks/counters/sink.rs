@@ -1,0 +1,392 @@
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tracing::warn;
+
+use super::config::RedisConfig;
+use crate::model::CountRow;
+
+/// Errors talking to Redis.
+#[derive(Debug, thiserror::Error)]
+pub enum CounterError {
+    #[error("Redis at {url} failed: {source}")]
+    Redis {
+        url: String,
+        source: redis::RedisError,
+    },
+    #[error(
+        "partition {partition}: another instance moved the counters' offset to {found:?} (expected {expected:?}); will re-filter and retry"
+    )]
+    Moved {
+        partition: i32,
+        expected: Option<i64>,
+        found: Option<i64>,
+    },
+    #[error("Redis returned an unexpected reply: {0}")]
+    Reply(String),
+}
+
+/// Atomically: check the partition's stored offset, apply the sums, store the new
+/// offset. KEYS[1] = offsets hash, KEYS[2..] = counter hashes. ARGV = partition,
+/// expected offset ('' = none), new offset, then per increment: key index, field,
+/// delta, ttl seconds ('0' = keep).
+const APPLY: &str = r"
+local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+if cur ~= ARGV[2] then return {0, cur} end
+for i = 4, #ARGV, 4 do
+  local key = KEYS[tonumber(ARGV[i])]
+  redis.call('HINCRBY', key, ARGV[i + 1], ARGV[i + 2])
+  if ARGV[i + 3] ~= '0' then redis.call('EXPIRE', key, ARGV[i + 3]) end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return {1, ARGV[3]}
+";
+
+/// A Redis connection that connects lazily and reconnects by itself.
+fn connect(cfg: &RedisConfig) -> Result<ConnectionManager, CounterError> {
+    let err = |source| CounterError::Redis {
+        url: cfg.url.clone(),
+        source,
+    };
+    let client = redis::Client::open(cfg.url.as_str()).map_err(err)?;
+    let timeout = Duration::from_millis(cfg.timeout_ms);
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(timeout);
+    ConnectionManager::new_lazy_with_config(client, config).map_err(err)
+}
+
+/// `YYYY-MM-DD` of a time in ms since the epoch (UTC).
+fn day_of(ms: i64) -> String {
+    let days = ms.div_euclid(86_400_000);
+    let date = time::Date::from_julian_day((2_440_588 + days) as i32).unwrap_or(time::Date::MIN);
+    format!(
+        "{:04}-{:02}-{:02}",
+        date.year(),
+        date.month() as u8,
+        date.day()
+    )
+}
+
+fn hash_key(prefix: &str, app: &str, counter: &str) -> String {
+    format!("{prefix}:c:{app}:{counter}")
+}
+
+/// Writes counter increments to Redis, exactly once per Kafka record.
+pub struct CounterSink {
+    conn: ConnectionManager,
+    url: String,
+    prefix: String,
+    offsets_key: String,
+    max_pending: usize,
+    /// Per partition, the stored offset as this instance last saw it (`None`: none).
+    watermarks: HashMap<i32, Option<i64>>,
+    /// Increments not yet in Redis, per partition.
+    pending: BTreeMap<i32, Vec<CountRow>>,
+    pending_len: usize,
+}
+
+impl CounterSink {
+    pub fn new(cfg: &RedisConfig, group: &str, topic: &str) -> Result<Self, CounterError> {
+        Ok(Self {
+            conn: connect(cfg)?,
+            url: cfg.url.clone(),
+            offsets_key: format!("{}:offsets:{group}:{topic}", cfg.key_prefix),
+            prefix: cfg.key_prefix.clone(),
+            max_pending: cfg.max_pending,
+            watermarks: HashMap::new(),
+            pending: BTreeMap::new(),
+            pending_len: 0,
+        })
+    }
+
+    /// Queues a batch's increments.
+    pub fn add(&mut self, rows: Vec<CountRow>) {
+        self.pending_len += rows.len();
+        for row in rows {
+            self.pending
+                .entry(row.origin.partition)
+                .or_default()
+                .push(row);
+        }
+        crate::metrics::COUNTER_PENDING.set(self.pending_len as i64);
+    }
+
+    /// True while increments wait for Redis.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// True when the pending increments reached `redis.max_pending`.
+    pub fn is_full(&self) -> bool {
+        self.pending_len >= self.max_pending
+    }
+
+    /// Partitions with increments not yet in Redis: their Kafka offsets must not be
+    /// committed.
+    pub fn pending_partitions(&self) -> impl Iterator<Item = i32> + '_ {
+        self.pending.keys().copied()
+    }
+
+    /// Forgets revoked partitions: their new owner re-reads the records.
+    pub fn forget(&mut self, partitions: &HashSet<i32>) {
+        for p in partitions {
+            self.watermarks.remove(p);
+            if let Some(rows) = self.pending.remove(p) {
+                self.pending_len -= rows.len();
+            }
+        }
+        crate::metrics::COUNTER_PENDING.set(self.pending_len as i64);
+    }
+
+    fn redis_err(&self) -> impl FnOnce(redis::RedisError) -> CounterError + '_ {
+        |source| CounterError::Redis {
+            url: self.url.clone(),
+            source,
+        }
+    }
+
+    /// Applies every pending increment in one round trip (two the first time a
+    /// partition is seen). Returns the number of increments applied.
+    pub async fn apply(&mut self) -> Result<usize, CounterError> {
+        if self.pending.is_empty() {
+            return Ok(0);
+        }
+        let unknown: Vec<i32> = self
+            .pending
+            .keys()
+            .copied()
+            .filter(|p| !self.watermarks.contains_key(p))
+            .collect();
+        if !unknown.is_empty() {
+            let mut cmd = redis::cmd("HMGET");
+            cmd.arg(&self.offsets_key);
+            for p in &unknown {
+                cmd.arg(p);
+            }
+            let mut conn = self.conn.clone();
+            let found: Vec<Option<i64>> =
+                cmd.query_async(&mut conn).await.map_err(self.redis_err())?;
+            self.watermarks.extend(unknown.into_iter().zip(found));
+        }
+
+        let mut pipe = redis::pipe();
+        let mut sent: Vec<(i32, Option<i64>, i64, usize)> = Vec::new();
+        let mut skipped = 0;
+        let partitions: Vec<i32> = self.pending.keys().copied().collect();
+        for partition in partitions {
+            let watermark = self.watermarks[&partition];
+            let Some(rows) = self.pending.get_mut(&partition) else {
+                continue;
+            };
+            let before = rows.len();
+            rows.retain(|r| watermark.is_none_or(|w| r.origin.offset > w));
+            skipped += before - rows.len();
+            let Some(new) = rows.iter().map(|r| r.origin.offset).max() else {
+                continue;
+            };
+            let n = rows.len();
+            pipe.add_command(self.script(partition, watermark, new, &self.pending[&partition]));
+            sent.push((partition, watermark, new, n));
+        }
+        self.pending.retain(|_, rows| !rows.is_empty());
+        self.pending_len -= skipped;
+        if skipped > 0 {
+            crate::metrics::COUNTER_REPLAYS_SKIPPED.inc_by(skipped as u64);
+            warn!(
+                skipped,
+                "skipped counter increments Redis already held (a replay after a crash)"
+            );
+        }
+        if sent.is_empty() {
+            crate::metrics::COUNTER_PENDING.set(self.pending_len as i64);
+            return Ok(0);
+        }
+        let mut conn = self.conn.clone();
+        let replies: Vec<(i64, String)> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(self.redis_err())?;
+        if replies.len() != sent.len() {
+            return Err(CounterError::Reply(format!(
+                "{} replies for {} scripts",
+                replies.len(),
+                sent.len()
+            )));
+        }
+        let mut applied = 0;
+        let mut moved = None;
+        for ((partition, expected, new, n), (ok, stored)) in sent.into_iter().zip(replies) {
+            let stored = if stored.is_empty() {
+                None
+            } else {
+                Some(stored.parse::<i64>().map_err(|_| {
+                    CounterError::Reply(format!("offset {stored:?} of partition {partition}"))
+                })?)
+            };
+            if ok == 1 {
+                self.watermarks.insert(partition, Some(new));
+                self.pending.remove(&partition);
+                self.pending_len -= n;
+                applied += n;
+            } else {
+                self.watermarks.insert(partition, stored);
+                moved.get_or_insert(CounterError::Moved {
+                    partition,
+                    expected,
+                    found: stored,
+                });
+            }
+        }
+        crate::metrics::COUNTER_PENDING.set(self.pending_len as i64);
+        crate::metrics::COUNTER_INCREMENTS.inc_by(applied as u64);
+        match moved {
+            Some(e) => Err(e),
+            None => Ok(applied),
+        }
+    }
+
+    /// The script call applying one partition's rows, summed per hash and field.
+    fn script(
+        &self,
+        partition: i32,
+        expected: Option<i64>,
+        new: i64,
+        rows: &[CountRow],
+    ) -> redis::Cmd {
+        // (hash key, ttl) in KEYS order, and (key index, field) -> sum.
+        let mut keys: Vec<(String, u64)> = Vec::new();
+        let mut key_index: HashMap<String, usize> = HashMap::new();
+        let mut intern = |key: String, ttl: u64| {
+            *key_index.entry(key.clone()).or_insert_with(|| {
+                keys.push((key, ttl));
+                keys.len() - 1
+            })
+        };
+        let mut sums: BTreeMap<(usize, &str), i64> = BTreeMap::new();
+        let mut days: HashMap<i64, String> = HashMap::new();
+        for r in rows {
+            let counter = &r.counter;
+            let total = hash_key(&self.prefix, &r.app, &counter.name);
+            if counter.by_day {
+                let day = days
+                    .entry(r.timestamp_ms.div_euclid(86_400_000))
+                    .or_insert_with(|| day_of(r.timestamp_ms));
+                let ttl = u64::from(counter.day_retention_days) * 86_400;
+                let i = intern(format!("{total}:{day}"), ttl);
+                *sums.entry((i, r.key.as_str())).or_default() += r.delta;
+            }
+            let i = intern(total, 0);
+            *sums.entry((i, r.key.as_str())).or_default() += r.delta;
+        }
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(APPLY).arg(1 + keys.len()).arg(&self.offsets_key);
+        for (key, _) in &keys {
+            cmd.arg(key);
+        }
+        cmd.arg(partition)
+            .arg(expected.map(|o| o.to_string()).unwrap_or_default())
+            .arg(new);
+        let mut ttl_set = HashSet::new();
+        for ((i, field), delta) in sums {
+            let ttl = keys[i].1;
+            let ttl = if ttl > 0 && ttl_set.insert(i) { ttl } else { 0 };
+            cmd.arg(i + 2).arg(field).arg(delta).arg(ttl);
+        }
+        cmd
+    }
+}
+
+/// Reads counters for the counters API.
+#[derive(Clone)]
+pub struct CounterReader {
+    conn: ConnectionManager,
+    url: String,
+    prefix: String,
+}
+
+/// One counter's value, as the counters API returns it.
+#[derive(Debug, serde::Serialize)]
+pub struct CounterValue {
+    pub counter: String,
+    pub key: String,
+    pub value: i64,
+    /// Per-day values, newest first, when asked for and the counter keeps them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub days: Option<Vec<DayValue>>,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct DayValue {
+    pub day: String,
+    pub value: i64,
+}
+
+impl CounterReader {
+    pub fn new(cfg: &RedisConfig) -> Result<Self, CounterError> {
+        Ok(Self {
+            conn: connect(cfg)?,
+            url: cfg.url.clone(),
+            prefix: cfg.key_prefix.clone(),
+        })
+    }
+
+    /// The total of `counter` for `key` in `app`, and the last `days` UTC days
+    /// (today first) when `days > 0`.
+    pub async fn get(
+        &self,
+        app: &str,
+        counter: &str,
+        key: &str,
+        days: u32,
+    ) -> Result<CounterValue, CounterError> {
+        let total = hash_key(&self.prefix, app, counter);
+        let mut pipe = redis::pipe();
+        pipe.hget(&total, key);
+        let today = crate::model::now_ms();
+        let labels: Vec<String> = (0..days)
+            .map(|d| day_of(today - i64::from(d) * 86_400_000))
+            .collect();
+        for day in &labels {
+            pipe.hget(format!("{total}:{day}"), key);
+        }
+        let mut conn = self.conn.clone();
+        let values: Vec<Option<i64>> =
+            pipe.query_async(&mut conn)
+                .await
+                .map_err(|source| CounterError::Redis {
+                    url: self.url.clone(),
+                    source,
+                })?;
+        let mut values = values.into_iter().map(Option::unwrap_or_default);
+        let value = values.next().unwrap_or_default();
+        Ok(CounterValue {
+            counter: counter.to_owned(),
+            key: key.to_owned(),
+            value,
+            days: (days > 0).then(|| {
+                labels
+                    .into_iter()
+                    .zip(values)
+                    .map(|(day, value)| DayValue { day, value })
+                    .collect()
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_are_utc_dates() {
+        assert_eq!(day_of(0), "1970-01-01");
+        assert_eq!(day_of(86_400_000 - 1), "1970-01-01");
+        assert_eq!(day_of(1_795_435_200_000), "2026-11-23");
+        assert_eq!(day_of(-1), "1969-12-31");
+    }
+}

@@ -1,0 +1,143 @@
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures::future::join_all;
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+
+use super::config::{TopicConfig, TopicKey};
+use crate::bus::KafkaConfig;
+use crate::model::{Kept, Target};
+
+/// Errors producing to the topic.
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    #[error("topic sink {name}: cannot create its producer: {source}")]
+    Create {
+        name: String,
+        source: Box<rdkafka::error::KafkaError>,
+    },
+    #[error("topic sink {name}: {failed} of {total} records not acknowledged by {topic}: {first}")]
+    Produce {
+        name: String,
+        topic: String,
+        failed: usize,
+        total: usize,
+        first: String,
+    },
+}
+
+/// One configured topic sink.
+pub struct TopicSink {
+    name: String,
+    /// Position among the pipeline's topic sinks (what plugins' `forward` outputs name).
+    index: usize,
+    topic: String,
+    events: HashSet<String>,
+    key: TopicKey,
+    producer: FutureProducer,
+    timeout: Duration,
+}
+
+impl TopicSink {
+    pub fn new(cfg: &TopicConfig, index: usize, kafka: &KafkaConfig) -> Result<Self, TopicError> {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &kafka.brokers);
+        for (k, v) in &kafka.properties {
+            c.set(k, v);
+        }
+        let producer = c
+            .set("acks", "all")
+            .set("message.timeout.ms", kafka.produce_timeout_ms.to_string())
+            .set("linger.ms", "5")
+            .create()
+            .map_err(|source| TopicError::Create {
+                name: cfg.name.clone(),
+                source: Box::new(source),
+            })?;
+        Ok(Self {
+            name: cfg.name.clone(),
+            index,
+            topic: cfg.topic.clone(),
+            events: cfg.events.iter().cloned().collect(),
+            key: cfg.key,
+            producer,
+            timeout: Duration::from_millis(kafka.produce_timeout_ms),
+        })
+    }
+
+    /// The topic written to.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Produces a record per kept event of this sink's names (or forwarded to it by a
+    /// plugin) not yet in `sent` (indices
+    /// into `kept`), and waits for the acknowledgements. Acknowledged indices are added
+    /// to `sent`, so a retry produces only what failed. Returns the records produced.
+    pub async fn write(
+        &self,
+        kept: &[Kept],
+        sent: &mut HashSet<usize>,
+    ) -> Result<usize, TopicError> {
+        let todo: Vec<(usize, &Kept)> = kept
+            .iter()
+            .enumerate()
+            .filter(|(i, k)| {
+                (self.events.contains(&k.event.name)
+                    || k.forwards.contains(&Target::Topic(self.index)))
+                    && !sent.contains(i)
+            })
+            .collect();
+        let payloads: Vec<String> = todo
+            .iter()
+            .map(|(_, k)| {
+                let json = k.event.to_json();
+                let app = serde_json::to_string(&k.event.app).unwrap_or_default();
+                format!("{{\"app\":{app},{}", &json[1..])
+            })
+            .collect();
+        let sends = todo.iter().zip(&payloads).map(|((_, k), payload)| {
+            let key = match self.key {
+                TopicKey::UserId => k.event.user_id.as_deref().unwrap_or(&k.event.event_id),
+                TopicKey::EventId => &k.event.event_id,
+            };
+            let headers = OwnedHeaders::new().insert(Header {
+                key: "weir-event-id",
+                value: Some(k.event.event_id.as_str()),
+            });
+            let record = FutureRecord::to(&self.topic)
+                .payload(payload.as_str())
+                .key(key)
+                .headers(headers);
+            self.producer.send(record, Timeout::After(self.timeout))
+        });
+        let results = join_all(sends).await;
+        let total = results.len();
+        let mut first = None;
+        let mut failed = 0;
+        for ((i, _), result) in todo.iter().zip(results) {
+            match result {
+                Ok(_) => {
+                    sent.insert(*i);
+                }
+                Err((e, _)) => {
+                    failed += 1;
+                    first.get_or_insert_with(|| e.to_string());
+                }
+            }
+        }
+        match first {
+            None => Ok(total),
+            Some(first) => Err(TopicError::Produce {
+                name: self.name.clone(),
+                topic: self.topic.clone(),
+                failed,
+                total,
+                first,
+            }),
+        }
+    }
+}

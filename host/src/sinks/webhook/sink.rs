@@ -1,0 +1,301 @@
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use super::config::WebhookConfig;
+use crate::model::{DeadLetter, Kept, Origin, Stage, Target};
+use crate::sinks::DeadLetterStore;
+
+/// Longest pause between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// One event waiting for delivery.
+struct Item {
+    origin: Origin,
+    event_id: String,
+    app: String,
+    name: String,
+    json: String,
+    /// The control-plane version of the pipeline that kept the event.
+    control_version: u64,
+}
+
+/// Per partition, offset -> events of that offset not yet delivered or dead-lettered.
+type Outstanding = Arc<Mutex<HashMap<i32, BTreeMap<i64, usize>>>>;
+
+/// A running webhook: the queue into its delivery task.
+pub struct WebhookSink {
+    name: String,
+    /// Position among the pipeline's webhooks (what plugins' `forward` outputs name).
+    index: usize,
+    events: HashSet<String>,
+    tx: mpsc::Sender<Item>,
+    outstanding: Outstanding,
+}
+
+impl WebhookSink {
+    /// Starts the delivery task. Dead letters are written through `dead_letters`.
+    pub fn start(
+        cfg: &WebhookConfig,
+        index: usize,
+        dead_letters: Arc<dyn DeadLetterStore>,
+        pipeline: String,
+    ) -> Result<Self, String> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (k, v) in &cfg.headers {
+            let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
+                .map_err(|e| format!("webhook {}: header name {k:?}: {e}", cfg.name))?;
+            let value = reqwest::header::HeaderValue::from_str(v)
+                .map_err(|e| format!("webhook {}: header {k}: {e}", cfg.name))?;
+            headers.insert(name, value);
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(cfg.timeout_ms))
+            .default_headers(headers)
+            .user_agent(concat!("weir/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("webhook {}: {e}", cfg.name))?;
+        let (tx, rx) = mpsc::channel(cfg.max_pending);
+        let outstanding = Outstanding::default();
+        let task = Delivery {
+            name: cfg.name.clone(),
+            url: cfg.url.clone(),
+            batch_size: cfg.batch_size,
+            max_attempts: cfg.max_attempts,
+            backoff: Duration::from_millis(cfg.retry_backoff_ms),
+            http,
+            outstanding: outstanding.clone(),
+            dead_letters,
+            pipeline,
+        };
+        tokio::spawn(task.run(rx));
+        Ok(Self {
+            name: cfg.name.clone(),
+            index,
+            events: cfg.events.iter().cloned().collect(),
+            tx,
+            outstanding,
+        })
+    }
+
+    /// Queues the kept events this webhook takes (by name, or forwarded to it by a
+    /// plugin). Waits while the queue is full.
+    pub async fn offer(&self, kept: &[Kept], control_version: u64) {
+        let mine = |k: &&Kept| {
+            self.events.contains(&k.event.name) || k.forwards.contains(&Target::Webhook(self.index))
+        };
+        for k in kept.iter().filter(mine) {
+            *self
+                .outstanding
+                .lock()
+                .expect("outstanding lock")
+                .entry(k.origin.partition)
+                .or_default()
+                .entry(k.origin.offset)
+                .or_default() += 1;
+            let item = Item {
+                origin: k.origin,
+                event_id: k.event.event_id.clone(),
+                app: k.event.app.clone(),
+                name: k.event.name.clone(),
+                json: k.event.to_json(),
+                control_version,
+            };
+            crate::metrics::WEBHOOK_PENDING
+                .with_label_values(&[&self.name])
+                .inc();
+            if self.tx.send(item).await.is_err() {
+                error!(webhook = %self.name, "webhook delivery task is gone");
+            }
+        }
+    }
+
+    /// The lowest offset of `partition` with events not yet delivered: the partition
+    /// may be committed up to it, not beyond.
+    pub fn commit_limit(&self, partition: i32) -> Option<i64> {
+        let outstanding = self.outstanding.lock().expect("outstanding lock");
+        outstanding
+            .get(&partition)
+            .and_then(|o| o.keys().next().copied())
+    }
+
+    /// Forgets revoked partitions: their new owner re-reads (and re-sends) them.
+    pub fn forget(&self, partitions: &HashSet<i32>) {
+        let mut outstanding = self.outstanding.lock().expect("outstanding lock");
+        outstanding.retain(|p, _| !partitions.contains(p));
+    }
+}
+
+/// The delivery task of one webhook.
+struct Delivery {
+    name: String,
+    url: String,
+    batch_size: usize,
+    max_attempts: u32,
+    backoff: Duration,
+    http: reqwest::Client,
+    outstanding: Outstanding,
+    dead_letters: Arc<dyn DeadLetterStore>,
+    pipeline: String,
+}
+
+/// How one POST ended.
+enum Answer {
+    Delivered,
+    /// Worth retrying (5xx, 408, 429, timeout, connection error).
+    Retry(String),
+    /// Not worth retrying (other 4xx).
+    Refused(String),
+}
+
+impl Delivery {
+    async fn run(self, mut rx: mpsc::Receiver<Item>) {
+        let mut batch = Vec::with_capacity(self.batch_size);
+        while rx.recv_many(&mut batch, self.batch_size).await > 0 {
+            self.deliver(&batch).await;
+            batch.clear();
+        }
+        info!(webhook = %self.name, "webhook delivery stopped");
+    }
+
+    async fn deliver(&self, batch: &[Item]) {
+        let ids: Vec<&str> = batch.iter().map(|i| i.event_id.as_str()).collect();
+        let key = if batch.len() == 1 {
+            ids[0].to_owned()
+        } else {
+            hex::encode(Sha256::digest(ids.join("\n").as_bytes()))
+        };
+        let mut body = String::with_capacity(batch.iter().map(|i| i.json.len() + 16).sum());
+        body.push_str("{\"webhook\":");
+        body.push_str(&serde_json::to_string(&self.name).unwrap_or_default());
+        body.push_str(",\"events\":[");
+        for (n, item) in batch.iter().enumerate() {
+            if n > 0 {
+                body.push(',');
+            }
+            body.push_str(&item.json);
+        }
+        body.push_str("]}");
+
+        let labels = [self.name.as_str()];
+        let mut backoff = self.backoff;
+        let mut attempt = 0;
+        let failure = loop {
+            attempt += 1;
+            let started = std::time::Instant::now();
+            let answer = self.post(&key, body.clone()).await;
+            match answer {
+                Answer::Delivered => {
+                    crate::metrics::SINK_FLUSH_DURATION
+                        .with_label_values(&["webhook"])
+                        .observe(started.elapsed().as_secs_f64());
+                    crate::metrics::WEBHOOK_EVENTS
+                        .with_label_values(&[labels[0], "delivered"])
+                        .inc_by(batch.len() as u64);
+                    break None;
+                }
+                Answer::Refused(why) => break Some(why),
+                Answer::Retry(why) => {
+                    crate::metrics::SINK_ERRORS
+                        .with_label_values(&["webhook"])
+                        .inc();
+                    if attempt >= self.max_attempts {
+                        break Some(format!("{why} after {attempt} attempts"));
+                    }
+                    warn!(webhook = %self.name, attempt, error = %why, retry_in_ms = backoff.as_millis() as u64, "webhook POST failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        };
+        if let Some(reason) = failure {
+            self.dead_letter(batch, &reason).await;
+        }
+        let mut outstanding = self.outstanding.lock().expect("outstanding lock");
+        for item in batch {
+            if let Some(offsets) = outstanding.get_mut(&item.origin.partition)
+                && let Some(n) = offsets.get_mut(&item.origin.offset)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    offsets.remove(&item.origin.offset);
+                }
+            }
+        }
+        crate::metrics::WEBHOOK_PENDING
+            .with_label_values(&labels)
+            .sub(batch.len() as i64);
+    }
+
+    async fn post(&self, key: &str, body: String) -> Answer {
+        let resp = self
+            .http
+            .post(&self.url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header("Idempotency-Key", key)
+            .body(body)
+            .send()
+            .await;
+        match resp {
+            Ok(r) if r.status().is_success() => Answer::Delivered,
+            Ok(r) => {
+                let status = r.status();
+                let text = r.text().await.unwrap_or_default();
+                let text: String = text.chars().take(200).collect();
+                let why = format!("webhook {} answered {status}: {text}", self.name);
+                if status.is_client_error() && status != 408 && status != 429 {
+                    Answer::Refused(why)
+                } else {
+                    Answer::Retry(why)
+                }
+            }
+            Err(e) => Answer::Retry(format!("webhook {}: {e}", self.name)),
+        }
+    }
+
+    /// Writes the batch to dead_letters, retrying until ClickHouse takes it (the
+    /// events' offsets stay uncommitted meanwhile).
+    async fn dead_letter(&self, batch: &[Item], reason: &str) {
+        error!(webhook = %self.name, events = batch.len(), %reason, "webhook gave up; events go to dead_letters");
+        crate::metrics::WEBHOOK_EVENTS
+            .with_label_values(&[&self.name, "dead_letter"])
+            .inc_by(batch.len() as u64);
+        // Rows record the version that kept each event: one INSERT per version.
+        let mut by_version: std::collections::BTreeMap<u64, Vec<DeadLetter>> = Default::default();
+        for i in batch {
+            by_version
+                .entry(i.control_version)
+                .or_default()
+                .push(DeadLetter {
+                    origin: i.origin,
+                    event_id: i.event_id.clone(),
+                    app: i.app.clone(),
+                    name: i.name.clone(),
+                    stage: Stage::Webhook,
+                    plugin: self.name.clone(),
+                    plugin_version: String::new(),
+                    reason: reason.to_owned(),
+                    raw: i.json.clone(),
+                });
+        }
+        for (version, dead) in by_version {
+            let mut backoff = self.backoff;
+            while let Err(e) = self
+                .dead_letters
+                .write_dead_letters(&dead, &self.pipeline, version)
+                .await
+            {
+                warn!(webhook = %self.name, error = %e, "cannot write webhook dead letters; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            crate::metrics::DEAD_LETTERS
+                .with_label_values(&[Stage::Webhook.as_str()])
+                .inc_by(dead.len() as u64);
+        }
+    }
+}
