@@ -155,8 +155,7 @@ fn imports_follow_the_table_in_architecture_md() {
         let parts: Vec<&str> = rel.split('/').collect();
         if parts.len() >= 3 && parts[0] == "sinks" {
             let sink = parts[1];
-            let sinks_path = code.match_indices("crate::sinks::").map(|(i, _)| i + 14);
-            let mut others: Vec<&str> = sinks_path.map(|i| ident(&code[i..])).collect();
+            let mut others = segments_after(&code, "crate::sinks::");
             others.extend(segments_after(&code, "super::super::"));
             for other in others {
                 let is_sink = src.join("sinks").join(other).is_dir();
@@ -218,5 +217,10 @@ fn the_path_reader_sees_groups_and_ignores_comments() {
     assert_eq!(
         segments_after(&code, "crate::"),
         ["model", "bus", "metrics"]
+    );
+    let code = "use crate::sinks::{BoxError, clickhouse::Table};";
+    assert_eq!(
+        segments_after(code, "crate::sinks::"),
+        ["BoxError", "clickhouse"]
     );
 }

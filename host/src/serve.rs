@@ -21,7 +21,8 @@ use crate::model::Counter;
 use crate::pipeline::route::Routes;
 use crate::pipeline::worker::{Running, SharedRoutes, Worker};
 use crate::runtime::Runtime;
-use crate::sinks::clickhouse::{ClickHouseError, ClickHouseSink};
+use crate::sinks::Sink;
+use crate::sinks::clickhouse::{ClickHouseError, ClickHouseSink, ClickHouseWriter};
 use crate::sinks::counters::{CounterReader, CounterSink};
 use crate::sinks::topic::TopicSink;
 use crate::sinks::webhook::WebhookSink;
@@ -93,26 +94,31 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             }
             let consumer =
                 bus::consumer(&config.kafka).context("cannot create the Kafka consumer")?;
+            // Every sink the worker writes, driven through one contract.
+            let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(ClickHouseWriter::new(sink.clone()))];
             // Connects to Redis on first use: only once a pipeline version counts.
-            let counters = Some(
-                CounterSink::new(&config.redis, &config.kafka.group, &config.kafka.topic)
-                    .context("cannot set up the Redis counter sink")?,
-            );
-            let mut topics = Vec::new();
+            sinks.push(Box::new(
+                CounterSink::new(
+                    &config.redis,
+                    &config.kafka.group,
+                    &config.kafka.topic,
+                    Duration::from_millis(config.processor.retry_backoff_ms),
+                )
+                .context("cannot set up the Redis counter sink")?,
+            ));
             for (i, t) in config.pipeline.topics.iter().enumerate() {
                 bus::ensure_named_topic(&config.kafka, &t.topic)
                     .await
                     .with_context(|| {
                         format!("cannot create topic {} of sink {}", t.topic, t.name)
                     })?;
-                topics.push(TopicSink::new(t, i, &config.kafka)?);
+                sinks.push(Box::new(TopicSink::new(t, i, &config.kafka)?));
             }
-            let mut webhooks = Vec::new();
             for (i, w) in config.pipeline.webhooks.iter().enumerate() {
-                webhooks.push(
+                sinks.push(Box::new(
                     WebhookSink::start(w, i, Arc::new(sink.clone()), config.pipeline.name.clone())
                         .map_err(anyhow::Error::msg)?,
-                );
+                ));
             }
             let (swap_tx, swap_rx) = mpsc::channel(4);
             let (running_tx, running_rx) = watch::channel(Running::of(&pipeline));
@@ -121,12 +127,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
                 consumer,
                 config.kafka.topic.clone(),
                 pipeline,
-                sink,
-                counters,
+                sinks,
                 config.processor.clone(),
             )
-            .with_webhooks(webhooks)
-            .with_topics(topics)
             .with_control(swap_rx, running_tx, shared_routes.clone());
             Some(tokio::spawn(worker.run(stop_rx.clone())))
         }

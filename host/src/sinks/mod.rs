@@ -2,15 +2,89 @@
 //! files (`mod.rs`: what it guarantees; `config.rs`: its configuration; `sink.rs`: the
 //! sink itself); sinks know nothing of plugins, and no sink uses another: what they
 //! share is declared here.
+//!
+//! Every sink answers the processor through one contract, [`Sink`]: the worker hands
+//! each flush to every sink, retries the ones that failed, commits each partition only
+//! as far as every sink says it may ([`Sink::commit_limit`]), and tells every sink
+//! which partitions a rebalance took away ([`Sink::forget`]). How a sink keeps its
+//! promise (write within the flush, or queue and deliver on its own) is its business;
+//! each guards itself against the replays of Kafka (a crash re-delivers what was not
+//! committed), so no sink's guard can hide events from another.
+//!
+//! Adding a sink: a folder with these files, and the line in `serve.rs` that builds it
+//! into the worker's list.
 
 pub mod clickhouse;
 pub mod counters;
 pub mod topic;
 pub mod webhook;
 
-use futures::future::BoxFuture;
+use std::collections::HashSet;
+use std::sync::Arc;
 
-use crate::model::DeadLetter;
+use futures::future::BoxFuture;
+use tokio::time::Instant;
+
+use crate::model::{Batch, DeadLetter};
+
+/// One flush, as every sink gets it.
+#[derive(Clone, Copy)]
+pub struct Flush<'a> {
+    pub batch: &'a Batch,
+    /// The pipeline's name and `name@version` of its plugins, recorded with rows.
+    pub pipeline: &'a str,
+    pub plugins: &'a str,
+    /// The control-plane version of the pipeline that processed the batch.
+    pub control_version: u64,
+    /// The pipeline's declared tables: what [`crate::model::Batch::rows`] indexes.
+    pub tables: &'a Arc<[clickhouse::Table]>,
+}
+
+/// What the processor asks of every sink.
+pub trait Sink: Send {
+    /// The kind of sink, as the `sink` label of `weir_sink_errors_total`:
+    /// `clickhouse`, `redis`, `webhook`, `topic`.
+    fn kind(&self) -> &'static str;
+
+    /// Takes a flush. `Ok` once the sink holds it as it promises (written, or queued
+    /// for delivery of its own); `Err` if this attempt failed: the worker keeps the
+    /// flush's offsets, pauses consumption and calls again with the same flush (less
+    /// the partitions revoked meanwhile) until `Ok`. A sink remembers what it finished
+    /// of a flush, so that a retry writes only the rest; [`Sink::finish`] ends the
+    /// flush.
+    fn write<'a>(&'a mut self, flush: Flush<'a>) -> BoxFuture<'a, Result<(), BoxError>>;
+
+    /// Every sink took the flush (or the worker gave it up at shutdown): forget what
+    /// was finished of it.
+    fn finish(&mut self) {}
+
+    /// The lowest offset of `partition` the sink took but has not delivered yet: the
+    /// partition may be committed up to it, not beyond. `None`: nothing outstanding.
+    fn commit_limit(&self, _partition: i32) -> Option<i64> {
+        None
+    }
+
+    /// A rebalance took `partitions` away: forget what is held of them (their new owner
+    /// re-reads them).
+    fn forget(&mut self, _partitions: &HashSet<i32>) {}
+
+    /// When the sink wants [`Sink::retry`] called: it holds undelivered events and
+    /// has no task of its own to deliver them.
+    fn retry_at(&self) -> Option<Instant> {
+        None
+    }
+
+    /// Tries again to deliver what the sink holds.
+    fn retry(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    /// True while the sink holds as much as it may (bounded memory): the worker takes
+    /// no new batch, and calls [`Sink::retry`] at [`Sink::retry_at`], until it is false.
+    fn is_full(&self) -> bool {
+        false
+    }
+}
 
 /// Any error a sink reports through a shared contract.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,14 +1,16 @@
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use clickhouse::{Client, Row};
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::config::{ClickHouseConfig, InsertCompression};
 use super::table::{Table, datetime, put_routed_row, schema};
-use crate::model::{DeadLetter, Kept, RoutedRow};
+use crate::model::{DeadLetter, Kept, Origin, RoutedRow};
+use crate::sinks::{BoxError, Flush, Sink};
 
 /// Errors talking to ClickHouse.
 #[derive(Debug, thiserror::Error)]
@@ -408,7 +410,7 @@ impl ClickHouseSink {
     /// acknowledged.
     pub async fn insert_events(
         &self,
-        kept: &[Kept],
+        kept: &[&Kept],
         pipeline: &str,
         plugins: &str,
         control_version: u64,
@@ -451,7 +453,7 @@ impl ClickHouseSink {
     /// Inserts dead letters into `dead_letters`, in one INSERT.
     pub async fn insert_dead_letters(
         &self,
-        dead: &[DeadLetter],
+        dead: &[&DeadLetter],
         pipeline: &str,
         control_version: u64,
     ) -> Result<(), ClickHouseError> {
@@ -497,7 +499,7 @@ impl ClickHouseSink {
     pub async fn insert_routed(
         &self,
         t: usize,
-        rows: &[RoutedRow],
+        rows: &[&RoutedRow],
         plugins: &str,
         control_version: u64,
     ) -> Result<(), ClickHouseError> {
@@ -597,9 +599,243 @@ impl crate::sinks::DeadLetterStore for ClickHouseSink {
         control_version: u64,
     ) -> futures::future::BoxFuture<'a, Result<(), crate::sinks::BoxError>> {
         Box::pin(async move {
-            self.insert_dead_letters(dead, pipeline, control_version)
+            let dead: Vec<&DeadLetter> = dead.iter().collect();
+            self.insert_dead_letters(&dead, pipeline, control_version)
                 .await
                 .map_err(Into::into)
         })
+    }
+}
+
+/// An event's slot in the stream: partition, offset, index in the record.
+type Slot = (i32, i64, u32);
+
+fn slot(o: &Origin) -> Slot {
+    (o.partition, o.offset, o.index)
+}
+
+/// The rows of one flush an earlier run already wrote (a replay after a crash).
+#[derive(Default)]
+struct Replayed {
+    events: HashSet<Slot>,
+    dead_letters: HashSet<Slot>,
+    /// By routed table index.
+    routed: HashMap<usize, HashSet<Slot>>,
+}
+
+/// What of the current flush is written (a retry after a partial failure writes only
+/// the rest: ClickHouse died between two INSERTs).
+#[derive(Default)]
+struct Done {
+    /// Set once the replay check ran for the flush.
+    replayed: Option<Replayed>,
+    events: bool,
+    dead_letters: bool,
+    routed: HashSet<usize>,
+}
+
+/// The processor's ClickHouse sink: each flush's kept events to `events`, its dead
+/// letters to `dead_letters`, its routed rows to their tables, one INSERT per table,
+/// failing over to the next endpoint when an attempt fails.
+///
+/// Its replay guard: per partition, the highest offset already in ClickHouse when
+/// this instance took the partition (loaded lazily; forgotten on revoke). Rows of
+/// records up to it are looked up by `(kafka_partition, kafka_offset, kafka_index,
+/// event_id)` and not written again if present; the event id keeps a recreated topic
+/// (offsets from 0 again) from being taken for a replay. The guard decides what this
+/// sink writes only: every other sink gets the whole flush.
+pub struct ClickHouseWriter {
+    client: ClickHouseSink,
+    /// Per partition, the highest offset in ClickHouse when this instance took it.
+    watermarks: HashMap<i32, Option<i64>>,
+    done: Done,
+}
+
+impl ClickHouseWriter {
+    pub fn new(client: ClickHouseSink) -> Self {
+        Self {
+            client,
+            watermarks: HashMap::new(),
+            done: Done::default(),
+        }
+    }
+
+    async fn write_flush(&mut self, flush: Flush<'_>) -> Result<(), ClickHouseError> {
+        if !Arc::ptr_eq(self.client.tables(), flush.tables) {
+            // A new pipeline version with other tables (the agent created them).
+            self.client = self.client.with_tables(flush.tables.clone());
+        }
+        let batch = flush.batch;
+        self.client.ensure_current().await?;
+        if self.done.replayed.is_none() {
+            self.done.replayed = Some(self.replayed(flush).await?);
+        }
+        let replayed = self.done.replayed.as_ref().expect("checked above");
+        let rows_metric = &crate::metrics::SINK_ROWS;
+        if !self.done.events {
+            let kept: Vec<&Kept> = batch
+                .kept
+                .iter()
+                .filter(|k| !replayed.events.contains(&slot(&k.origin)))
+                .collect();
+            self.client
+                .insert_events(&kept, flush.pipeline, flush.plugins, flush.control_version)
+                .await?;
+            self.done.events = true;
+            rows_metric
+                .with_label_values(&["events"])
+                .inc_by(kept.len() as u64);
+        }
+        if !self.done.dead_letters {
+            let dead: Vec<&DeadLetter> = batch
+                .dead
+                .iter()
+                .filter(|d| !replayed.dead_letters.contains(&slot(&d.origin)))
+                .collect();
+            self.client
+                .insert_dead_letters(&dead, flush.pipeline, flush.control_version)
+                .await?;
+            self.done.dead_letters = true;
+            rows_metric
+                .with_label_values(&["dead_letters"])
+                .inc_by(dead.len() as u64);
+            for d in &dead {
+                crate::metrics::DEAD_LETTERS
+                    .with_label_values(&[d.stage.as_str()])
+                    .inc();
+            }
+        }
+        for (&t, rows) in &batch.rows {
+            if self.done.routed.contains(&t) {
+                continue;
+            }
+            let skip = replayed.routed.get(&t);
+            let rows: Vec<&RoutedRow> = rows
+                .iter()
+                .filter(|r| skip.is_none_or(|s| !s.contains(&slot(&r.origin))))
+                .collect();
+            self.client
+                .insert_routed(t, &rows, flush.plugins, flush.control_version)
+                .await?;
+            self.done.routed.insert(t);
+            rows_metric
+                .with_label_values(&[self.client.routed_name(t)])
+                .inc_by(rows.len() as u64);
+        }
+        Ok(())
+    }
+
+    /// The rows of the flush an earlier run already wrote, table by table.
+    async fn replayed(&mut self, flush: Flush<'_>) -> Result<Replayed, ClickHouseError> {
+        let batch = flush.batch;
+        let mut ranges: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
+        let origins = batch
+            .kept
+            .iter()
+            .map(|k| k.origin)
+            .chain(batch.dead.iter().map(|d| d.origin));
+        for o in origins {
+            let r = ranges.entry(o.partition).or_insert((o.offset, o.offset));
+            r.0 = r.0.min(o.offset);
+            r.1 = r.1.max(o.offset);
+        }
+        let mut out = Replayed::default();
+        for (partition, (lo, hi)) in ranges {
+            let watermark = match self.watermarks.get(&partition) {
+                Some(w) => *w,
+                None => {
+                    let w = self.client.max_offset(partition).await?;
+                    self.watermarks.insert(partition, w);
+                    w
+                }
+            };
+            let Some(watermark) = watermark.filter(|w| lo <= *w) else {
+                continue;
+            };
+            let hi = hi.min(watermark);
+            // A row is a replay if its coordinates hold the same event in the table.
+            let found = |written: &Written, o: &Origin, event_id: &str| {
+                o.partition == partition
+                    && written
+                        .get(&(o.offset, o.index))
+                        .is_some_and(|id| id == event_id)
+            };
+            let events = self.client.written("events", partition, lo, hi).await?;
+            out.events.extend(
+                batch
+                    .kept
+                    .iter()
+                    .filter(|k| found(&events, &k.origin, &k.event.event_id))
+                    .map(|k| slot(&k.origin)),
+            );
+            let dead = self
+                .client
+                .written("dead_letters", partition, lo, hi)
+                .await?;
+            out.dead_letters.extend(
+                batch
+                    .dead
+                    .iter()
+                    .filter(|d| found(&dead, &d.origin, &d.event_id))
+                    .map(|d| slot(&d.origin)),
+            );
+            for (&t, rows) in &batch.rows {
+                if !rows.iter().any(|r| r.origin.partition == partition) {
+                    continue;
+                }
+                let table = self.client.routed_name(t).to_owned();
+                let written = self.client.written(&table, partition, lo, hi).await?;
+                out.routed.entry(t).or_default().extend(
+                    rows.iter()
+                        .filter(|r| found(&written, &r.origin, &r.event_id))
+                        .map(|r| slot(&r.origin)),
+                );
+            }
+        }
+        let skipped = out.events.len()
+            + out.dead_letters.len()
+            + out.routed.values().map(HashSet::len).sum::<usize>();
+        if skipped > 0 {
+            crate::metrics::REPLAYED_ROWS_SKIPPED.inc_by(skipped as u64);
+            warn!(
+                skipped,
+                "skipped rows an earlier run already wrote (a replay after a crash)"
+            );
+        }
+        Ok(out)
+    }
+}
+
+impl Sink for ClickHouseWriter {
+    fn kind(&self) -> &'static str {
+        "clickhouse"
+    }
+
+    fn write<'a>(&'a mut self, flush: Flush<'a>) -> BoxFuture<'a, Result<(), BoxError>> {
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            let url = self.client.url().to_owned();
+            match self.write_flush(flush).await {
+                Ok(()) => {
+                    crate::metrics::SINK_FLUSH_DURATION
+                        .with_label_values(&["clickhouse"])
+                        .observe(started.elapsed().as_secs_f64());
+                    Ok(())
+                }
+                Err(e) => {
+                    error!(error = %e, %url, "flush to ClickHouse failed");
+                    self.client.fail_over(&url);
+                    Err(e.into())
+                }
+            }
+        })
+    }
+
+    fn finish(&mut self) {
+        self.done = Done::default();
+    }
+
+    fn forget(&mut self, partitions: &HashSet<i32>) {
+        self.watermarks.retain(|p, _| !partitions.contains(p));
     }
 }

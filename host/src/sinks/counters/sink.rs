@@ -1,11 +1,17 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tracing::warn;
+use tokio::time::Instant;
+use tracing::{info, warn};
 
 use super::config::RedisConfig;
 use crate::model::CountRow;
+use crate::sinks::{BoxError, Flush, Sink};
+
+/// Longest pause between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Errors talking to Redis.
 #[derive(Debug, thiserror::Error)]
@@ -87,10 +93,20 @@ pub struct CounterSink {
     /// Increments not yet in Redis, per partition.
     pending: BTreeMap<i32, Vec<CountRow>>,
     pending_len: usize,
+    retry_backoff: Duration,
+    /// After a failure: when to try again, and the backoff that led there.
+    retry: Option<(Instant, Duration)>,
 }
 
 impl CounterSink {
-    pub fn new(cfg: &RedisConfig, group: &str, topic: &str) -> Result<Self, CounterError> {
+    /// A sink for the consumer group `group` of `topic`; after a failed attempt it
+    /// asks to be retried after `retry_backoff`, doubled after each failure up to 30 s.
+    pub fn new(
+        cfg: &RedisConfig,
+        group: &str,
+        topic: &str,
+        retry_backoff: Duration,
+    ) -> Result<Self, CounterError> {
         Ok(Self {
             conn: connect(cfg)?,
             url: cfg.url.clone(),
@@ -100,6 +116,8 @@ impl CounterSink {
             watermarks: HashMap::new(),
             pending: BTreeMap::new(),
             pending_len: 0,
+            retry_backoff,
+            retry: None,
         })
     }
 
@@ -125,10 +143,36 @@ impl CounterSink {
         self.pending_len >= self.max_pending
     }
 
-    /// Partitions with increments not yet in Redis: their Kafka offsets must not be
-    /// committed.
-    pub fn pending_partitions(&self) -> impl Iterator<Item = i32> + '_ {
-        self.pending.keys().copied()
+    /// Tries once to apply what is pending; after a failure, schedules the next try
+    /// with backoff. Redis' failures are this sink's to report (logs, metrics): the
+    /// processor goes on, holding back the commits of the partitions involved.
+    async fn try_apply(&mut self) {
+        if !self.has_pending() {
+            self.retry = None;
+            return;
+        }
+        let started = std::time::Instant::now();
+        match self.apply().await {
+            Ok(_) => {
+                crate::metrics::SINK_FLUSH_DURATION
+                    .with_label_values(&["redis"])
+                    .observe(started.elapsed().as_secs_f64());
+                if self.retry.take().is_some() {
+                    info!("counter increments reached Redis again; held offsets released");
+                }
+            }
+            Err(e) => {
+                crate::metrics::SINK_ERRORS
+                    .with_label_values(&["redis"])
+                    .inc();
+                let backoff = self
+                    .retry
+                    .map_or(self.retry_backoff, |(_, b)| (b * 2).min(MAX_BACKOFF));
+                self.retry = Some((Instant::now() + backoff, backoff));
+                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
+                    "counter write to Redis failed; ClickHouse writes go on, Kafka offsets of the partitions involved are held");
+            }
+        }
     }
 
     /// Forgets revoked partitions: their new owner re-reads the records.
@@ -297,6 +341,49 @@ impl CounterSink {
             cmd.arg(i + 2).arg(field).arg(delta).arg(ttl);
         }
         cmd
+    }
+}
+
+impl Sink for CounterSink {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    /// Takes the flush's increments and tries to apply what is pending once (while the
+    /// processor writes the other sinks); never fails: what Redis did not take waits
+    /// here, and its partitions are committed only up to it.
+    fn write<'a>(&'a mut self, flush: Flush<'a>) -> BoxFuture<'a, Result<(), BoxError>> {
+        Box::pin(async move {
+            if !flush.batch.counts.is_empty() {
+                self.add(flush.batch.counts.clone());
+            }
+            self.try_apply().await;
+            Ok(())
+        })
+    }
+
+    fn commit_limit(&self, partition: i32) -> Option<i64> {
+        self.pending
+            .get(&partition)?
+            .iter()
+            .map(|r| r.origin.offset)
+            .min()
+    }
+
+    fn forget(&mut self, partitions: &HashSet<i32>) {
+        CounterSink::forget(self, partitions);
+    }
+
+    fn retry_at(&self) -> Option<Instant> {
+        self.retry.filter(|_| self.has_pending()).map(|(at, _)| at)
+    }
+
+    fn retry(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(self.try_apply())
+    }
+
+    fn is_full(&self) -> bool {
+        CounterSink::is_full(self)
     }
 }
 

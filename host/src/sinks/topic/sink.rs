@@ -1,7 +1,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use futures::future::join_all;
+use futures::future::{BoxFuture, join_all};
 use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -10,6 +10,10 @@ use rdkafka::util::Timeout;
 use super::config::{TopicConfig, TopicKey};
 use crate::bus::KafkaConfig;
 use crate::model::{Kept, Target};
+use crate::sinks::{BoxError, Flush, Sink};
+
+/// An event's slot in the stream: partition, offset, index in the record.
+type Slot = (i32, i64, u32);
 
 /// Errors producing to the topic.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +43,8 @@ pub struct TopicSink {
     key: TopicKey,
     producer: FutureProducer,
     timeout: Duration,
+    /// The events of the current flush already acknowledged.
+    sent: HashSet<Slot>,
 }
 
 impl TopicSink {
@@ -65,6 +71,7 @@ impl TopicSink {
             key: cfg.key,
             producer,
             timeout: Duration::from_millis(kafka.produce_timeout_ms),
+            sent: HashSet::new(),
         })
     }
 
@@ -74,21 +81,18 @@ impl TopicSink {
     }
 
     /// Produces a record per kept event of this sink's names (or forwarded to it by a
-    /// plugin) not yet in `sent` (indices
-    /// into `kept`), and waits for the acknowledgements. Acknowledged indices are added
-    /// to `sent`, so a retry produces only what failed. Returns the records produced.
-    pub async fn write(
-        &self,
-        kept: &[Kept],
-        sent: &mut HashSet<usize>,
-    ) -> Result<usize, TopicError> {
-        let todo: Vec<(usize, &Kept)> = kept
+    /// plugin) not yet acknowledged in this flush, and waits for the
+    /// acknowledgements; a retry produces only what failed. Returns the records
+    /// produced.
+    async fn produce(&mut self, kept: &[Kept]) -> Result<usize, TopicError> {
+        let sent = &mut self.sent;
+        let todo: Vec<(Slot, &Kept)> = kept
             .iter()
-            .enumerate()
-            .filter(|(i, k)| {
+            .map(|k| ((k.origin.partition, k.origin.offset, k.origin.index), k))
+            .filter(|(slot, k)| {
                 (self.events.contains(&k.event.name)
                     || k.forwards.contains(&Target::Topic(self.index)))
-                    && !sent.contains(i)
+                    && !sent.contains(slot)
             })
             .collect();
         let payloads: Vec<String> = todo
@@ -139,5 +143,29 @@ impl TopicSink {
                 first,
             }),
         }
+    }
+}
+
+impl Sink for TopicSink {
+    fn kind(&self) -> &'static str {
+        "topic"
+    }
+
+    fn write<'a>(&'a mut self, flush: Flush<'a>) -> BoxFuture<'a, Result<(), BoxError>> {
+        Box::pin(async move {
+            let n = self.produce(&flush.batch.kept).await.inspect_err(
+                |e| tracing::error!(error = %e, "flush to a Kafka topic sink failed"),
+            )?;
+            if n > 0 {
+                crate::metrics::SINK_ROWS
+                    .with_label_values(&[&format!("topic:{}", self.topic)])
+                    .inc_by(n as u64);
+            }
+            Ok(())
+        })
+    }
+
+    fn finish(&mut self) {
+        self.sent.clear();
     }
 }

@@ -2,13 +2,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use super::config::WebhookConfig;
 use crate::model::{DeadLetter, Kept, Origin, Stage, Target};
-use crate::sinks::DeadLetterStore;
+use crate::sinks::{BoxError, DeadLetterStore, Flush, Sink};
 
 /// Longest pause between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -127,6 +128,29 @@ impl WebhookSink {
     pub fn forget(&self, partitions: &HashSet<i32>) {
         let mut outstanding = self.outstanding.lock().expect("outstanding lock");
         outstanding.retain(|p, _| !partitions.contains(p));
+    }
+}
+
+impl Sink for WebhookSink {
+    fn kind(&self) -> &'static str {
+        "webhook"
+    }
+
+    /// Queues the flush's events for the delivery task (waiting for room while the
+    /// queue is full); never fails: delivery problems end as dead letters.
+    fn write<'a>(&'a mut self, flush: Flush<'a>) -> BoxFuture<'a, Result<(), BoxError>> {
+        Box::pin(async move {
+            self.offer(&flush.batch.kept, flush.control_version).await;
+            Ok(())
+        })
+    }
+
+    fn commit_limit(&self, partition: i32) -> Option<i64> {
+        WebhookSink::commit_limit(self, partition)
+    }
+
+    fn forget(&mut self, partitions: &HashSet<i32>) {
+        WebhookSink::forget(self, partitions);
     }
 }
 
