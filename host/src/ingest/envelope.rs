@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::model::{WireEvent, check_name};
+use crate::model::{WireEvent, check_name, json_kind as kind};
 
 /// The fields an event may have. Anything else is refused, naming the field.
 pub const EVENT_FIELDS: [&str; 6] = [
@@ -419,17 +419,6 @@ fn wrong_type(field: &str, expected: &str, got: &Value) -> EnvelopeError {
         field,
         format!("{field:?} must be {expected}, not {}", kind(got)),
     )
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// Follows valid JSON text byte by byte and tells which bytes belong to strings.

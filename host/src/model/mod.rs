@@ -31,6 +31,20 @@ pub struct Limits {
     pub memory_bytes: usize,
 }
 
+/// A JSON value's kind as error messages name it: `null`, `a boolean`, `a number`,
+/// `a string`, `an array`, `an object`.
+pub fn json_kind(v: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -9,7 +9,7 @@
 use serde_json::Value;
 
 use super::config::TableConfig;
-use crate::model::{RoutedRow, is_identifier};
+use crate::model::{RoutedRow, is_identifier, json_kind as kind};
 
 /// DDL of the tables weir writes, for a database name. Idempotent.
 pub fn schema(db: &str) -> Vec<String> {
@@ -223,17 +223,6 @@ impl ColumnType {
             Self::Nullable(_) => unreachable!("handled above"),
         }
         Ok(())
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 
