@@ -138,11 +138,6 @@ impl CounterSink {
         !self.pending.is_empty()
     }
 
-    /// True when the pending increments reached `redis.max_pending`.
-    pub fn is_full(&self) -> bool {
-        self.pending_len >= self.max_pending
-    }
-
     /// Tries once to apply what is pending; after a failure, schedules the next try
     /// with backoff. Redis' failures are this sink's to report (logs, metrics): the
     /// processor goes on, holding back the commits of the partitions involved.
@@ -173,17 +168,6 @@ impl CounterSink {
                     "counter write to Redis failed; ClickHouse writes go on, Kafka offsets of the partitions involved are held");
             }
         }
-    }
-
-    /// Forgets revoked partitions: their new owner re-reads the records.
-    pub fn forget(&mut self, partitions: &HashSet<i32>) {
-        for p in partitions {
-            self.watermarks.remove(p);
-            if let Some(rows) = self.pending.remove(p) {
-                self.pending_len -= rows.len();
-            }
-        }
-        crate::metrics::COUNTER_PENDING.set(self.pending_len as i64);
     }
 
     fn redis_err(&self) -> impl FnOnce(redis::RedisError) -> CounterError + '_ {
@@ -370,8 +354,15 @@ impl Sink for CounterSink {
             .min()
     }
 
+    /// Their new owner re-reads the records.
     fn forget(&mut self, partitions: &HashSet<i32>) {
-        CounterSink::forget(self, partitions);
+        for p in partitions {
+            self.watermarks.remove(p);
+            if let Some(rows) = self.pending.remove(p) {
+                self.pending_len -= rows.len();
+            }
+        }
+        crate::metrics::COUNTER_PENDING.set(self.pending_len as i64);
     }
 
     fn retry_at(&self) -> Option<Instant> {
@@ -382,8 +373,9 @@ impl Sink for CounterSink {
         Box::pin(self.try_apply())
     }
 
+    /// The pending increments reached `redis.max_pending`.
     fn is_full(&self) -> bool {
-        CounterSink::is_full(self)
+        self.pending_len >= self.max_pending
     }
 }
 

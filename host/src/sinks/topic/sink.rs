@@ -75,11 +75,6 @@ impl TopicSink {
         })
     }
 
-    /// The topic written to.
-    pub fn topic(&self) -> &str {
-        &self.topic
-    }
-
     /// Produces a record per kept event of this sink's names (or forwarded to it by a
     /// plugin) not yet acknowledged in this flush, and waits for the
     /// acknowledgements; a retry produces only what failed. Returns the records

@@ -114,21 +114,6 @@ impl WebhookSink {
             }
         }
     }
-
-    /// The lowest offset of `partition` with events not yet delivered: the partition
-    /// may be committed up to it, not beyond.
-    pub fn commit_limit(&self, partition: i32) -> Option<i64> {
-        let outstanding = self.outstanding.lock().expect("outstanding lock");
-        outstanding
-            .get(&partition)
-            .and_then(|o| o.keys().next().copied())
-    }
-
-    /// Forgets revoked partitions: their new owner re-reads (and re-sends) them.
-    pub fn forget(&self, partitions: &HashSet<i32>) {
-        let mut outstanding = self.outstanding.lock().expect("outstanding lock");
-        outstanding.retain(|p, _| !partitions.contains(p));
-    }
 }
 
 impl Sink for WebhookSink {
@@ -145,12 +130,19 @@ impl Sink for WebhookSink {
         })
     }
 
+    /// The lowest offset of `partition` with events not yet delivered or
+    /// dead-lettered.
     fn commit_limit(&self, partition: i32) -> Option<i64> {
-        WebhookSink::commit_limit(self, partition)
+        let outstanding = self.outstanding.lock().expect("outstanding lock");
+        outstanding
+            .get(&partition)
+            .and_then(|o| o.keys().next().copied())
     }
 
+    /// Their new owner re-reads (and re-sends) them.
     fn forget(&mut self, partitions: &HashSet<i32>) {
-        WebhookSink::forget(self, partitions);
+        let mut outstanding = self.outstanding.lock().expect("outstanding lock");
+        outstanding.retain(|p, _| !partitions.contains(p));
     }
 }
 
