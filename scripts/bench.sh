@@ -14,6 +14,8 @@
 # --smoke: a few seconds, debug build, and weir's metrics checked against the harness
 #          (what CI runs). Without it: 60 s on a release build.
 # Extra options go to weir-load, e.g. `scripts/bench.sh full --rate 20000`.
+# Environment: WEIR_BENCH_DEDUP=0 runs weir with deduplication off ([dedup] enabled =
+# false), to measure what deduplication costs.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,6 +47,11 @@ case "$SCENARIO" in
   hotswap) CONFIG="$ROOT/examples/bench/full.toml" ;;
   *) die "unknown scenario $SCENARIO (ingest, full, hotswap, plugin)" ;;
 esac
+if [ "${WEIR_BENCH_DEDUP:-1}" = 0 ]; then
+  # Beside the original: its relative paths (plugins/) stay valid.
+  { cat "$CONFIG"; printf '\n[dedup]\nenabled = false\n'; } > "$ROOT/examples/bench/generated-no-dedup.toml"
+  CONFIG="$ROOT/examples/bench/generated-no-dedup.toml"
+fi
 
 scripts/stack.sh install
 # A fresh stack for every run: Tansu keeps everything in memory (a 60 s run at full
@@ -80,8 +87,13 @@ for _ in $(seq 1 300); do
 done
 if [ "$SCENARIO" != ingest ]; then
   # The processor must own its partitions before the clock starts.
-  for _ in $(seq 1 600); do grep -q "partitions assigned" "$LOG" && break; sleep 0.1; done
-  grep -q "partitions assigned" "$LOG" || { tail -n 30 "$LOG"; die "the processor did not join its group (log: $LOG)"; }
+  owns() {
+    local m
+    m=$(curl -sf http://127.0.0.1:8090/metrics) || return 1
+    grep -q '^weir_kafka_assigned_partitions [1-9]' <<<"$m"
+  }
+  for _ in $(seq 1 600); do owns && break; sleep 0.1; done
+  owns || { tail -n 30 "$LOG"; die "the processor did not join its group (log: $LOG)"; }
 fi
 
 ADMIN=http://127.0.0.1:8091

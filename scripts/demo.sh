@@ -90,6 +90,11 @@ echo "-- a batch (the second is rejected by the plugin, the third dropped as tes
 post application/json '[{"name":"post_liked","user_id":"bob","properties":{"post_id":"p1"}},
   {"name":"post_liked","properties":{"post_id":"p2"}},
   {"name":"app_opened","properties":{"is_test":true}}]'
+echo "-- the same event sent twice, as a client resends a request whose answer it lost (stored once):"
+retry_id="demo-retry-$started"
+for _ in 1 2; do
+  post application/json '{"name":"signup_step_completed","event_id":"'"$retry_id"'","user_id":"dave","properties":{"step":1}}'
+done
 echo "-- a bad request (unknown field), refused with a JSON error:"
 post application/json '{"name":"app_opened","colour":"red"}'
 echo "-- $EVENTS generated events as NDJSON, in batches of 500:"
@@ -114,7 +119,7 @@ done
 echo "accepted $accepted generated events"
 
 say "Waiting for the rows in ClickHouse"
-want=$((EVENTS + 2))
+want=$((EVENTS + 3))
 for _ in $(seq 1 600); do
   have=$(curl -sf "$CLICKHOUSE/" --data-binary "SELECT count() FROM weir.events WHERE received_at >= $started" || echo 0)
   [ "${have:-0}" -ge "$want" ] && break
@@ -123,6 +128,10 @@ done
 [ "${have:-0}" -ge "$want" ] || { tail -n 30 "$LOG"; die "only ${have:-0} of $want events reached ClickHouse (log: $LOG)"; }
 
 q() { curl -sS "$CLICKHOUSE/" --data-binary "$1 FORMAT PrettyCompactMonoBlock"; }
+copies=$(curl -sf "$CLICKHOUSE/" --data-binary "SELECT count() FROM weir.events WHERE event_id = '$retry_id'")
+[ "$copies" = 1 ] || die "the event sent twice is stored $copies times"
+echo "the event sent twice ($retry_id) is stored once; weir_dedup_duplicates_total:"
+curl -sf "$INGEST/metrics" | grep '^weir_dedup_duplicates_total' || true
 say "weir.events by name"
 q "SELECT name, count() AS events, uniqExact(user_id) AS users FROM weir.events GROUP BY name ORDER BY name"
 say "The newest rows (the plugin added enriched_by and self_view)"

@@ -600,18 +600,6 @@ async fn hot_swap_and_rollback_under_load_on_two_instances() -> Result<()> {
     Ok(())
 }
 
-/// Posts events with the harness's write key; `Err` unless 202.
-async fn post(url: &str, body: &Value) -> Result<()> {
-    let r = reqwest::Client::new()
-        .post(url)
-        .bearer_auth(WRITE_KEY)
-        .json(body)
-        .send()
-        .await?;
-    ensure!(r.status() == StatusCode::ACCEPTED, "POST: {}", r.status());
-    Ok(())
-}
-
 /// Waits until profile `bob` has `want` rows in the routed `profile_viewed` table and
 /// `want` views through the counters API.
 async fn wait_for_views(
@@ -758,9 +746,9 @@ config = {{ require_user = ["profile_viewed"] }}
         {"name": "profile_viewed", "user_id": "ann", "properties": {"profile_id": "bob"}},
         {"name": "app_opened", "user_id": "ann"}
     ]);
-    post(&weir.events_url(), &events).await?;
+    weir.post(&events).await?;
     let no_user = json!({"event_id": "nouser-1", "name": "profile_viewed", "properties": {"profile_id": "zed"}});
-    post(&weir.events_url(), &no_user).await?;
+    weir.post(&no_user).await?;
     clickhouse
         .wait_for_count(
             &format!("SELECT count() FROM {db}.dead_letters WHERE event_id = 'nouser-1'"),
@@ -855,7 +843,7 @@ config = {{ require_user = ["profile_viewed"] }}
     assert_eq!(instance["control_version"], json!(version), "{status:#}");
     let out = cli(&weir, &["status"])?;
     assert!(out.contains("ERROR: control-plane version"), "{out}");
-    post(&weir.events_url(), &events).await?;
+    weir.post(&events).await?;
     clickhouse
         .wait_for_count(
             &format!("SELECT count() FROM {db}.events WHERE plugins = 'enrich@1'"),
@@ -918,8 +906,7 @@ config = {{ require_user = ["profile_viewed"] }}
         {"name": "profile_viewed", "user_id": "ann", "properties": {"profile_id": "bob"}},
         {"name": "profile_viewed", "user_id": "cid", "properties": {"profile_id": "bob"}}
     ]);
-    let events_url = weir.events_url();
-    post(&events_url, &views).await?;
+    weir.post(&views).await?;
     wait_for_views(&clickhouse, db, &counter_url, 2).await?;
 
     // Restarted, the instance runs the stored pipeline (and its table and counter)
@@ -932,7 +919,7 @@ config = {{ require_user = ["profile_viewed"] }}
         Duration::from_secs(10),
     )
     .await?;
-    post(&events_url, &views).await?;
+    weir.post(&views).await?;
     wait_for_views(&clickhouse, db, &counter_url, 4).await?;
 
     // The view without a user that enrich@1 rejected: listed, replayed through the

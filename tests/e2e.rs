@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
-use weir_tests::{ClickHouse, Tansu, WRITE_KEY, Weir, plugin_path};
+use weir_tests::{ClickHouse, Redis, Tansu, WRITE_KEY, Weir, plugin_path};
 
 const CLIENTS: usize = 4;
 const EVENTS_PER_CLIENT: usize = 2_600;
@@ -168,10 +168,11 @@ async fn events_flow_to_clickhouse_exactly_once_across_a_restart() -> Result<()>
     let tansu = Tansu::start()?;
     tansu.create_topic("weir.events", 4)?;
     let clickhouse = ClickHouse::start()?;
-    let weir = Weir::start(&config(&tansu, &clickhouse))?;
+    let redis = Redis::start()?;
+    let weir = Weir::start(&(config(&tansu, &clickhouse) + &redis.section()))?;
     // The processor has joined the group (on Tansu this takes about half the session
     // timeout): the restart below then really interrupts a running pipeline.
-    weir.wait_for_log("partitions assigned", Duration::from_secs(30))?;
+    weir.wait_for_partitions(Duration::from_secs(30))?;
     let url = weir.events_url();
     let weir = Arc::new(Mutex::new(weir));
 
@@ -367,7 +368,7 @@ async fn events_flow_to_clickhouse_exactly_once_across_a_restart() -> Result<()>
 
     let w = weir.lock().await;
     assert!(
-        w.log().contains("batch flushed"),
+        w.metric_now("weir_processor_batch_events_count", &[]) > 0.0,
         "the restarted instance processed batches"
     );
     Ok(())

@@ -15,7 +15,7 @@ use anyhow::{Result, bail};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
-use weir_tests::{ClickHouse, Tansu, WRITE_KEY, Weir};
+use weir_tests::{ClickHouse, Redis, Tansu, WRITE_KEY, Weir};
 
 /// What the endpoint saw.
 #[derive(Default)]
@@ -123,7 +123,6 @@ headers = {{ "X-Api-Key" = "test" }}
 }
 
 async fn post_events(weir: &Weir, n: usize) -> Result<usize> {
-    let http = reqwest::Client::new();
     let mut signups = 0;
     for chunk in 0..n / 100 {
         let batch: Vec<Value> = (0..100)
@@ -138,15 +137,7 @@ async fn post_events(weir: &Weir, n: usize) -> Result<usize> {
                 json!({"name": name, "event_id": format!("h{k:05}"), "user_id": format!("u{k}")})
             })
             .collect();
-        let resp = http
-            .post(weir.events_url())
-            .bearer_auth(WRITE_KEY)
-            .json(&batch)
-            .send()
-            .await?;
-        if resp.status() != 202 {
-            bail!("ingest answered {}", resp.status());
-        }
+        weir.post(&batch).await?;
     }
     Ok(signups)
 }
@@ -161,7 +152,8 @@ async fn a_crash_before_webhook_delivery_loses_no_webhook_event() -> Result<()> 
     tansu.create_topic("weir.events", 4)?;
     let clickhouse = ClickHouse::start()?;
     let (addr, ep) = endpoint(None).await?;
-    let processor_config = config(&tansu, &clickhouse, "hookcrash", addr, 1000);
+    let redis = Redis::start()?;
+    let processor_config = config(&tansu, &clickhouse, "hookcrash", addr, 1000) + &redis.section();
     let ingest_config = processor_config.replace("[processor]\n", "[processor]\nenabled = false\n");
     let ingest = Weir::start(&ingest_config)?;
     let signups = post_events(&ingest, 1_000).await?;
@@ -230,8 +222,9 @@ async fn a_failing_then_recovering_endpoint_gets_each_event_once() -> Result<()>
     tansu.create_topic("weir.events", 4)?;
     let clickhouse = ClickHouse::start()?;
     let (addr, ep) = endpoint(Some(Duration::from_secs(4))).await?;
-    let weir = Weir::start(&config(&tansu, &clickhouse, "hooks", addr, 20))?;
-    weir.wait_for_log("partitions assigned", Duration::from_secs(30))?;
+    let redis = Redis::start()?;
+    let weir = Weir::start(&(config(&tansu, &clickhouse, "hooks", addr, 20) + &redis.section()))?;
+    weir.wait_for_partitions(Duration::from_secs(30))?;
 
     let signups = post_events(&weir, 3_000).await?;
     let started = Instant::now();
@@ -280,8 +273,10 @@ async fn an_endpoint_that_keeps_failing_sends_events_to_dead_letters() -> Result
     tansu.create_topic("weir.events", 4)?;
     let clickhouse = ClickHouse::start()?;
     let (addr, ep) = endpoint(None).await?;
-    let weir = Weir::start(&config(&tansu, &clickhouse, "dead_hooks", addr, 3))?;
-    weir.wait_for_log("partitions assigned", Duration::from_secs(30))?;
+    let redis = Redis::start()?;
+    let weir =
+        Weir::start(&(config(&tansu, &clickhouse, "dead_hooks", addr, 3) + &redis.section()))?;
+    weir.wait_for_partitions(Duration::from_secs(30))?;
     // A control-plane change (an upload) moves the version rows record; the webhook's
     // dead letters must record it too.
     let admin = reqwest::Client::new();
@@ -384,8 +379,9 @@ events = ["signup_completed"]
         tansu.bootstrap(),
         clickhouse.url(),
     );
-    let weir = Weir::start(&config)?;
-    weir.wait_for_log("partitions assigned", Duration::from_secs(30))?;
+    let redis = Redis::start()?;
+    let weir = Weir::start(&(config + &redis.section()))?;
+    weir.wait_for_partitions(Duration::from_secs(30))?;
     let signups = post_events(&weir, 1_000).await?;
     let started = Instant::now();
     while clickhouse
@@ -459,8 +455,9 @@ url = "http://{addr}/hook"
         weir_tests::plugin_path("enrich").display(),
         weir_tests::plugin_path("route-engagement").display(),
     );
-    let weir = Weir::start(&config)?;
-    weir.wait_for_log("partitions assigned", Duration::from_secs(30))?;
+    let redis = Redis::start()?;
+    let weir = Weir::start(&(config + &redis.section()))?;
+    weir.wait_for_partitions(Duration::from_secs(30))?;
     let http = reqwest::Client::new();
     let mut want = BTreeMap::new();
     let batch: Vec<Value> = (0..300)

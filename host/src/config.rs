@@ -19,6 +19,7 @@ pub use crate::pipeline::config::{
     FailurePolicy, PipelineConfig, PluginConfig, ProcessorConfig, SchemaConfig,
     default_deadline_ms, default_memory_mib, default_quarantine_after, default_quarantine_secs,
 };
+pub use crate::pipeline::dedup::{DedupConfig, MAX_WINDOW_SECS};
 pub use crate::sinks::clickhouse::{ClickHouseConfig, InsertCompression, TableConfig};
 pub use crate::sinks::counters::{CounterConfig, RedisConfig};
 pub use crate::sinks::topic::{TopicConfig, TopicKey};
@@ -77,10 +78,13 @@ pub struct Config {
     /// The pipeline every event runs through.
     #[serde(default)]
     pub pipeline: PipelineConfig,
-    /// The Redis server that holds counters. Needed only when the pipeline declares
-    /// counters.
+    /// The Redis server that holds counters and the deduplication window. Needed when
+    /// the pipeline declares counters or deduplication is on.
     #[serde(default)]
     pub redis: RedisConfig,
+    /// Deduplication of events by app and `event_id` (client resends), in Redis.
+    #[serde(default)]
+    pub dedup: DedupConfig,
     /// The admin API. Absent: no admin port (the control plane is still read).
     #[serde(default)]
     pub admin: Option<AdminConfig>,
@@ -404,8 +408,16 @@ impl Config {
                 )));
             }
         }
-        if !self.pipeline.counters.is_empty() && self.redis.key_prefix.is_empty() {
+        if (!self.pipeline.counters.is_empty() || self.dedup.enabled)
+            && self.redis.key_prefix.is_empty()
+        {
             return Err(invalid("redis.key_prefix must not be empty"));
+        }
+        if self.dedup.enabled && !(1..=MAX_WINDOW_SECS).contains(&self.dedup.window_secs) {
+            return Err(invalid(format!(
+                "dedup.window_secs must be 1-{MAX_WINDOW_SECS} (30 days), got {}",
+                self.dedup.window_secs
+            )));
         }
         if self.redis.timeout_ms == 0 || self.redis.max_pending == 0 {
             return Err(invalid(

@@ -18,6 +18,7 @@ use crate::control::dead_letters::DeadLetters;
 use crate::control::store::Store;
 use crate::ingest::{self, CounterSource, Counters, Ingest};
 use crate::model::Counter;
+use crate::pipeline::dedup::Dedup;
 use crate::pipeline::route::Routes;
 use crate::pipeline::worker::{Running, SharedRoutes, Worker};
 use crate::runtime::Runtime;
@@ -49,7 +50,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let runtime = Runtime::new().context("cannot start the WebAssembly runtime")?;
-    let routes = Arc::new(Routes::new(&config.pipeline).map_err(anyhow::Error::msg)?);
+    let routes = Arc::new(Routes::new(&config.pipeline)?);
     let store = Store::open(&config.control, &config.redis)
         .context("cannot open the control-plane store")?;
     let id = instance_id();
@@ -131,6 +132,15 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
                 config.processor.clone(),
             )
             .with_control(swap_rx, running_tx, shared_routes.clone());
+            let worker = if config.dedup.enabled {
+                worker.with_dedup(
+                    Dedup::new(&config.redis, &config.dedup, &config.kafka.group)
+                        .context("cannot set up deduplication in Redis")?,
+                )
+            } else {
+                warn!("dedup.enabled = false: events a client sends twice are written twice");
+                worker
+            };
             Some(tokio::spawn(worker.run(stop_rx.clone())))
         }
         None => None,

@@ -75,12 +75,46 @@ pub fn http_ok(addr: SocketAddr, path: &str) -> bool {
     s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") && head[9] == b'2'
 }
 
+/// A minimal blocking `GET` over std's TcpStream: the body of a 2xx answer.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    (head.starts_with("HTTP/1.") && head.as_bytes().get(9) == Some(&b'2')).then(|| body.to_owned())
+}
+
 fn port_open(port: u16) -> bool {
     TcpStream::connect_timeout(
         &SocketAddr::from(([127, 0, 0, 1], port)),
         Duration::from_millis(200),
     )
     .is_ok()
+}
+
+/// A small deterministic generator: a test seeds it from the clock and prints the seed,
+/// so that a failing run can be repeated.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// The seed of a new run: the clock's nanoseconds.
+    pub fn seed() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    }
+
+    /// A number in `0..below`.
+    pub fn next(&mut self, below: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % below
+    }
 }
 
 /// A temp directory removed on drop.
@@ -435,6 +469,11 @@ impl Redis {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// The `[redis]` section of a weir configuration that uses this server.
+    pub fn section(&self) -> String {
+        format!("\n[redis]\nurl = \"{}\"\n", self.url())
+    }
+
     /// Starts the server (again) on the same port and data directory.
     pub fn restart(&mut self) -> Result<()> {
         self.stop();
@@ -491,6 +530,7 @@ pub struct Weir {
     dir: TempDir,
     proc: Option<Proc>,
     starts: u32,
+    http: reqwest::Client,
 }
 
 /// The `weir-under-test` binary of this package: beside the test executable's `deps/`.
@@ -538,6 +578,7 @@ impl Weir {
             dir,
             proc: None,
             starts: 0,
+            http: reqwest::Client::new(),
         };
         weir.restart()?;
         Ok(weir)
@@ -614,17 +655,53 @@ impl Weir {
         Ok(())
     }
 
-    /// Waits until the current process has logged a line containing `needle`.
-    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<()> {
-        let proc = self.proc.as_ref().context("weir is not running")?;
-        wait_until(&format!("weir to log {needle:?}"), timeout, || {
-            proc.log_text().contains(needle)
+    /// The current value of metric `name` (summed over the series with `labels`) in
+    /// the current process; 0 when it cannot be read.
+    pub fn metric_now(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        http_get(self.ingest, "/metrics").map_or(0.0, |text| metric(&text, name, labels))
+    }
+
+    /// Waits until metric `name` (summed over the series with `labels`) of the current
+    /// process is at least `at_least`: how a test waits for an internal event (a
+    /// rebalance, a pause, a flush) rather than for a log line's wording.
+    pub fn wait_for_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        at_least: f64,
+        timeout: Duration,
+    ) -> Result<()> {
+        self.proc.as_ref().context("weir is not running")?;
+        wait_until(&format!("{name}{labels:?} >= {at_least}"), timeout, || {
+            self.metric_now(name, labels) >= at_least
         })
         .with_context(|| self.log())
     }
 
+    /// Waits until this process owns partitions of the events topic (it joined its
+    /// consumer group and got its assignment).
+    pub fn wait_for_partitions(&self, timeout: Duration) -> Result<()> {
+        self.wait_for_metric("weir_kafka_assigned_partitions", &[], 1.0, timeout)
+    }
+
     pub fn events_url(&self) -> String {
         format!("http://{}/v1/events", self.ingest)
+    }
+
+    /// Posts `events` (one JSON event or an array) to `POST /v1/events` with the
+    /// harness's write key; fails unless the answer is 202.
+    pub async fn post(&self, events: &(impl serde::Serialize + ?Sized)) -> Result<()> {
+        let resp = self
+            .http
+            .post(self.events_url())
+            .bearer_auth(WRITE_KEY)
+            .json(events)
+            .send()
+            .await?;
+        if resp.status() != 202 {
+            bail!("ingest answered {}: {}", resp.status(), resp.text().await?);
+        }
+        Ok(())
     }
 
     /// The text of `GET /metrics`.
@@ -724,4 +801,139 @@ name = "post_likes"
         plugin_path("enrich").display(),
         plugin_path("route-engagement").display(),
     )
+}
+
+/// A TCP proxy in front of an HTTP server that loses answers: for the first `cuts`
+/// requests whose request line (URL-decoded) contains `needle`, it forwards the
+/// request, lets the server finish it, and closes the client's connection instead of
+/// forwarding the answer. The server did the work; the client never hears of it (a
+/// reset after the body was sent, a proxy's 502).
+pub struct AnswerCutter {
+    pub addr: SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AnswerCutter {
+    pub async fn start(upstream: SocketAddr, needle: &str, cuts: usize) -> Result<Self> {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let left = Arc::new(AtomicUsize::new(cuts));
+        let cut = Arc::new(AtomicUsize::new(0));
+        let needle = needle.to_owned();
+        let (l, c) = (left.clone(), cut.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                tokio::spawn(cut_connection(
+                    client,
+                    server,
+                    needle.clone(),
+                    l.clone(),
+                    c.clone(),
+                ));
+            }
+        });
+        Ok(Self { addr, cut, task })
+    }
+
+    /// How many answers it cut so far.
+    pub fn cut(&self) -> usize {
+        self.cut.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for AnswerCutter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `bytes` as text with `+` and `%XX` decoded (as a URL's query string is).
+fn url_decoded(bytes: &[u8]) -> String {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn cut_connection(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    needle: String,
+    left: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    cut: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    // Whether the request in flight (HTTP/1.1: one at a time per connection) matches.
+    let matched = Arc::new(AtomicBool::new(false));
+    let m = matched.clone();
+    let upstream = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 << 10];
+        let mut tail: Vec<u8> = Vec::new();
+        loop {
+            let n = match cr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            tail.extend_from_slice(&buf[..n]);
+            if url_decoded(&tail).contains(&needle) {
+                m.store(true, Ordering::SeqCst);
+                tail.clear();
+            } else if tail.len() > 4096 {
+                tail.drain(..tail.len() - 1024);
+            }
+            if sw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = sw.shutdown().await;
+    });
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match sr.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if matched.swap(false, Ordering::SeqCst)
+            && left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| l.checked_sub(1))
+                .is_ok()
+        {
+            // The server answered: the work is done. Drop the answer and the connection.
+            cut.fetch_add(1, Ordering::SeqCst);
+            upstream.abort();
+            return;
+        }
+        if cw.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    upstream.abort();
 }

@@ -21,6 +21,9 @@ use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{info, warn};
 
+use crate::metrics::events::{
+    InternalEvent, PartitionsAssigned, PartitionsRevoked, RebalanceFailed,
+};
 use crate::model::IngestRecord;
 
 /// Errors at the Kafka boundary.
@@ -194,14 +197,14 @@ impl ConsumerContext for GroupContext {
         match rebalance {
             Rebalance::Revoke(list) => {
                 let parts: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
-                info!(partitions = ?parts, "partitions revoked");
+                PartitionsRevoked { partitions: &parts }.emit();
                 self.revoked.lock().expect("revoked lock").extend(parts);
             }
             Rebalance::Assign(list) => {
                 let parts: Vec<i32> = list.elements().iter().map(|e| e.partition()).collect();
-                info!(partitions = ?parts, "partitions assigned");
+                PartitionsAssigned { partitions: &parts }.emit();
             }
-            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+            Rebalance::Error(e) => RebalanceFailed { error: e }.emit(),
         }
     }
 }

@@ -15,7 +15,7 @@ use axum::routing::{get, post, put};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::dead_letters::DeadLetters;
+use super::dead_letters::{DeadLetterError, DeadLetters};
 use super::{AdminError, Control, PipelineDoc};
 use crate::control::dry_run;
 use crate::ingest::{ApiError, bearer};
@@ -460,12 +460,12 @@ async fn status(
     })))
 }
 
-fn unavailable(e: anyhow::Error) -> ApiError {
-    ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        format!("{e:#}"),
-    )
+fn unavailable(e: DeadLetterError) -> ApiError {
+    let code = match e {
+        DeadLetterError::ClickHouse(_) => "clickhouse_unavailable",
+        DeadLetterError::Kafka { .. } => "kafka_unavailable",
+    };
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, e.to_string())
 }
 
 async fn list_dead_letters(

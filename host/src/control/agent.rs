@@ -20,15 +20,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use super::store::Store;
+use super::store::{Store, StoreError};
 use super::{InstanceStatus, PipelineVersion, State};
 use crate::config::{ControlConfig, PipelineConfig};
-use crate::pipeline::route::Routes;
-use crate::pipeline::schema::Schemas;
+use crate::metrics::events::{InternalEvent, PipelinePrepared, SwapRefused};
+use crate::pipeline::route::{RouteError, Routes};
+use crate::pipeline::schema::{SchemaError, Schemas};
 use crate::pipeline::worker::{Running, Swap};
-use crate::pipeline::{Pipeline, Stage, Tag};
-use crate::runtime::{Compiled, Runtime};
-use crate::sinks::clickhouse::{ClickHouseSink, Table, same_tables};
+use crate::pipeline::{Pipeline, PipelineError, Stage, Tag};
+use crate::runtime::{Compiled, Runtime, RuntimeError};
+use crate::sinks::clickhouse::{ClickHouseError, ClickHouseSink, Table, same_tables};
 
 /// What decides the pipeline an instance runs: equal keys, same pipeline.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,7 +89,7 @@ impl Preparer {
         plugin: &str,
         version: u32,
         sha256: &str,
-    ) -> Result<Compiled, String> {
+    ) -> Result<Compiled, PrepareError> {
         if let Some(c) = self.compiled.get(sha256) {
             return Ok(c.clone());
         }
@@ -96,16 +97,18 @@ impl Preparer {
             .store
             .blob(sha256)
             .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| {
-                format!("the component of {plugin}@{version} (sha256 {sha256}) is missing from the store")
+            .map_err(|source| PrepareError::Store {
+                plugin: plugin.to_owned(),
+                version,
+                source,
+            })?
+            .ok_or_else(|| PrepareError::MissingComponent {
+                plugin: plugin.to_owned(),
+                version,
+                sha256: sha256.to_owned(),
             })?;
         let started = Instant::now();
-        let compiled = self
-            .runtime
-            .compile(plugin, &bytes)
-            .await
-            .map_err(|e| e.to_string())?;
+        let compiled = self.runtime.compile(plugin, &bytes).await?;
         info!(
             plugin,
             version,
@@ -155,15 +158,13 @@ impl Preparer {
     }
 
     /// Builds the pipeline `state` asks this instance to run.
-    async fn prepare(&mut self, state: &State, key: &Key) -> Result<Pipeline, String> {
+    async fn prepare(&mut self, state: &State, key: &Key) -> Result<Pipeline, PrepareError> {
         let tag = |pipeline_version| Tag {
             control_version: state.version,
             pipeline_version,
         };
         let Some(pv) = &key.pipeline else {
-            let p = Pipeline::load(&self.runtime, &self.file, self.batch_size)
-                .await
-                .map_err(|e| e.to_string())?;
+            let p = Pipeline::load(&self.runtime, &self.file, self.batch_size).await?;
             return Ok(p.with_tag(tag(0)));
         };
         let name = self.file.name.clone();
@@ -180,17 +181,20 @@ impl Preparer {
             sink.with_tables(routes.tables.clone())
                 .ensure_schema()
                 .await
-                .map_err(|e| format!("cannot prepare its ClickHouse tables: {e}"))?;
+                .map_err(PrepareError::Tables)?;
         }
         let mut chain = Vec::new();
         let mut used = std::collections::HashSet::new();
         for entry in &pv.doc.plugins {
-            let (plugin, version) = entry.reference()?;
+            let (plugin, version) = entry.reference().map_err(PrepareError::Reference)?;
             let meta = state
                 .plugins
                 .get(plugin)
                 .and_then(|vs| vs.iter().find(|v| v.version == version))
-                .ok_or_else(|| format!("plugin {plugin}@{version} is not in the control plane"))?;
+                .ok_or_else(|| PrepareError::UnknownPlugin {
+                    plugin: plugin.to_owned(),
+                    version,
+                })?;
             let compiled = self.compiled(plugin, version, &meta.sha256).await?;
             used.insert(meta.sha256.clone());
             let config = serde_json::Value::Object(entry.config.clone()).to_string();
@@ -203,9 +207,8 @@ impl Preparer {
                     config,
                     entry.limits(),
                 )
-                .await
-                .map_err(|e| e.to_string())?;
-            let instance = plugin.instantiate().await.map_err(|e| e.to_string())?;
+                .await?;
+            let instance = plugin.instantiate().await?;
             chain.push(Stage::with_policy(
                 instance,
                 entry.failure_policy,
@@ -231,6 +234,38 @@ impl Preparer {
             .with_events(&pv.doc.events)
             .with_tag(tag(pv.version)))
     }
+}
+
+/// Why this instance cannot build the pipeline a control-plane version asks for (it
+/// keeps running the previous one, and reports the error in its status).
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Routes(#[from] RouteError),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error("cannot prepare its ClickHouse tables: {0}")]
+    Tables(#[source] ClickHouseError),
+    #[error("{0}")]
+    Reference(String),
+    #[error("plugin {plugin}@{version} is not in the control plane")]
+    UnknownPlugin { plugin: String, version: u32 },
+    #[error("cannot read the component of {plugin}@{version} from the store: {source}")]
+    Store {
+        plugin: String,
+        version: u32,
+        source: StoreError,
+    },
+    #[error("the component of {plugin}@{version} (sha256 {sha256}) is missing from the store")]
+    MissingComponent {
+        plugin: String,
+        version: u32,
+        sha256: String,
+    },
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
 }
 
 /// The agent's loop.
@@ -399,17 +434,14 @@ impl Agent {
         let started = Instant::now();
         match self.preparer.prepare(&state, &key).await {
             Ok(pipeline) => {
-                info!(
-                    version = state.version,
-                    pipeline = %pipeline.name(),
-                    pipeline_version = pipeline.tag().pipeline_version,
-                    plugins = %pipeline.versions(),
-                    prepare_ms = started.elapsed().as_millis() as u64,
-                    "new pipeline prepared; swapping between batches"
-                );
-                crate::metrics::CONTROL_SWAPS
-                    .with_label_values(&["swapped"])
-                    .inc();
+                PipelinePrepared {
+                    control_version: state.version,
+                    pipeline: pipeline.name(),
+                    pipeline_version: pipeline.tag().pipeline_version,
+                    plugins: pipeline.versions(),
+                    prepare_time: started.elapsed(),
+                }
+                .emit();
                 self.preparer.prepared_tables = Some(pipeline.routes().tables.clone());
                 self.applied = Some(key);
                 self.failed = None;
@@ -426,10 +458,7 @@ impl Agent {
                     "control-plane version {}: cannot prepare pipeline {}: {e}; still running the previous version",
                     state.version, self.preparer.file.name
                 );
-                warn!(%error, "hot swap refused");
-                crate::metrics::CONTROL_SWAPS
-                    .with_label_values(&["failed"])
-                    .inc();
+                SwapRefused { error: &error }.emit();
                 self.status.error = Some(error);
                 self.failed = Some((key, Instant::now()));
                 self.beat().await;

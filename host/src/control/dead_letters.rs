@@ -11,13 +11,26 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde::Serialize;
 
-use crate::bus::Producer;
+use crate::bus::{BusError, Producer};
 use crate::ingest::envelope::{self, BodyFormat};
-use crate::model::{IngestRecord, WireEvent};
-use crate::sinks::clickhouse::{ClickHouseSink, DeadLetterFilter, DeadLetterRecord};
+use crate::model::{IngestRecord, Stage, WireEvent};
+use crate::sinks::clickhouse::{
+    ClickHouseError, ClickHouseSink, DeadLetterFilter, DeadLetterRecord,
+};
 
 /// Most events per replayed record (as a request of `POST /v1/events`).
 const EVENTS_PER_RECORD: usize = 500;
+
+/// Why dead letters could not be listed or replayed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    /// ClickHouse did not answer the query (nothing was replayed).
+    #[error(transparent)]
+    ClickHouse(#[from] ClickHouseError),
+    /// Kafka refused a replayed record: the first `replayed` events were sent.
+    #[error("replayed {replayed} events, then Kafka refused the next record: {source}")]
+    Kafka { replayed: usize, source: BusError },
+}
 
 /// What lists and replays dead letters.
 pub struct DeadLetters {
@@ -42,12 +55,15 @@ pub struct Skipped {
 }
 
 impl DeadLetters {
-    pub async fn list(&self, filter: &DeadLetterFilter) -> anyhow::Result<Vec<DeadLetterRecord>> {
+    pub async fn list(
+        &self,
+        filter: &DeadLetterFilter,
+    ) -> Result<Vec<DeadLetterRecord>, DeadLetterError> {
         Ok(self.sink.dead_letters(filter).await?)
     }
 
     /// Replays the dead letters matching `filter` (newest first, one per event).
-    pub async fn replay(&self, filter: &DeadLetterFilter) -> anyhow::Result<ReplayReport> {
+    pub async fn replay(&self, filter: &DeadLetterFilter) -> Result<ReplayReport, DeadLetterError> {
         let letters = self.sink.dead_letters(filter).await?;
         let mut seen = HashSet::new();
         let letters: Vec<DeadLetterRecord> = letters
@@ -70,7 +86,7 @@ impl DeadLetters {
                 stage: d.stage.clone(),
                 reason: reason.to_owned(),
             };
-            if d.stage == "decode" || d.event_id.is_empty() {
+            if Stage::parse(&d.stage) == Some(Stage::Decode) || d.event_id.is_empty() {
                 report.skipped.push(skip(
                     "the Kafka record was not a weir event; nothing to replay",
                 ));
@@ -102,13 +118,16 @@ impl DeadLetters {
         }
         for (app, events) in by_app {
             for chunk in events.chunks(EVENTS_PER_RECORD) {
-                let record = IngestRecord::new(app.clone(), now, chunk.to_vec());
+                let record = IngestRecord {
+                    replay: true,
+                    ..IngestRecord::new(app.clone(), now, chunk.to_vec())
+                };
                 let key = record.key();
-                self.producer.send(&record, &key).await.map_err(|e| {
-                    anyhow::anyhow!(
-                        "replayed {} events, then Kafka refused the next record: {e}",
-                        report.replayed
-                    )
+                self.producer.send(&record, &key).await.map_err(|source| {
+                    DeadLetterError::Kafka {
+                        replayed: report.replayed,
+                        source,
+                    }
                 })?;
                 report.replayed += chunk.len();
             }

@@ -575,7 +575,7 @@ fn check_pipeline(state: &State, doc: &PipelineDoc) -> Result<(), AdminError> {
     }
     if doc.tables.is_some() || doc.counters.is_some() {
         crate::pipeline::route::Routes::new(&doc.routes_config(&PipelineConfig::default()))
-            .map_err(invalid)?;
+            .map_err(|e| invalid(e.to_string()))?;
     }
     let mut names = HashSet::new();
     for entry in &doc.plugins {

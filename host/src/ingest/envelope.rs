@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::model::{WireEvent, check_name, json_kind as kind};
+use crate::model::{MAX_TIMESTAMP_MS, WireEvent, check_name, json_kind as kind};
 
 /// The fields an event may have. Anything else is refused, naming the field.
 pub const EVENT_FIELDS: [&str; 6] = [
@@ -21,9 +21,6 @@ pub const EVENT_FIELDS: [&str; 6] = [
 
 /// Longest `user_id` and `event_id`, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
-
-/// Latest accepted epoch-millisecond timestamp (9999-12-31T23:59:59.999Z).
-const MAX_TIMESTAMP_MS: i64 = 253_402_300_799_999;
 
 /// How the body is framed, from its `Content-Type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -354,7 +351,7 @@ fn parse_timestamp(v: &Value) -> Result<i64, EnvelopeError> {
         EnvelopeError::field(
             "invalid_field",
             "timestamp",
-            "\"timestamp\" must lie between 1970-01-01 and 9999-12-31",
+            "\"timestamp\" must lie between 1970-01-01T00:00:00Z and 2106-02-07T06:28:15.999Z (what the tables' DateTime columns hold)",
         )
     };
     match v {
@@ -612,6 +609,26 @@ mod tests {
             err(r#"{"name":"a","timestamp":-1}"#).field.as_deref(),
             Some("timestamp")
         );
+        // Past what ClickHouse's DateTime holds: refused, not stored as another time.
+        for late in [
+            r#""9999-12-31T00:00:00Z""#,
+            r#""2106-02-07T06:28:16Z""#,
+            "4294967296000",
+        ] {
+            let e = err(&format!(r#"{{"name":"a","timestamp":{late}}}"#));
+            assert_eq!(e.field.as_deref(), Some("timestamp"), "{late}");
+            assert!(
+                e.message.contains("2106-02-07T06:28:15.999Z"),
+                "{}",
+                e.message
+            );
+        }
+        let last = parse(
+            r#"{"name":"a","timestamp":"2106-02-07T06:28:15.999Z"}"#,
+            BodyFormat::Json,
+        )
+        .unwrap();
+        assert_eq!(last[0].timestamp_ms, MAX_TIMESTAMP_MS);
         assert_eq!(
             err(r#"{"name":"a","properties":[1]}"#).field.as_deref(),
             Some("properties")

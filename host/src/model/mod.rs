@@ -45,6 +45,11 @@ pub fn json_kind(v: &serde_json::Value) -> &'static str {
     }
 }
 
+/// The latest event timestamp weir accepts, in ms since the Unix epoch:
+/// 2106-02-07T06:28:15.999Z, the last second ClickHouse's `DateTime` column (seconds
+/// since the epoch, 32 bits unsigned) holds. The earliest is the epoch itself.
+pub const MAX_TIMESTAMP_MS: i64 = u32::MAX as i64 * 1000 + 999;
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -19,6 +19,11 @@ pub struct IngestRecord {
     pub received_ms: i64,
     /// The request's events, normalised.
     pub events: Vec<WireEvent>,
+    /// The record sends dead letters back through the pipeline (`weir dead-letters
+    /// replay`): its events are processed again although their ids were seen, and take
+    /// over their deduplication claims. Absent (false) in what ingest writes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replay: bool,
 }
 
 /// One event after the envelope checks: every field present and typed.
@@ -54,6 +59,7 @@ impl IngestRecord {
             app,
             received_ms,
             events,
+            replay: false,
         }
     }
 
@@ -102,10 +108,23 @@ mod tests {
                 properties: RawValue::from_string(r#"{"post":"p1","n":1}"#.into()).unwrap(),
                 context: RawValue::from_string("{}".into()).unwrap(),
             }],
+            replay: false,
         };
         let back = IngestRecord::decode(Some(&record.encode())).unwrap();
         assert_eq!(back.events[0].properties.get(), r#"{"post":"p1","n":1}"#);
         assert_eq!(back.events[0].user_id.as_deref(), Some("u1"));
+        assert!(!back.replay);
+        assert!(
+            !String::from_utf8(record.encode())
+                .unwrap()
+                .contains("replay"),
+            "ingest's records stay as they were"
+        );
+        let replay = IngestRecord {
+            replay: true,
+            ..record
+        };
+        assert!(IngestRecord::decode(Some(&replay.encode())).unwrap().replay);
     }
 
     #[test]

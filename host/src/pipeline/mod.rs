@@ -2,6 +2,7 @@
 //! sort the results into what the sinks write (kept events) and dead letters.
 
 pub mod config;
+pub mod dedup;
 pub mod route;
 pub mod schema;
 pub mod worker;
@@ -10,8 +11,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
+use crate::metrics::events::{InternalEvent, PluginQuarantined, PluginReleased};
 use crate::model::{
     self, Batch, CountRow, DeadLetter, Event, FailureKind, IngestRecord, Kept, Origin,
     PluginFailure, RoutedRow, WireEvent,
@@ -35,10 +37,10 @@ pub enum PipelineError {
     },
     #[error(transparent)]
     Runtime(#[from] runtime::RuntimeError),
-    #[error("{0}")]
-    Routes(String),
-    #[error("{0}")]
-    Schema(String),
+    #[error(transparent)]
+    Routes(#[from] route::RouteError),
+    #[error(transparent)]
+    Schema(#[from] schema::SchemaError),
 }
 
 /// One plugin of the chain: its live instance and its circuit breaker.
@@ -166,28 +168,25 @@ impl Stage {
             self.failing_calls += 1;
             self.last_failure = failed[0].to_owned();
             if self.failing_calls >= self.quarantine_after {
-                let plugin = self.instance.plugin();
-                warn!(
-                    plugin = %plugin.name(),
-                    version = %plugin.version(),
-                    failing_calls = self.failing_calls,
-                    policy = ?self.policy,
-                    seconds = self.quarantine_for.as_secs(),
-                    last_failure = %self.last_failure,
-                    "plugin quarantined"
-                );
+                PluginQuarantined {
+                    plugin: labels[0],
+                    version: labels[1],
+                    failing_calls: self.failing_calls,
+                    policy: &self.policy,
+                    duration: self.quarantine_for,
+                    last_failure: &self.last_failure,
+                }
+                .emit();
                 self.quarantined_until = Some(Instant::now() + self.quarantine_for);
                 self.failing_calls = 0;
-                crate::metrics::PLUGIN_QUARANTINED
-                    .with_label_values(&labels)
-                    .set(1);
             }
         } else {
             if self.quarantined_until.take().is_some() {
-                info!(plugin = %plugin.name(), "plugin out of quarantine");
-                crate::metrics::PLUGIN_QUARANTINED
-                    .with_label_values(&labels)
-                    .set(0);
+                PluginReleased {
+                    plugin: labels[0],
+                    version: labels[1],
+                }
+                .emit();
             }
             self.failing_calls = 0;
         }
@@ -254,8 +253,8 @@ impl Pipeline {
                 .await?;
             chain.push(Stage::new(plugin.instantiate().await?, p));
         }
-        let routes = Routes::new(cfg).map_err(PipelineError::Routes)?;
-        let schemas = Schemas::load(&cfg.schemas).map_err(PipelineError::Schema)?;
+        let routes = Routes::new(cfg)?;
+        let schemas = Schemas::load(&cfg.schemas)?;
         Ok(
             Self::new(cfg.name.clone(), chain, Arc::new(routes), batch_size)
                 .with_schemas(schemas)
@@ -365,8 +364,12 @@ impl Pipeline {
                     crate::metrics::SCHEMA_FAILURES
                         .with_label_values(&[&event.name])
                         .inc();
-                    out.dead
-                        .push(DeadLetter::of(origin, event, model::Stage::Schema, reason));
+                    out.dead.push(DeadLetter::of(
+                        origin,
+                        event,
+                        model::Stage::Schema,
+                        reason.to_string(),
+                    ));
                 }
             }
         }
@@ -464,16 +467,23 @@ impl Pipeline {
     }
 }
 
+/// The events of one Kafka record, each with its coordinates and app.
+pub struct Decoded {
+    /// The record replays dead letters (see [`IngestRecord::replay`]).
+    pub replay: bool,
+    pub events: Vec<(Origin, String, WireEvent)>,
+}
+
 /// Decodes one Kafka record into events, or a dead letter naming why it cannot be.
 pub fn decode(
     partition: i32,
     offset: i64,
     payload: Option<&[u8]>,
-) -> Result<Vec<(Origin, String, WireEvent)>, Box<DeadLetter>> {
+) -> Result<Decoded, Box<DeadLetter>> {
     match IngestRecord::decode(payload) {
         Ok(record) => {
             let app = record.app;
-            Ok(record
+            let events = record
                 .events
                 .into_iter()
                 .enumerate()
@@ -486,7 +496,11 @@ pub fn decode(
                     };
                     (origin, app.clone(), e)
                 })
-                .collect())
+                .collect();
+            Ok(Decoded {
+                replay: record.replay,
+                events,
+            })
         }
         Err(e) => Err(Box::new(DeadLetter {
             origin: Origin {

@@ -38,6 +38,35 @@ pub struct Fanout {
     pub forwards: Vec<Target>,
 }
 
+/// Why a pipeline's declarations (tables, counters) are refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("{0}")]
+    Table(String),
+    #[error("table {0} is declared twice")]
+    DuplicateTable(String),
+    #[error("{0}")]
+    Counter(String),
+    #[error("counter {0} is declared twice")]
+    DuplicateCounter(String),
+}
+
+/// Why a plugin's outputs are refused (the event goes to the dead letters with this
+/// reason; none of the event's outputs is written).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OutputError {
+    #[error("forward to {0:?}, which is no webhook or topic sink of the pipeline")]
+    UnknownTarget(String),
+    #[error("row for table {0:?}, which the pipeline does not declare")]
+    UnknownTable(String),
+    #[error("{0}")]
+    BadRow(String),
+    #[error("count for counter {0:?}, which the pipeline does not declare")]
+    UnknownCounter(String),
+    #[error("count for counter {counter}: the key must be 1-{MAX_COUNTER_KEY} bytes, got {len}")]
+    BadCounterKey { counter: String, len: usize },
+}
+
 /// The tables and counters of a pipeline.
 #[derive(Debug, Clone, Default)]
 pub struct Routes {
@@ -52,17 +81,17 @@ pub struct Routes {
 
 impl Routes {
     /// Checks the declarations of a pipeline.
-    pub fn new(cfg: &PipelineConfig) -> Result<Self, String> {
+    pub fn new(cfg: &PipelineConfig) -> Result<Self, RouteError> {
         let mut routes = Self::default();
         let mut tables = Vec::with_capacity(cfg.tables.len());
         for t in &cfg.tables {
-            let table = Table::new(t)?;
+            let table = Table::new(t).map_err(RouteError::Table)?;
             if routes
                 .table_index
                 .insert(table.name.clone(), tables.len())
                 .is_some()
             {
-                return Err(format!("table {} is declared twice", table.name));
+                return Err(RouteError::DuplicateTable(table.name));
             }
             tables.push(table);
         }
@@ -74,13 +103,13 @@ impl Routes {
             routes.targets.insert(t.name.clone(), Target::Topic(i));
         }
         for c in &cfg.counters {
-            let counter = c.declare()?;
+            let counter = c.declare().map_err(RouteError::Counter)?;
             if routes
                 .counter_index
                 .insert(counter.name.clone(), routes.counters.len())
                 .is_some()
             {
-                return Err(format!("counter {} is declared twice", counter.name));
+                return Err(RouteError::DuplicateCounter(counter.name));
             }
             routes.counters.push(Arc::new(counter));
         }
@@ -94,29 +123,33 @@ impl Routes {
 
     /// Checks a plugin's outputs and adds them to `fanout`. On error nothing is added
     /// and the message names the output at fault.
-    pub fn resolve(&self, outputs: Vec<PluginOutput>, fanout: &mut Fanout) -> Result<(), String> {
+    pub fn resolve(
+        &self,
+        outputs: Vec<PluginOutput>,
+        fanout: &mut Fanout,
+    ) -> Result<(), OutputError> {
         let mut rows = Vec::new();
         let mut increments = Vec::new();
         let mut forwards = Vec::new();
         for output in outputs {
             match output {
                 PluginOutput::Forward(name) => {
-                    let &target = self.targets.get(&name).ok_or_else(|| {
-                        format!(
-                            "forward to {name:?}, which is no webhook or topic sink of the pipeline"
-                        )
-                    })?;
+                    let Some(&target) = self.targets.get(&name) else {
+                        return Err(OutputError::UnknownTarget(name));
+                    };
                     if !forwards.contains(&target) {
                         forwards.push(target);
                     }
                 }
                 PluginOutput::Row { table, columns } => {
-                    let &i = self.table_index.get(&table).ok_or_else(|| {
-                        format!("row for table {table:?}, which the pipeline does not declare")
-                    })?;
+                    let Some(&i) = self.table_index.get(&table) else {
+                        return Err(OutputError::UnknownTable(table));
+                    };
                     rows.push(RowData {
                         table: i,
-                        data: self.tables[i].encode(&columns)?,
+                        data: self.tables[i]
+                            .encode(&columns)
+                            .map_err(OutputError::BadRow)?,
                     });
                 }
                 PluginOutput::Count {
@@ -124,16 +157,12 @@ impl Routes {
                     key,
                     delta,
                 } => {
-                    let &i = self.counter_index.get(&counter).ok_or_else(|| {
-                        format!(
-                            "count for counter {counter:?}, which the pipeline does not declare"
-                        )
-                    })?;
+                    let Some(&i) = self.counter_index.get(&counter) else {
+                        return Err(OutputError::UnknownCounter(counter));
+                    };
                     if key.is_empty() || key.len() > MAX_COUNTER_KEY {
-                        return Err(format!(
-                            "count for counter {counter}: the key must be 1-{MAX_COUNTER_KEY} bytes, got {}",
-                            key.len()
-                        ));
+                        let len = key.len();
+                        return Err(OutputError::BadCounterKey { counter, len });
                     }
                     if delta != 0 {
                         increments.push(Increment {
@@ -160,7 +189,7 @@ impl Routes {
 mod tests {
     use super::*;
 
-    fn routes(toml_text: &str) -> Result<Routes, String> {
+    fn routes(toml_text: &str) -> Result<Routes, RouteError> {
         let cfg: PipelineConfig = toml::from_str(toml_text).unwrap();
         Routes::new(&cfg)
     }
@@ -231,13 +260,17 @@ mod tests {
             let err = r
                 .resolve(vec![row("profile_viewed", json)], &mut f)
                 .unwrap_err();
-            assert!(err.contains(want), "{json}: {err}");
+            assert!(
+                matches!(&err, OutputError::BadRow(why) if why.contains(want)),
+                "{json}: {err}"
+            );
             assert!(f.rows.is_empty());
         }
         let err = r
             .resolve(vec![row("nope", "{}")], &mut Fanout::default())
             .unwrap_err();
-        assert!(err.contains("does not declare"), "{err}");
+        assert_eq!(err, OutputError::UnknownTable("nope".into()));
+        assert!(err.to_string().contains("does not declare"), "{err}");
     }
 
     #[test]
@@ -252,13 +285,22 @@ mod tests {
         r.resolve(vec![count("profile_views", "p1")], &mut f)
             .unwrap();
         assert_eq!(f.increments.len(), 1);
-        assert!(r.resolve(vec![count("likes", "p1")], &mut f).is_err());
-        assert!(r.resolve(vec![count("profile_views", "")], &mut f).is_err());
-        let long = "k".repeat(MAX_COUNTER_KEY + 1);
-        assert!(
-            r.resolve(vec![count("profile_views", &long)], &mut f)
-                .is_err()
+        assert_eq!(
+            r.resolve(vec![count("likes", "p1")], &mut f),
+            Err(OutputError::UnknownCounter("likes".into()))
         );
+        assert_eq!(
+            r.resolve(vec![count("profile_views", "")], &mut f),
+            Err(OutputError::BadCounterKey {
+                counter: "profile_views".into(),
+                len: 0
+            })
+        );
+        let long = "k".repeat(MAX_COUNTER_KEY + 1);
+        assert!(matches!(
+            r.resolve(vec![count("profile_views", &long)], &mut f),
+            Err(OutputError::BadCounterKey { .. })
+        ));
         assert_eq!(f.increments.len(), 1, "a failed resolve adds nothing");
     }
 
@@ -285,7 +327,11 @@ mod tests {
                 &mut Fanout::default(),
             )
             .unwrap_err();
-        assert!(err.contains("no webhook or topic sink"), "{err}");
+        assert_eq!(err, OutputError::UnknownTarget("nope".into()));
+        assert!(
+            err.to_string().contains("no webhook or topic sink"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -313,7 +359,7 @@ mod tests {
                 "declared twice",
             ),
         ] {
-            let err = routes(text).unwrap_err();
+            let err = routes(text).unwrap_err().to_string();
             assert!(err.contains(want), "{text}: {err}");
         }
     }

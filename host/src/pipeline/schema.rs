@@ -17,6 +17,56 @@ use crate::model::Event;
 /// Most errors listed in one dead letter's reason.
 const MAX_ERRORS: usize = 10;
 
+/// Why a schema cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("cannot read the schema of {event} from {path}: {source}")]
+    Read {
+        event: String,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("schema of {event} ({origin}) is not JSON: {source}")]
+    NotJson {
+        event: String,
+        origin: String,
+        source: serde_json::Error,
+    },
+    #[error("schema of {event} ({origin}) is not a valid JSON Schema: {reason}")]
+    Invalid {
+        event: String,
+        origin: String,
+        reason: String,
+    },
+    #[error("event {0} has two schemas")]
+    Duplicate(String),
+}
+
+/// An event that does not match its schema: the JSON pointer and message of each error
+/// (the first [`MAX_ERRORS`]), and how many more there were. Its text is the dead
+/// letter's reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub event: String,
+    pub errors: Vec<String>,
+    pub more: usize,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "does not match the schema of {}: {}",
+            self.event,
+            self.errors.join("; ")
+        )?;
+        if self.more > 0 {
+            write!(f, " (and {} more)", self.more)?;
+        }
+        Ok(())
+    }
+}
+
 /// One compiled schema, and which of the event's JSON fields it can see.
 struct Compiled {
     validator: jsonschema::Validator,
@@ -87,15 +137,13 @@ impl std::fmt::Debug for Schemas {
 
 impl Schemas {
     /// Reads and compiles every declared schema; the error names the file and why.
-    pub fn load(cfgs: &[SchemaConfig]) -> Result<Self, String> {
+    pub fn load(cfgs: &[SchemaConfig]) -> Result<Self, SchemaError> {
         let mut schemas = Self::default();
         for cfg in cfgs {
-            let text = std::fs::read_to_string(&cfg.path).map_err(|e| {
-                format!(
-                    "cannot read the schema of {} from {}: {e}",
-                    cfg.event,
-                    cfg.path.display()
-                )
+            let text = std::fs::read_to_string(&cfg.path).map_err(|source| SchemaError::Read {
+                event: cfg.event.clone(),
+                path: cfg.path.display().to_string(),
+                source,
             })?;
             schemas.add(&cfg.event, &text, &cfg.path)?;
         }
@@ -103,26 +151,37 @@ impl Schemas {
     }
 
     /// Compiles one schema (JSON text) for event `name`.
-    pub fn add(&mut self, name: &str, text: &str, origin: &Path) -> Result<(), String> {
-        let schema: Value = serde_json::from_str(text)
-            .map_err(|e| format!("schema of {name} ({}) is not JSON: {e}", origin.display()))?;
-        let validator = Compiled::new(&schema).map_err(|e| {
-            format!(
-                "schema of {name} ({}) is not a valid JSON Schema: {e}",
-                origin.display()
-            )
+    pub fn add(&mut self, name: &str, text: &str, origin: &Path) -> Result<(), SchemaError> {
+        let origin = origin.display().to_string();
+        let schema: Value = match serde_json::from_str(text) {
+            Ok(schema) => schema,
+            Err(source) => {
+                let event = name.to_owned();
+                return Err(SchemaError::NotJson {
+                    event,
+                    origin,
+                    source,
+                });
+            }
+        };
+        let validator = Compiled::new(&schema).map_err(|e| SchemaError::Invalid {
+            event: name.to_owned(),
+            origin,
+            reason: e.to_string(),
         })?;
         if self.by_name.insert(name.to_owned(), validator).is_some() {
-            return Err(format!("event {name} has two schemas"));
+            return Err(SchemaError::Duplicate(name.to_owned()));
         }
         self.versions.insert(name.to_owned(), "file".into());
         Ok(())
     }
 
     /// Sets the schema of event `name` (replacing any), from the control plane.
-    pub fn put(&mut self, name: &str, schema: &Value, version: u32) -> Result<(), String> {
-        let validator = Compiled::new(schema).map_err(|e| {
-            format!("schema of {name} version {version} is not a valid JSON Schema: {e}")
+    pub fn put(&mut self, name: &str, schema: &Value, version: u32) -> Result<(), SchemaError> {
+        let validator = Compiled::new(schema).map_err(|e| SchemaError::Invalid {
+            event: name.to_owned(),
+            origin: format!("version {version}"),
+            reason: e.to_string(),
         })?;
         self.by_name.insert(name.to_owned(), validator);
         self.versions.insert(name.to_owned(), version.to_string());
@@ -139,7 +198,7 @@ impl Schemas {
 
     /// Validates an event if its name has a schema. `Err` lists each error as
     /// `pointer: message`.
-    pub fn check(&self, event: &Event) -> Result<(), String> {
+    pub fn check(&self, event: &Event) -> Result<(), Violation> {
         let Some(schema) = self.by_name.get(&event.name) else {
             return Ok(());
         };
@@ -163,30 +222,25 @@ impl Schemas {
         if errors.peek().is_none() {
             return Ok(());
         }
-        let mut listed = Vec::new();
-        let mut total = 0;
+        let mut violation = Violation {
+            event: event.name.clone(),
+            errors: Vec::new(),
+            more: 0,
+        };
         for e in errors {
-            total += 1;
-            if listed.len() < MAX_ERRORS {
+            if violation.errors.len() < MAX_ERRORS {
                 let pointer = e.instance_path().to_string();
                 let pointer = if pointer.is_empty() {
                     "/".into()
                 } else {
                     pointer
                 };
-                listed.push(format!("{pointer}: {e}"));
+                violation.errors.push(format!("{pointer}: {e}"));
+            } else {
+                violation.more += 1;
             }
         }
-        let more = if total > listed.len() {
-            format!(" (and {} more)", total - listed.len())
-        } else {
-            String::new()
-        };
-        Err(format!(
-            "does not match the schema of {}: {}{more}",
-            event.name,
-            listed.join("; ")
-        ))
+        Err(violation)
     }
 }
 
@@ -236,6 +290,8 @@ mod tests {
                 r#"{"profile_id":"","position":-1}"#,
             ))
             .unwrap_err();
+        assert_eq!(err.errors.len(), 3, "{err}");
+        let err = err.to_string();
         assert!(err.contains("/user_id: "), "{err}");
         assert!(err.contains("/properties/profile_id: "), "{err}");
         assert!(err.contains("/properties/position: "), "{err}");
@@ -274,7 +330,7 @@ mod tests {
         )
         .unwrap();
         let mut e = event("x", None, "{}");
-        assert!(s.check(&e).unwrap_err().contains("locale"));
+        assert!(s.check(&e).unwrap_err().to_string().contains("locale"));
         e.context = r#"{"locale":"fr"}"#.into();
         assert!(s.check(&e).is_ok());
     }
@@ -285,11 +341,20 @@ mod tests {
         let err = s
             .add("x", r#"{"type": "strin"}"#, Path::new("x.json"))
             .unwrap_err();
+        assert!(matches!(err, SchemaError::Invalid { .. }), "{err}");
+        let err = err.to_string();
         assert!(
             err.contains("x.json") && err.contains("not a valid JSON Schema"),
             "{err}"
         );
         let err = s.add("x", "{", Path::new("x.json")).unwrap_err();
-        assert!(err.contains("not JSON"), "{err}");
+        assert!(matches!(err, SchemaError::NotJson { .. }), "{err}");
+        assert!(err.to_string().contains("not JSON"), "{err}");
+        s.add("x", "{}", Path::new("x.json")).unwrap();
+        let err = s.add("x", "{}", Path::new("y.json")).unwrap_err();
+        assert!(
+            matches!(err, SchemaError::Duplicate(ref e) if e == "x"),
+            "{err}"
+        );
     }
 }

@@ -32,12 +32,17 @@ use rdkafka::Message;
 use rdkafka::consumer::Consumer as _;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use super::config::ProcessorConfig;
+use super::dedup::{Dedup, WhenUnavailable};
 use super::route::Routes;
 use super::{Pipeline, Tag};
 use crate::bus::{self, Consumer};
+use crate::metrics::events::{
+    BatchFlushed, ConsumptionPaused, ConsumptionResumed, DedupCheckFailed, DedupSkipped,
+    InternalEvent, RevokedDuringFailingFlush, SinkWriteFailed, UndecodableRecord,
+};
 use crate::model::{Batch, DeadLetter, Origin, WireEvent};
 use crate::sinks::{Flush, Sink};
 
@@ -81,6 +86,8 @@ const HELD_RETRY: Duration = Duration::from_millis(500);
 #[derive(Default)]
 struct Buffer {
     events: Vec<(Origin, String, WireEvent)>,
+    /// `(partition, offset)` of the buffered records that replay dead letters.
+    replays: HashSet<(i32, i64)>,
     undecodable: Vec<DeadLetter>,
     /// Next offset to commit, per partition.
     next_offsets: BTreeMap<i32, i64>,
@@ -92,9 +99,19 @@ impl Buffer {
     /// Decodes a record into the buffer (or its dead letter, if it is not weir's).
     fn add(&mut self, partition: i32, offset: i64, payload: Option<&[u8]>) {
         match super::decode(partition, offset, payload) {
-            Ok(events) => self.events.extend(events),
+            Ok(decoded) => {
+                if decoded.replay {
+                    self.replays.insert((partition, offset));
+                }
+                self.events.extend(decoded.events);
+            }
             Err(dead) => {
-                warn!(partition, offset, reason = %dead.reason, "undecodable Kafka record sent to dead letters");
+                UndecodableRecord {
+                    partition,
+                    offset,
+                    reason: &dead.reason,
+                }
+                .emit();
                 self.undecodable.push(*dead);
             }
         }
@@ -120,6 +137,7 @@ impl Buffer {
         self.undecodable
             .retain(|d| !partitions.contains(&d.origin.partition));
         self.next_offsets.retain(|p, _| !partitions.contains(p));
+        self.replays.retain(|(p, _)| !partitions.contains(p));
         if self.next_offsets.is_empty() {
             self.since = None;
         }
@@ -153,6 +171,11 @@ pub struct Worker {
     running: Option<watch::Sender<Running>>,
     /// The counters API's view of the declared counters.
     shared_routes: Option<SharedRoutes>,
+    /// Drops copies of events already received (client resends), when enabled.
+    dedup: Option<Dedup>,
+    /// With `dedup.when_unavailable = "pass"`, after a failed check: until when flushes
+    /// pass unchecked without asking Redis, and the backoff that led there.
+    dedup_down: Option<(Instant, Duration)>,
 }
 
 impl Worker {
@@ -174,7 +197,16 @@ impl Worker {
             swaps: None,
             running: None,
             shared_routes: None,
+            dedup: None,
+            dedup_down: None,
         }
+    }
+
+    /// Drops copies of events already received within `dedup`'s window before they
+    /// reach the pipeline.
+    pub fn with_dedup(mut self, dedup: Dedup) -> Self {
+        self.dedup = Some(dedup);
+        self
     }
 
     /// Takes new pipelines from the control agent and reports what runs.
@@ -332,9 +364,18 @@ impl Worker {
             self.retry_due().await;
             self.commit(BTreeMap::new());
         }
-        let events = std::mem::take(&mut buf.events);
+        let mut events = std::mem::take(&mut buf.events);
+        let replays = std::mem::take(&mut buf.replays);
+        if !self.deduplicate(&mut events, &replays, buf, shutdown).await {
+            warn!(
+                events = events.len(),
+                "shutdown during a failing deduplication check: offsets not committed, the events will be re-read"
+            );
+            buf.next_offsets.clear();
+            buf.since = None;
+            return;
+        }
         let count = events.len();
-        crate::metrics::BATCH_EVENTS.observe(count as f64);
         let started = std::time::Instant::now();
         let mut output = self.pipeline.run(events).await;
         output.dead.append(&mut buf.undecodable);
@@ -357,17 +398,17 @@ impl Worker {
         let offsets = std::mem::take(&mut buf.next_offsets);
         buf.since = None;
         self.commit(offsets);
-        info!(
-            events = count,
-            kept = output.kept.len(),
-            routed_rows = output.rows.values().map(Vec::len).sum::<usize>(),
-            increments = output.counts.len(),
-            dead_letters = output.dead.len(),
-            dropped = output.dropped,
-            plugin_ms = plugin_time.as_millis() as u64,
-            total_ms = started.elapsed().as_millis() as u64,
-            "batch flushed"
-        );
+        BatchFlushed {
+            events: count,
+            kept: output.kept.len(),
+            routed_rows: output.rows.values().map(Vec::len).sum::<usize>(),
+            increments: output.counts.len(),
+            dead_letters: output.dead.len(),
+            dropped: output.dropped,
+            plugin_time,
+            total_time: started.elapsed(),
+        }
+        .emit();
     }
 
     /// Hands the batch to every sink, retrying the ones that failed with backoff until
@@ -405,8 +446,12 @@ impl Worker {
                     Ok(()) => taken[i] = true,
                     Err(e) => {
                         failed += 1;
-                        crate::metrics::SINK_ERRORS.with_label_values(&[kind]).inc();
-                        error!(sink = kind, error = %e, retry_in_ms = backoff.as_millis() as u64, "a sink did not take the batch; retrying");
+                        SinkWriteFailed {
+                            sink: kind,
+                            error: &e,
+                            retry_in: backoff,
+                        }
+                        .emit();
                     }
                 }
             }
@@ -416,29 +461,12 @@ impl Worker {
             if paused.is_none() {
                 paused = self.pause();
             }
-            let until = Instant::now() + backoff;
-            let stop = loop {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(until) => break false,
-                    _ = shutdown.changed() => break true,
-                    msg = self.consumer.recv() => {
-                        // A rebalance is served inside `recv` before the record it
-                        // returns: what was received earlier from a revoked
-                        // partition is stale, `msg` is not.
-                        absorb_revoked(&self.consumer, &mut self.early, output, &mut revoked);
-                        match msg {
-                            Ok(m) => self.early.push(m.detach()),
-                            Err(e) => warn!(error = %e, "Kafka consume error while paused"),
-                        }
-                    }
-                }
-            };
+            let (stop, gone) = self.wait_paused(Instant::now() + backoff, shutdown).await;
+            output.drop_partitions(&gone);
+            revoked.extend(gone);
             if stop {
                 break false;
             }
-            // With every partition paused, `recv` may not return at all: a
-            // rebalance it served meanwhile is only seen here.
-            absorb_revoked(&self.consumer, &mut self.early, output, &mut revoked);
             backoff = (backoff * 2).min(MAX_BACKOFF);
         };
         for sink in &mut self.sinks {
@@ -450,6 +478,115 @@ impl Worker {
         (written, revoked)
     }
 
+    /// Drops the copies of events already received (when deduplication is on),
+    /// retrying a failed check with backoff and consumption paused, like a sink that
+    /// does not take a batch; the events of partitions revoked meanwhile are dropped
+    /// too (their new owner re-reads them). False if shutdown came first.
+    async fn deduplicate(
+        &mut self,
+        events: &mut Vec<(Origin, String, WireEvent)>,
+        replays: &HashSet<(i32, i64)>,
+        buf: &mut Buffer,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let mut backoff = Duration::from_millis(self.cfg.retry_backoff_ms);
+        let mut paused = None;
+        let done = loop {
+            let Some(dedup) = self.dedup.as_mut() else {
+                break true;
+            };
+            let pass = dedup.when_unavailable() == WhenUnavailable::Pass;
+            if pass
+                && self
+                    .dedup_down
+                    .is_some_and(|(until, _)| Instant::now() < until)
+            {
+                DedupSkipped {
+                    events: events.len(),
+                }
+                .emit();
+                break true;
+            }
+            let started = std::time::Instant::now();
+            match dedup.filter(events, replays).await {
+                Ok(_) => {
+                    crate::metrics::DEDUP_DURATION.observe(started.elapsed().as_secs_f64());
+                    self.dedup_down = None;
+                    break true;
+                }
+                Err(e) if pass => {
+                    let retry_in = self
+                        .dedup_down
+                        .map_or(backoff, |(_, b)| (b * 2).min(MAX_BACKOFF));
+                    self.dedup_down = Some((Instant::now() + retry_in, retry_in));
+                    DedupCheckFailed {
+                        error: &e,
+                        retry_in,
+                    }
+                    .emit();
+                    DedupSkipped {
+                        events: events.len(),
+                    }
+                    .emit();
+                    break true;
+                }
+                Err(e) => DedupCheckFailed {
+                    error: &e,
+                    retry_in: backoff,
+                }
+                .emit(),
+            }
+            if paused.is_none() {
+                paused = self.pause();
+            }
+            let (stop, gone) = self.wait_paused(Instant::now() + backoff, shutdown).await;
+            if !gone.is_empty() {
+                events.retain(|(o, _, _)| !gone.contains(&o.partition));
+                self.forget_partitions(&gone, buf);
+            }
+            if stop {
+                break false;
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        };
+        if let Some(list) = paused {
+            self.resume(&list);
+        }
+        done
+    }
+
+    /// Waits until `until` with consumption paused, polling the consumer so that the
+    /// instance stays in its group (heartbeats, rebalances); records that arrive are
+    /// kept for after the flush. Returns whether shutdown came first, and the
+    /// partitions revoked meanwhile (none of their records is kept).
+    async fn wait_paused(
+        &mut self,
+        until: Instant,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> (bool, HashSet<i32>) {
+        let mut revoked = HashSet::new();
+        let stop = loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break false,
+                _ = shutdown.changed() => break true,
+                msg = self.consumer.recv() => {
+                    // A rebalance is served inside `recv` before the record it
+                    // returns: what was received earlier from a revoked partition is
+                    // stale, `msg` is not.
+                    absorb_revoked(&self.consumer, &mut self.early, &mut revoked);
+                    match msg {
+                        Ok(m) => self.early.push(m.detach()),
+                        Err(e) => warn!(error = %e, "Kafka consume error while paused"),
+                    }
+                }
+            }
+        };
+        // With every partition paused, `recv` may not return at all: a rebalance it
+        // served meanwhile is only seen here.
+        absorb_revoked(&self.consumer, &mut self.early, &mut revoked);
+        (stop, revoked)
+    }
+
     /// Pauses every assigned partition (the consumer keeps polling: heartbeats,
     /// rebalances). Returns what was paused.
     fn pause(&self) -> Option<rdkafka::TopicPartitionList> {
@@ -458,11 +595,10 @@ impl Worker {
             warn!(error = %e, "cannot pause consumption");
             return None;
         }
-        crate::metrics::PROCESSOR_PAUSED.set(1);
-        warn!(
-            partitions = list.count(),
-            "consumption paused until the sinks accept the batch (still polling to stay in the group)"
-        );
+        ConsumptionPaused {
+            partitions: list.count(),
+        }
+        .emit();
         Some(list)
     }
 
@@ -473,8 +609,7 @@ impl Worker {
         if let Err(e) = self.consumer.resume(list) {
             warn!(error = %e, "cannot resume consumption");
         }
-        crate::metrics::PROCESSOR_PAUSED.set(0);
-        info!("consumption resumed");
+        ConsumptionResumed.emit();
     }
 
     /// Commits `offsets` and any held ones, each partition only up to the lowest
@@ -537,20 +672,20 @@ fn forget(
     buf.forget(partitions);
 }
 
-/// Takes the partitions revoked since the last look out of the batch and out of the
-/// records received while paused; adds them to `revoked`.
+/// Takes the partitions revoked since the last look out of the records received
+/// while paused; adds them to `revoked`.
 fn absorb_revoked(
     consumer: &Consumer,
     early: &mut Vec<rdkafka::message::OwnedMessage>,
-    output: &mut Batch,
     revoked: &mut HashSet<i32>,
 ) {
     let gone = consumer.context().take_revoked();
     if gone.is_empty() {
         return;
     }
-    warn!(partitions = ?gone, "partitions revoked during a failing flush: their events are left to the new owner");
-    output.drop_partitions(&gone);
+    let mut list: Vec<i32> = gone.iter().copied().collect();
+    list.sort_unstable();
+    RevokedDuringFailingFlush { partitions: &list }.emit();
     early.retain(|m| !gone.contains(&m.partition()));
     revoked.extend(gone);
 }

@@ -9,6 +9,7 @@ use tracing::{error, info, warn};
 
 use super::config::{ClickHouseConfig, InsertCompression};
 use super::table::{Table, datetime, put_routed_row, schema};
+use crate::metrics::events::{ClickHouseFailover, InternalEvent, ReplayedRowsSkipped};
 use crate::model::{DeadLetter, Kept, Origin, RoutedRow};
 use crate::sinks::{BoxError, Flush, Sink};
 
@@ -243,8 +244,11 @@ impl ClickHouseSink {
             .compare_exchange(cur, next, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
         {
-            crate::metrics::CLICKHOUSE_FAILOVERS.inc();
-            warn!(from = %url, to = %self.endpoints[next].url, "ClickHouse endpoint failed; failing over");
+            ClickHouseFailover {
+                from: url,
+                to: &self.endpoints[next].url,
+            }
+            .emit();
         }
     }
 
@@ -796,11 +800,7 @@ impl ClickHouseWriter {
             + out.dead_letters.len()
             + out.routed.values().map(HashSet::len).sum::<usize>();
         if skipped > 0 {
-            crate::metrics::REPLAYED_ROWS_SKIPPED.inc_by(skipped as u64);
-            warn!(
-                skipped,
-                "skipped rows an earlier run already wrote (a replay after a crash)"
-            );
+            ReplayedRowsSkipped { rows: skipped }.emit();
         }
         Ok(out)
     }
@@ -825,6 +825,11 @@ impl Sink for ClickHouseWriter {
                 Err(e) => {
                     error!(error = %e, %url, "flush to ClickHouse failed");
                     self.client.fail_over(&url);
+                    // The failed INSERT may have been committed all the same (its answer
+                    // lost to a reset, a proxy's 502, a timeout): the retry looks again
+                    // at what ClickHouse holds, from fresh watermarks, before it writes.
+                    self.done.replayed = None;
+                    self.watermarks.clear();
                     Err(e.into())
                 }
             }

@@ -4,9 +4,11 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
-use tracing::{info, warn};
 
 use super::config::RedisConfig;
+use crate::metrics::events::{
+    CounterWriteFailed, CounterWriteRecovered, InternalEvent, ReplayedIncrementsSkipped,
+};
 use crate::model::CountRow;
 use crate::sinks::{BoxError, Flush, Sink};
 
@@ -49,20 +51,17 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return {1, ARGV[3]}
 ";
 
-/// A Redis connection that connects lazily and reconnects by itself.
-fn connect(cfg: &RedisConfig) -> Result<ConnectionManager, CounterError> {
-    let err = |source| CounterError::Redis {
-        url: cfg.url.clone(),
-        source,
-    };
-    let client = redis::Client::open(cfg.url.as_str()).map_err(err)?;
+/// A connection to the `[redis]` server that connects lazily (on first use) and
+/// reconnects by itself; each round trip times out after `redis.timeout_ms`.
+pub fn connect(cfg: &RedisConfig) -> Result<ConnectionManager, redis::RedisError> {
+    let client = redis::Client::open(cfg.url.as_str())?;
     let timeout = Duration::from_millis(cfg.timeout_ms);
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout))
         .set_number_of_retries(1)
         .set_max_delay(timeout);
-    ConnectionManager::new_lazy_with_config(client, config).map_err(err)
+    ConnectionManager::new_lazy_with_config(client, config)
 }
 
 /// `YYYY-MM-DD` of a time in ms since the epoch (UTC).
@@ -108,7 +107,10 @@ impl CounterSink {
         retry_backoff: Duration,
     ) -> Result<Self, CounterError> {
         Ok(Self {
-            conn: connect(cfg)?,
+            conn: connect(cfg).map_err(|source| CounterError::Redis {
+                url: cfg.url.clone(),
+                source,
+            })?,
             url: cfg.url.clone(),
             offsets_key: format!("{}:offsets:{group}:{topic}", cfg.key_prefix),
             prefix: cfg.key_prefix.clone(),
@@ -153,19 +155,19 @@ impl CounterSink {
                     .with_label_values(&["redis"])
                     .observe(started.elapsed().as_secs_f64());
                 if self.retry.take().is_some() {
-                    info!("counter increments reached Redis again; held offsets released");
+                    CounterWriteRecovered.emit();
                 }
             }
             Err(e) => {
-                crate::metrics::SINK_ERRORS
-                    .with_label_values(&["redis"])
-                    .inc();
                 let backoff = self
                     .retry
                     .map_or(self.retry_backoff, |(_, b)| (b * 2).min(MAX_BACKOFF));
                 self.retry = Some((Instant::now() + backoff, backoff));
-                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
-                    "counter write to Redis failed; ClickHouse writes go on, Kafka offsets of the partitions involved are held");
+                CounterWriteFailed {
+                    error: &e,
+                    retry_in: backoff,
+                }
+                .emit();
             }
         }
     }
@@ -223,11 +225,10 @@ impl CounterSink {
         self.pending.retain(|_, rows| !rows.is_empty());
         self.pending_len -= skipped;
         if skipped > 0 {
-            crate::metrics::COUNTER_REPLAYS_SKIPPED.inc_by(skipped as u64);
-            warn!(
-                skipped,
-                "skipped counter increments Redis already held (a replay after a crash)"
-            );
+            ReplayedIncrementsSkipped {
+                increments: skipped,
+            }
+            .emit();
         }
         if sent.is_empty() {
             crate::metrics::COUNTER_PENDING.set(self.pending_len as i64);
@@ -407,7 +408,10 @@ pub struct DayValue {
 impl CounterReader {
     pub fn new(cfg: &RedisConfig) -> Result<Self, CounterError> {
         Ok(Self {
-            conn: connect(cfg)?,
+            conn: connect(cfg).map_err(|source| CounterError::Redis {
+                url: cfg.url.clone(),
+                source,
+            })?,
             url: cfg.url.clone(),
             prefix: cfg.key_prefix.clone(),
         })

@@ -8,6 +8,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use super::config::WebhookConfig;
+use crate::metrics::events::{InternalEvent, WebhookAttemptFailed, WebhookGaveUp};
 use crate::model::{DeadLetter, Kept, Origin, Stage, Target};
 use crate::sinks::{BoxError, DeadLetterStore, Flush, Sink};
 
@@ -216,13 +217,16 @@ impl Delivery {
                 }
                 Answer::Refused(why) => break Some(why),
                 Answer::Retry(why) => {
-                    crate::metrics::SINK_ERRORS
-                        .with_label_values(&["webhook"])
-                        .inc();
+                    WebhookAttemptFailed {
+                        webhook: &self.name,
+                        attempt,
+                        error: &why,
+                        retry_in: backoff,
+                    }
+                    .emit();
                     if attempt >= self.max_attempts {
                         break Some(format!("{why} after {attempt} attempts"));
                     }
-                    warn!(webhook = %self.name, attempt, error = %why, retry_in_ms = backoff.as_millis() as u64, "webhook POST failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
@@ -276,10 +280,12 @@ impl Delivery {
     /// Writes the batch to dead_letters, retrying until ClickHouse takes it (the
     /// events' offsets stay uncommitted meanwhile).
     async fn dead_letter(&self, batch: &[Item], reason: &str) {
-        error!(webhook = %self.name, events = batch.len(), %reason, "webhook gave up; events go to dead_letters");
-        crate::metrics::WEBHOOK_EVENTS
-            .with_label_values(&[&self.name, "dead_letter"])
-            .inc_by(batch.len() as u64);
+        WebhookGaveUp {
+            webhook: &self.name,
+            events: batch.len(),
+            reason,
+        }
+        .emit();
         // Rows record the version that kept each event: one INSERT per version.
         let mut by_version: std::collections::BTreeMap<u64, Vec<DeadLetter>> = Default::default();
         for i in batch {

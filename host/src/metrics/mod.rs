@@ -1,5 +1,9 @@
 //! Prometheus metrics, served at `GET /metrics` on the ingest and admin ports. Names follow
-//! Prometheus' conventions: `weir_<noun>_<unit>`, counters end in `_total`.
+//! Prometheus' conventions: `weir_<noun>_<unit>`, counters end in `_total`. What weir
+//! tells its operators about (a rebalance, a pause, a failover) is an internal event in
+//! [`events`]: one type that writes the log line and updates the metric together.
+
+pub mod events;
 
 use std::sync::LazyLock;
 
@@ -160,6 +164,82 @@ pub static DEAD_LETTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+pub static FLUSH_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "weir_processor_flush_duration_seconds",
+        "Time of one processor flush: the plugin chain, every sink's write (with retries) and the commit",
+        latency(),
+    )
+});
+pub static ASSIGNED_PARTITIONS: LazyLock<IntGauge> = LazyLock::new(|| {
+    gauge(
+        "weir_kafka_assigned_partitions",
+        "Partitions of the events topic this instance owns in its consumer group",
+    )
+});
+pub static REBALANCES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "weir_kafka_rebalances_total",
+        "Consumer-group rebalances seen by this instance, by kind (assigned, revoked, error)",
+        &["kind"],
+    )
+});
+pub static FLUSH_REVOCATIONS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "weir_processor_flush_revocations_total",
+        "Rebalances that took partitions from a failing flush (their events left to the new owner)",
+    )
+});
+pub static UNDECODABLE_RECORDS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "weir_processor_undecodable_records_total",
+        "Kafka records that are not weir's record format (each goes to dead_letters)",
+    )
+});
+pub static PROCESSOR_PAUSES: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "weir_processor_pauses_total",
+        "Times consumption was paused because a sink did not accept a batch",
+    )
+});
+pub static DEDUP_CHECKED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "weir_dedup_checked_events_total",
+        "Events checked against the deduplication window",
+    )
+});
+pub static DEDUP_DUPLICATES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "weir_dedup_duplicates_total",
+        "Events dropped because another Kafka record carried the same app and event_id within the window, by app",
+        &["app"],
+    )
+});
+pub static DEDUP_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "weir_dedup_duration_seconds",
+        "Time of one flush's deduplication check (one pipelined Redis round trip)",
+        latency(),
+    )
+});
+pub static DEDUP_UNCHECKED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "weir_dedup_unchecked_events_total",
+        "Events let through without a deduplication check while Redis did not answer (dedup.when_unavailable = \"pass\")",
+    )
+});
+pub static DEDUP_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "weir_dedup_errors_total",
+        "Failed deduplication checks (each is retried with consumption paused)",
+    )
+});
+pub static DEDUP_STATE_LOST: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "weir_dedup_state_lost_total",
+        "Times the deduplication state in Redis was found gone (flushed or evicted): copies sent before are not recognised",
+    )
+});
 pub static PROCESSOR_PAUSED: LazyLock<IntGauge> = LazyLock::new(|| {
     gauge(
         "weir_processor_paused",
@@ -258,6 +338,18 @@ pub fn render() -> String {
     LazyLock::force(&REPLAYED_ROWS_SKIPPED);
     LazyLock::force(&DEAD_LETTERS);
     LazyLock::force(&PROCESSOR_PAUSED);
+    LazyLock::force(&PROCESSOR_PAUSES);
+    LazyLock::force(&DEDUP_CHECKED);
+    LazyLock::force(&DEDUP_DUPLICATES);
+    LazyLock::force(&DEDUP_ERRORS);
+    LazyLock::force(&DEDUP_UNCHECKED);
+    LazyLock::force(&DEDUP_DURATION);
+    LazyLock::force(&DEDUP_STATE_LOST);
+    LazyLock::force(&FLUSH_DURATION);
+    LazyLock::force(&ASSIGNED_PARTITIONS);
+    LazyLock::force(&REBALANCES);
+    LazyLock::force(&FLUSH_REVOCATIONS);
+    LazyLock::force(&UNDECODABLE_RECORDS);
     LazyLock::force(&CLICKHOUSE_FAILOVERS);
     LazyLock::force(&CONSUMER_LAG);
     LazyLock::force(&SCHEMA_FAILURES);

@@ -1,0 +1,293 @@
+//! Deduplication by `(app, event_id)` within a window, before the schemas and the
+//! plugins, so that every sink (events, dead letters, routed tables, counters, webhooks,
+//! topics) sees an event once however often its client sent it.
+//!
+//! Tracking SDKs resend a request whose answer they did not get, with the same event
+//! ids; ingest accepts every copy (each is durable at once), so the copies reach Kafka
+//! as different records, possibly in different partitions. Each event is *claimed* in
+//! Redis by the first record that carries it: one `SET key claim NX GET EX window` per
+//! event, all of a flush in one pipelined round trip, where `key` names the consumer
+//! group, the app and the event id, and `claim` is the Kafka coordinates of the event
+//! (partition, offset, position in its record). An event is kept when the key was free
+//! or holds its own coordinates (a replay of the same record after a crash or a
+//! rebalance is not a duplicate of itself: the first occurrence, by coordinates, wins),
+//! and dropped otherwise.
+//!
+//! The claim is made before the flush is written and its offsets committed. A crash
+//! after the claim replays the same record, which finds its own claim and is written; a
+//! copy that is dropped because another record claimed the event is dropped only once
+//! that record's claim is in Redis, and that record stays uncommitted until it is
+//! written, so an event is never lost to its own copy.
+//!
+//! A record that replays dead letters (`weir dead-letters replay`, marked in the record)
+//! is let through although its events' ids were seen, and takes their claims over (a
+//! `SET` without `NX`), so that a client's later copy, or the original record read
+//! again, is dropped.
+//!
+//! The state is bounded by the window: each key expires `window_secs` after its claim
+//! (about 100 bytes of Redis memory per event in the window). A marker key without
+//! expiry tells whether the state survived: if it disappears (Redis flushed, or its
+//! keys evicted under `maxmemory`), weir says so (log and
+//! `weir_dedup_state_lost_total`) and goes on at least once: copies whose claim was
+//! lost are written again, nothing is lost. While Redis does not answer, the flush
+//! waits and retries with consumption paused, like a sink that does not take a batch.
+
+use std::collections::{BTreeMap, HashSet};
+
+use redis::aio::ConnectionManager;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::metrics::events::{
+    DedupStateLost, DedupWindowStarted, DuplicatesDropped, InternalEvent,
+};
+use crate::model::{Origin, WireEvent};
+use crate::sinks::counters::{RedisConfig, connect};
+
+/// `[dedup]`: deduplication of events by `(app, event_id)`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DedupConfig {
+    /// Drop an event whose app and `event_id` an earlier record carried within the
+    /// window. Needs the `[redis]` server. Default true.
+    pub enabled: bool,
+    /// How long an event id is remembered, in seconds (1 s to 30 days). Default 86,400
+    /// (24 h, as Segment and RudderStack deduplicate message ids).
+    pub window_secs: u64,
+    /// What a flush does while Redis does not answer the check: `wait` (default) holds
+    /// the pipeline until it does (nothing doubled; the backlog waits in Kafka), `pass`
+    /// lets the events through unchecked and unclaimed (ClickHouse stays fresh; a copy
+    /// sent meanwhile is stored again), counted in `weir_dedup_unchecked_events_total`.
+    pub when_unavailable: WhenUnavailable,
+}
+
+/// See [`DedupConfig::when_unavailable`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenUnavailable {
+    #[default]
+    Wait,
+    Pass,
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            window_secs: 86_400,
+            when_unavailable: WhenUnavailable::Wait,
+        }
+    }
+}
+
+/// Longest window accepted, in seconds.
+pub const MAX_WINDOW_SECS: u64 = 30 * 86_400;
+
+/// Why the deduplication check failed (the flush waits and retries it).
+#[derive(Debug, thiserror::Error)]
+pub enum DedupError {
+    #[error("deduplication state in Redis at {url}: {source}")]
+    Redis {
+        url: String,
+        source: redis::RedisError,
+    },
+    #[error(
+        "Redis at {url} refused SET with both NX and GET ({detail}): deduplication needs Redis 7.0 or later (or set dedup.enabled = false)"
+    )]
+    Unsupported { url: String, detail: String },
+    #[error("Redis answered the deduplication check with {got} replies for {want} commands")]
+    Reply { got: usize, want: usize },
+}
+
+/// The deduplication window of one consumer group, in Redis.
+pub struct Dedup {
+    conn: ConnectionManager,
+    url: String,
+    /// `{prefix}:d:{group}:`, followed by 16 bytes of SHA-256 of the app and event id.
+    key_prefix: Vec<u8>,
+    /// `{prefix}:d:{group}`: holds when the window started (ms), never expires.
+    marker: String,
+    window_secs: u64,
+    /// Whether this instance has seen the marker (so that its disappearance is news).
+    marker_seen: bool,
+    when_unavailable: WhenUnavailable,
+}
+
+/// How an event's claim is stored: its Kafka coordinates, 16 bytes big-endian.
+fn claim(o: &Origin) -> [u8; 16] {
+    let mut c = [0u8; 16];
+    c[..4].copy_from_slice(&o.partition.to_be_bytes());
+    c[4..12].copy_from_slice(&o.offset.to_be_bytes());
+    c[12..].copy_from_slice(&o.index.to_be_bytes());
+    c
+}
+
+impl Dedup {
+    /// The window of consumer group `group`; connects to Redis on first use.
+    pub fn new(redis: &RedisConfig, cfg: &DedupConfig, group: &str) -> Result<Self, DedupError> {
+        let conn = connect(redis).map_err(|source| DedupError::Redis {
+            url: redis.url.clone(),
+            source,
+        })?;
+        let marker = format!("{}:d:{group}", redis.key_prefix);
+        Ok(Self {
+            conn,
+            url: redis.url.clone(),
+            key_prefix: format!("{marker}:").into_bytes(),
+            marker,
+            window_secs: cfg.window_secs,
+            marker_seen: false,
+            when_unavailable: cfg.when_unavailable,
+        })
+    }
+
+    /// What a flush does while Redis does not answer.
+    pub fn when_unavailable(&self) -> WhenUnavailable {
+        self.when_unavailable
+    }
+
+    /// The Redis key of an event: fixed length whatever the event id's (up to 256
+    /// bytes), so that the window's memory depends only on how many events it holds.
+    fn key(&self, app: &str, event_id: &str) -> Vec<u8> {
+        let mut h = Sha256::new();
+        h.update(app.as_bytes());
+        h.update([0]);
+        h.update(event_id.as_bytes());
+        let digest = h.finalize();
+        let mut key = Vec::with_capacity(self.key_prefix.len() + 16);
+        key.extend_from_slice(&self.key_prefix);
+        key.extend_from_slice(&digest[..16]);
+        key
+    }
+
+    /// Removes from `events` every event that another record claimed within the window,
+    /// claiming the others. The events of the records in `replays` (`(partition,
+    /// offset)`: records that replay dead letters) are kept and take the claim over, so
+    /// that a copy sent later, or their original read again, is dropped. Returns how many
+    /// were removed. On error `events` is unchanged (claims made by a failed round trip
+    /// are the events' own, so the retry keeps them).
+    pub async fn filter(
+        &mut self,
+        events: &mut Vec<(Origin, String, WireEvent)>,
+        replays: &HashSet<(i32, i64)>,
+    ) -> Result<usize, DedupError> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(&self.marker)
+            .arg(crate::model::now_ms())
+            .arg("NX")
+            .arg("GET");
+        for (origin, app, e) in events.iter() {
+            let cmd = pipe
+                .cmd("SET")
+                .arg(self.key(app, &e.event_id))
+                .arg(&claim(origin)[..]);
+            if !replays.contains(&(origin.partition, origin.offset)) {
+                cmd.arg("NX");
+            }
+            cmd.arg("GET").arg("EX").arg(self.window_secs);
+        }
+        let replies: Vec<Option<Vec<u8>>> =
+            pipe.query_async(&mut self.conn).await.map_err(|source| {
+                let syntax = source.code() == Some("ERR")
+                    && source.detail().is_some_and(|d| d.contains("syntax"));
+                if syntax {
+                    DedupError::Unsupported {
+                        url: self.url.clone(),
+                        detail: source.to_string(),
+                    }
+                } else {
+                    DedupError::Redis {
+                        url: self.url.clone(),
+                        source,
+                    }
+                }
+            })?;
+        if replies.len() != events.len() + 1 {
+            return Err(DedupError::Reply {
+                got: replies.len(),
+                want: events.len() + 1,
+            });
+        }
+        if replies[0].is_none() {
+            if self.marker_seen {
+                DedupStateLost {
+                    window_secs: self.window_secs,
+                }
+                .emit();
+            } else {
+                DedupWindowStarted {
+                    window_secs: self.window_secs,
+                }
+                .emit();
+            }
+        }
+        self.marker_seen = true;
+        let mut dropped: BTreeMap<&str, usize> = BTreeMap::new();
+        let keep: Vec<bool> = events
+            .iter()
+            .zip(&replies[1..])
+            .map(|((origin, app, _), reply)| {
+                let own = replays.contains(&(origin.partition, origin.offset))
+                    || reply.as_deref().is_none_or(|c| c == claim(origin));
+                if !own {
+                    *dropped.entry(app.as_str()).or_default() += 1;
+                }
+                own
+            })
+            .collect();
+        let total = dropped.values().sum();
+        for (app, n) in dropped {
+            DuplicatesDropped { app, events: n }.emit();
+        }
+        crate::metrics::DEDUP_CHECKED.inc_by(events.len() as u64);
+        if total > 0 {
+            let mut keep = keep.into_iter();
+            events.retain(|_| keep.next().unwrap_or(true));
+        }
+        Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_are_the_coordinates() {
+        let o = Origin {
+            partition: 3,
+            offset: 0x0102_0304_0506,
+            index: 7,
+            received_ms: 99,
+        };
+        let c = claim(&o);
+        assert_eq!(&c[..4], &[0, 0, 0, 3]);
+        assert_eq!(&c[4..12], &[0, 0, 1, 2, 3, 4, 5, 6]);
+        assert_eq!(&c[12..], &[0, 0, 0, 7]);
+        // The receive time is not part of the claim: a replay has the same one anyway.
+        assert_eq!(
+            claim(&Origin {
+                received_ms: 0,
+                ..o
+            }),
+            c
+        );
+    }
+
+    #[tokio::test]
+    async fn keys_separate_apps_and_have_a_fixed_length() {
+        let d = Dedup::new(&RedisConfig::default(), &DedupConfig::default(), "g").unwrap();
+        let a = d.key("app", "e1");
+        assert!(a.starts_with(b"weir:d:g:"));
+        assert_eq!(a.len(), "weir:d:g:".len() + 16);
+        assert_ne!(a, d.key("other", "e1"));
+        assert_ne!(a, d.key("app", "e2"));
+        // The separator keeps (app, id) pairs apart that concatenate alike.
+        assert_ne!(d.key("ab", "c"), d.key("a", "bc"));
+        assert_eq!(d.key("app", &"x".repeat(256)).len(), a.len());
+    }
+}
