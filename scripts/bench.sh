@@ -11,6 +11,8 @@
 #   hotswap  the full pipeline, from the control plane (weir apply), at a fixed rate
 #            (10,000 events/s for 40 s), with a new pipeline version swapped in every
 #            10 s: latency and freshness before, during and after the swaps
+#   dedup-memory  Redis memory per deduplication claim: a million keys of the shape
+#            weir writes (SET key claim NX GET EX 86400) on a scratch Redis
 # --smoke: a few seconds, debug build, and weir's metrics checked against the harness
 #          (what CI runs). Without it: 60 s on a release build.
 # Extra options go to weir-load, e.g. `scripts/bench.sh full --rate 20000`.
@@ -26,12 +28,36 @@ STACK_DIR="${WEIR_STACK_DIR:-$ROOT/.stack}"
 die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-[ $# -ge 1 ] || die "usage: scripts/bench.sh ingest|full|hotswap|plugin [--smoke] [weir-load options]"
+[ $# -ge 1 ] || die "usage: scripts/bench.sh ingest|full|hotswap|plugin|dedup-memory [--smoke] [weir-load options]"
 SCENARIO="$1"; shift
 SMOKE=0
 if [ "${1:-}" = "--smoke" ]; then SMOKE=1; shift; fi
 PROFILE="${WEIR_PROFILE:-$([ $SMOKE = 1 ] && echo dev || echo release)}"
 profile_dir="$PROFILE"; [ "$PROFILE" = dev ] && profile_dir=debug
+
+if [ "$SCENARIO" = dedup-memory ]; then
+  # The key: {prefix}:d:{group}: and 16 bytes (weir: of SHA-256; here: of SHA-1 hex),
+  # the value: 16 bytes (the claim's Kafka coordinates).
+  KEYS=$([ $SMOKE = 1 ] && echo 10000 || echo 1000000)
+  PORT=${WEIR_BENCH_REDIS_PORT:-6398}
+  dir=$(mktemp -d)
+  redis-server --port "$PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$dir" --daemonize yes >/dev/null
+  trap 'redis-cli -p "$PORT" shutdown nosave >/dev/null 2>&1 || true; rm -rf "$dir"' EXIT
+  for _ in $(seq 1 50); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  used() { redis-cli -p "$PORT" info memory | awk -F: '/^used_memory:/ { print $2 }' | tr -d '\r'; }
+  before=$(used)
+  redis-cli -p "$PORT" eval "
+    for i = 1, tonumber(ARGV[1]) do
+      local key = 'weir:d:weir-processor:' .. string.sub(redis.sha1hex(tostring(i)), 1, 16)
+      redis.call('SET', key, string.rep('c', 16), 'NX', 'GET', 'EX', 86400)
+    end
+    return redis.call('DBSIZE')" 0 "$KEYS" >/dev/null
+  after=$(used)
+  say "Deduplication claims in Redis $(redis-server --version | awk '{ print $3 }' | cut -d= -f2)"
+  echo "keys               $KEYS"
+  echo "memory             $(( (after - before) / KEYS )) bytes per claim, $(( (after - before) / 1048576 )) MiB in all"
+  exit 0
+fi
 
 if [ "$SCENARIO" = plugin ]; then
   if [ $SMOKE = 1 ]; then
@@ -45,7 +71,7 @@ fi
 case "$SCENARIO" in
   ingest|full) CONFIG="$ROOT/examples/bench/$SCENARIO.toml" ;;
   hotswap) CONFIG="$ROOT/examples/bench/full.toml" ;;
-  *) die "unknown scenario $SCENARIO (ingest, full, hotswap, plugin)" ;;
+  *) die "unknown scenario $SCENARIO (ingest, full, hotswap, plugin, dedup-memory)" ;;
 esac
 if [ "${WEIR_BENCH_DEDUP:-1}" = 0 ]; then
   # Beside the original: its relative paths (plugins/) stay valid.
