@@ -574,3 +574,69 @@ name = "post_likes"
     assert_eq!(out.counts[0].key, "x");
     Ok(())
 }
+
+/// A counter hash that holds another type (here a string an operator wrote by hand):
+/// Redis does not roll a script back, so the script checks every increment of the
+/// flush before it writes any. The flush's `post_likes` increments must not be applied
+/// while its `profile_views` ones cannot be (on every retry they would be added
+/// again); once the key is fixed, both are applied exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_counter_redis_cannot_apply_applies_nothing_of_its_flush() -> Result<()> {
+    let tansu = Tansu::start()?;
+    tansu.create_topic("weir.events", 4)?;
+    let clickhouse = ClickHouse::start()?;
+    let redis = Redis::start()?;
+    let mut conn = redis::Client::open(redis.url())?.get_connection()?;
+    let views_key = "weir:c:seed:profile_views";
+    redis::cmd("SET")
+        .arg(views_key)
+        .arg("not a hash")
+        .query::<()>(&mut conn)?;
+    let weir = Weir::start(&config(&tansu, &clickhouse, &redis, "typed"))?;
+    weir.wait_for_partitions(Duration::from_secs(30))?;
+
+    // One request (one Kafka record, one script): likes first, so that their
+    // increments come first in the script.
+    let mut batch: Vec<Value> = (0..10)
+        .map(|n| json!({"name": "post_liked", "event_id": format!("l{n}"), "user_id": format!("u{n}"), "properties": {"post_id": "post1"}}))
+        .collect();
+    batch.extend((0..10).map(|n| json!({"name": "profile_viewed", "event_id": format!("v{n}"), "user_id": format!("u{n}"), "properties": {"profile_id": "p1"}})));
+    weir.post(&batch).await?;
+    clickhouse
+        .wait_for_count(
+            "SELECT count() FROM typed.events",
+            20,
+            Duration::from_secs(60),
+        )
+        .await?;
+    tokio::task::block_in_place(|| {
+        weir.wait_for_metric(
+            "weir_sink_errors_total",
+            &[("sink", "redis")],
+            2.0,
+            Duration::from_secs(30),
+        )
+    })?;
+    assert_eq!(
+        redis.hgetall("weir:c:seed:post_likes")?,
+        BTreeMap::new(),
+        "no increment of a refused flush is applied"
+    );
+
+    redis::cmd("DEL").arg(views_key).query::<()>(&mut conn)?;
+    let want = |key: &str| BTreeMap::from([(key.to_owned(), 10i64)]);
+    let started = Instant::now();
+    while redis.hgetall(views_key)? != want("p1") {
+        if started.elapsed() > Duration::from_secs(40) {
+            bail!(
+                "views not counted after the key was fixed; log:\n{}",
+                weir.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(redis.hgetall("weir:c:seed:post_likes")?, want("post1"));
+    assert_eq!(redis.hgetall(views_key)?, want("p1"));
+    Ok(())
+}

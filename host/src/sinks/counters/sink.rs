@@ -33,15 +33,36 @@ pub enum CounterError {
     },
     #[error("Redis returned an unexpected reply: {0}")]
     Reply(String),
+    #[error(
+        "partition {partition}: Redis refused the flush's increments ({reason}); none was applied, retrying"
+    )]
+    Refused { partition: i32, reason: String },
 }
 
 /// Atomically: check the partition's stored offset, apply the sums, store the new
 /// offset. KEYS[1] = offsets hash, KEYS[2..] = counter hashes. ARGV = partition,
 /// expected offset ('' = none), new offset, then per increment: key index, field,
-/// delta, ttl seconds ('0' = keep).
+/// delta, ttl seconds ('0' = keep). Returns {1, new offset}, {0, the stored offset}
+/// when another instance moved it, or {2, why} when an increment cannot be applied (a
+/// key of another type, a field that is not an integer, a sum past +-9.2e18): Redis
+/// does not roll a script back, so everything is checked before anything is written,
+/// and a refused flush applies nothing.
 const APPLY: &str = r"
 local cur = redis.call('HGET', KEYS[1], ARGV[1]) or ''
 if cur ~= ARGV[2] then return {0, cur} end
+for i = 4, #ARGV, 4 do
+  local key = KEYS[tonumber(ARGV[i])]
+  local t = redis.call('TYPE', key).ok
+  if t ~= 'hash' and t ~= 'none' then return {2, key .. ' holds a ' .. t .. ', not a hash'} end
+  local have = redis.call('HGET', key, ARGV[i + 1]) or '0'
+  if not string.match(have, '^-?%d+$') then
+    return {2, key .. ' field ' .. ARGV[i + 1] .. ' holds ' .. have .. ', not an integer'}
+  end
+  local sum = tonumber(have) + tonumber(ARGV[i + 2])
+  if sum >= 9.2e18 or sum <= -9.2e18 then
+    return {2, key .. ' field ' .. ARGV[i + 1] .. ' would pass the 64-bit range'}
+  end
+end
 for i = 4, #ARGV, 4 do
   local key = KEYS[tonumber(ARGV[i])]
   redis.call('HINCRBY', key, ARGV[i + 1], ARGV[i + 2])
@@ -247,8 +268,15 @@ impl CounterSink {
             )));
         }
         let mut applied = 0;
-        let mut moved = None;
+        let mut failure = None;
         for ((partition, expected, new, n), (ok, stored)) in sent.into_iter().zip(replies) {
+            if ok == 2 {
+                failure.get_or_insert(CounterError::Refused {
+                    partition,
+                    reason: stored,
+                });
+                continue;
+            }
             let stored = if stored.is_empty() {
                 None
             } else {
@@ -263,7 +291,7 @@ impl CounterSink {
                 applied += n;
             } else {
                 self.watermarks.insert(partition, stored);
-                moved.get_or_insert(CounterError::Moved {
+                failure.get_or_insert(CounterError::Moved {
                     partition,
                     expected,
                     found: stored,
@@ -272,7 +300,7 @@ impl CounterSink {
         }
         crate::metrics::COUNTER_PENDING.set(self.pending_len as i64);
         crate::metrics::COUNTER_INCREMENTS.inc_by(applied as u64);
-        match moved {
+        match failure {
             Some(e) => Err(e),
             None => Ok(applied),
         }
@@ -306,10 +334,13 @@ impl CounterSink {
                     .or_insert_with(|| day_of(r.timestamp_ms));
                 let ttl = u64::from(counter.day_retention_days) * 86_400;
                 let i = intern(format!("{total}:{day}"), ttl);
-                *sums.entry((i, r.key.as_str())).or_default() += r.delta;
+                let sum = sums.entry((i, r.key.as_str())).or_default();
+                *sum = sum.saturating_add(r.delta);
             }
             let i = intern(total, 0);
-            *sums.entry((i, r.key.as_str())).or_default() += r.delta;
+            // Saturated, a sum past the 64-bit range is refused whole by the script.
+            let sum = sums.entry((i, r.key.as_str())).or_default();
+            *sum = sum.saturating_add(r.delta);
         }
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(APPLY).arg(1 + keys.len()).arg(&self.offsets_key);
