@@ -805,6 +805,15 @@ config = {{ require_user = ["profile_viewed"] }}
         StatusCode::BAD_REQUEST,
         "enrich@1 cannot start with these settings",
     )?;
+    // A limit out of range: refused before anything is stored (a quarantine of 2^63 s
+    // once panicked every instance's worker at its first quarantine).
+    let bad = json!({"plugins": [{"plugin": "enrich@1", "quarantine_secs": i64::MAX}]});
+    expect_refused(
+        "quarantine past a day",
+        api.put("/admin/v1/pipelines/engagement", &bad).await?,
+        StatusCode::BAD_REQUEST,
+        "quarantine_secs must be 1-86400",
+    )?;
     // A version the instance cannot prepare (its table exists in ClickHouse with other
     // column types): it keeps running the previous one and says why in its status.
     clickhouse

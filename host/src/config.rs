@@ -326,12 +326,14 @@ impl Config {
                     plugin.name
                 )));
             }
-            if plugin.deadline_ms == 0 || plugin.memory_mib == 0 || plugin.quarantine_after == 0 {
-                return Err(invalid(format!(
-                    "plugin {:?}: deadline_ms, memory_mib and quarantine_after must be positive",
-                    plugin.name
-                )));
-            }
+            crate::pipeline::config::check_limits(
+                &plugin.name,
+                plugin.deadline_ms,
+                plugin.memory_mib,
+                plugin.quarantine_after,
+                plugin.quarantine_secs,
+            )
+            .map_err(invalid)?;
         }
         crate::pipeline::route::Routes::new(&self.pipeline).map_err(|e| invalid(e.to_string()))?;
         let mut hooks = std::collections::HashSet::new();
@@ -467,6 +469,12 @@ mod tests {
         assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
         assert_eq!(c.kafka.fetch_wait_max_ms, 50);
         assert_eq!(c.clickhouse.database, "weir");
+        assert!(c.dedup.enabled);
+        assert_eq!(c.dedup.window_secs, 86_400);
+        assert_eq!(
+            c.dedup.when_unavailable,
+            crate::pipeline::dedup::WhenUnavailable::Wait
+        );
         let err = Config::parse("[kafka]\nfetch_wait_max_ms = 0").unwrap_err();
         assert!(
             err.to_string()
@@ -527,6 +535,37 @@ mod tests {
         );
         let err = Config::parse("[clickhouse]\ndatabase = \"weir; DROP\"").unwrap_err();
         assert!(err.to_string().contains("clickhouse.database"), "{err}");
+    }
+
+    #[test]
+    fn plugin_limits_and_the_dedup_window_are_bounded() {
+        let plugin = |limit: &str| {
+            format!("[[pipeline.plugin]]\nname = \"p\"\npath = \"p.wasm\"\n{limit}\n")
+        };
+        for (limit, want) in [
+            // 2^63 s of quarantine once panicked the worker at its first quarantine.
+            (
+                "quarantine_secs = 9223372036854775807",
+                "quarantine_secs must be 1-86400",
+            ),
+            ("quarantine_secs = 0", "quarantine_secs must be 1-86400"),
+            ("deadline_ms = 0", "deadline_ms must be 1-60000"),
+            ("deadline_ms = 600000", "deadline_ms must be 1-60000"),
+            ("memory_mib = 5000", "memory_mib must be 1-4096"),
+            ("quarantine_after = 0", "quarantine_after must be"),
+        ] {
+            let err = Config::parse(&plugin(limit)).unwrap_err().to_string();
+            assert!(
+                err.contains(want) && err.contains("plugin p"),
+                "{limit}: {err}"
+            );
+        }
+        assert!(Config::parse(&plugin("quarantine_secs = 86400")).is_ok());
+        let err = Config::parse("[dedup]\nwindow_secs = 0").unwrap_err();
+        assert!(err.to_string().contains("dedup.window_secs"), "{err}");
+        assert!(Config::parse("[dedup]\nenabled = false\nwindow_secs = 0").is_ok());
+        let err = Config::parse("[dedup]\nwhen_unavailable = \"drop\"").unwrap_err();
+        assert!(err.to_string().contains("when_unavailable"), "{err}");
     }
 
     #[test]

@@ -266,11 +266,17 @@ async fn test_plugin(
     if req.events.len() > MAX_TEST_EVENTS {
         return Err(bad(format!("at most {MAX_TEST_EVENTS} events per dry run")));
     }
-    if req.deadline_ms == 0 || req.memory_mib == 0 || req.batch_size == 0 {
-        return Err(bad(
-            "deadline_ms, memory_mib and batch_size must be positive".into(),
-        ));
+    if req.batch_size == 0 {
+        return Err(bad("batch_size must be positive".into()));
     }
+    crate::pipeline::config::check_limits(
+        &name,
+        req.deadline_ms,
+        req.memory_mib,
+        1,
+        crate::pipeline::config::default_quarantine_secs(),
+    )
+    .map_err(bad)?;
     let state = admin
         .control
         .store()

@@ -607,12 +607,14 @@ fn check_pipeline(state: &State, doc: &PipelineDoc) -> Result<(), AdminError> {
                 ),
             }));
         }
-        if entry.deadline_ms == 0 || entry.memory_mib == 0 || entry.quarantine_after == 0 {
-            return Err(invalid(format!(
-                "plugin {}: deadline_ms, memory_mib and quarantine_after must be positive",
-                entry.plugin
-            )));
-        }
+        crate::pipeline::config::check_limits(
+            &entry.plugin,
+            entry.deadline_ms,
+            entry.memory_mib,
+            entry.quarantine_after,
+            entry.quarantine_secs,
+        )
+        .map_err(invalid)?;
     }
     Ok(())
 }

@@ -141,6 +141,43 @@ pub enum FailurePolicy {
     Open,
 }
 
+/// Largest `deadline_ms` of a plugin: one batch call may take at most a minute.
+pub const MAX_DEADLINE_MS: u64 = 60_000;
+/// Largest `memory_mib`: 4 GiB, all a 32-bit linear memory can address.
+pub const MAX_MEMORY_MIB: usize = 4096;
+/// Largest `quarantine_secs`: a day.
+pub const MAX_QUARANTINE_SECS: u64 = 86_400;
+
+/// Checks a plugin's limits (from a configuration file or the control plane): each
+/// within its range, so that no value an admin sends can overflow a deadline or a
+/// quarantine's end. The message names the plugin and the limit.
+pub fn check_limits(
+    plugin: &str,
+    deadline_ms: u64,
+    memory_mib: usize,
+    quarantine_after: u32,
+    quarantine_secs: u64,
+) -> Result<(), String> {
+    let out = |what: &str, value: u64, max: u64| {
+        Err(format!(
+            "plugin {plugin}: {what} must be 1-{max}, got {value}"
+        ))
+    };
+    if !(1..=MAX_DEADLINE_MS).contains(&deadline_ms) {
+        return out("deadline_ms", deadline_ms, MAX_DEADLINE_MS);
+    }
+    if !(1..=MAX_MEMORY_MIB).contains(&memory_mib) {
+        return out("memory_mib", memory_mib as u64, MAX_MEMORY_MIB as u64);
+    }
+    if quarantine_after == 0 {
+        return out("quarantine_after", 0, u64::from(u32::MAX));
+    }
+    if !(1..=MAX_QUARANTINE_SECS).contains(&quarantine_secs) {
+        return out("quarantine_secs", quarantine_secs, MAX_QUARANTINE_SECS);
+    }
+    Ok(())
+}
+
 pub fn default_quarantine_after() -> u32 {
     3
 }
