@@ -342,21 +342,12 @@ async fn a_partly_failed_flush_is_retried_without_doubling() -> Result<()> {
         &[("sink", "clickhouse")],
     );
     assert!(errors >= 1.0, "the failed attempt is counted");
-    for (table, want) in [
-        ("events", want),
-        ("profile_viewed", sent.views.len() as u64),
-    ] {
-        assert_eq!(
-            clickhouse
-                .query(&format!(
-                    "SELECT count(), uniqExact(event_id) FROM crash.{table}"
-                ))
-                .await?,
-            format!("{want}\t{want}"),
-            "{table}"
-        );
-    }
-    Ok(())
+    clickhouse
+        .assert_each_once(&[
+            ("crash.events", want),
+            ("crash.profile_viewed", sent.views.len() as u64),
+        ])
+        .await
 }
 
 /// ClickHouse commits an INSERT into `events` but its answer never reaches weir (a
@@ -403,20 +394,11 @@ async fn a_lost_insert_answer_does_not_double_rows() -> Result<()> {
         weir_tests::metric(&metrics, "weir_replayed_rows_skipped_total", &[]) > 0.0,
         "the retry found the rows the lost INSERT had written"
     );
-    for (table, want) in [
-        ("events", want),
-        ("dead_letters", sent.rejected.len() as u64),
-        ("profile_viewed", sent.views.len() as u64),
-    ] {
-        assert_eq!(
-            clickhouse
-                .query(&format!(
-                    "SELECT count(), uniqExact(event_id) FROM crash.{table}"
-                ))
-                .await?,
-            format!("{want}\t{want}"),
-            "{table}"
-        );
-    }
-    Ok(())
+    clickhouse
+        .assert_each_once(&[
+            ("crash.events", want),
+            ("crash.dead_letters", sent.rejected.len() as u64),
+            ("crash.profile_viewed", sent.views.len() as u64),
+        ])
+        .await
 }

@@ -175,17 +175,6 @@ async fn send_events(
     Ok(())
 }
 
-/// `count(), uniqExact(event_id)` of a table.
-async fn counts(clickhouse: &ClickHouse, table: &str) -> Result<(u64, u64)> {
-    let text = clickhouse
-        .query(&format!(
-            "SELECT count(), uniqExact(event_id) FROM dd.{table}"
-        ))
-        .await?;
-    let (all, unique) = text.split_once('\t').unwrap_or(("0", "0"));
-    Ok((all.trim().parse()?, unique.trim().parse()?))
-}
-
 /// Waits until every unique event is stored, then checks that each is stored and
 /// counted once everywhere.
 async fn assert_once(
@@ -198,9 +187,9 @@ async fn assert_once(
     let mut stable = None;
     loop {
         let now = (
-            counts(clickhouse, "events").await?,
-            counts(clickhouse, "dead_letters").await?,
-            counts(clickhouse, "profile_viewed").await?,
+            clickhouse.rows_and_events("dd.events").await?,
+            clickhouse.rows_and_events("dd.dead_letters").await?,
+            clickhouse.rows_and_events("dd.profile_viewed").await?,
         );
         let complete = now.0.1 == exp.kept && now.1.1 == exp.dead && now.2.1 == exp.rows;
         // Complete, and unchanged for 2 s: late copies would have landed by then.
@@ -226,17 +215,13 @@ async fn assert_once(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    for (table, want) in [
-        ("events", exp.kept),
-        ("dead_letters", exp.dead),
-        ("profile_viewed", exp.rows),
-    ] {
-        assert_eq!(
-            counts(clickhouse, table).await?,
-            (want, want),
-            "{table}: every event once"
-        );
-    }
+    clickhouse
+        .assert_each_once(&[
+            ("dd.events", exp.kept),
+            ("dd.dead_letters", exp.dead),
+            ("dd.profile_viewed", exp.rows),
+        ])
+        .await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     for (counter, want) in [("profile_views", &exp.views), ("post_likes", &exp.likes)] {
         let key = format!("weir:c:{APP}:{counter}");
@@ -413,7 +398,7 @@ async fn without_dedup_resent_events_are_stored_twice() -> Result<()> {
             Duration::from_secs(60),
         )
         .await?;
-    let (all, unique_events) = counts(&clickhouse, "events").await?;
+    let (all, unique_events) = clickhouse.rows_and_events("dd.events").await?;
     assert!(
         all > unique_events,
         "copies are stored: {all} rows for {unique_events} events"

@@ -125,14 +125,12 @@ async fn clickhouse_down_for_30_s_loses_and_doubles_nothing() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    for (table, want) in [("events", sent), ("profile_viewed", sent)] {
-        let sql = format!("SELECT count(), uniqExact(event_id) FROM outage.{table}");
-        assert_eq!(
-            clickhouse.query(&sql).await?,
-            format!("{want}\t{want}"),
-            "{table}: rows and distinct events"
-        );
-    }
+    clickhouse
+        .assert_each_once(&[
+            ("outage.events", sent as u64),
+            ("outage.profile_viewed", sent as u64),
+        ])
+        .await?;
     assert_eq!(redis.hgetall("weir:c:outage:profile_views")?, views);
     // The consumer lag of every partition, reported by librdkafka, is back to 0.
     let started = Instant::now();
@@ -265,14 +263,12 @@ async fn a_rebalance_during_an_outage_loses_and_doubles_nothing() -> Result<()> 
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    for table in ["events", "profile_viewed"] {
-        let sql = format!("SELECT count(), uniqExact(event_id) FROM outage.{table}");
-        assert_eq!(
-            clickhouse.query(&sql).await?,
-            format!("{sent}\t{sent}"),
-            "{table}"
-        );
-    }
+    clickhouse
+        .assert_each_once(&[
+            ("outage.events", sent as u64),
+            ("outage.profile_viewed", sent as u64),
+        ])
+        .await?;
     assert_eq!(redis.hgetall("weir:c:outage:profile_views")?, views);
     Ok(())
 }

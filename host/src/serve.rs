@@ -134,8 +134,13 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             .with_control(swap_rx, running_tx, shared_routes.clone());
             let worker = if config.dedup.enabled {
                 worker.with_dedup(
-                    Dedup::new(&config.redis, &config.dedup, &config.kafka.group)
-                        .context("cannot set up deduplication in Redis")?,
+                    Dedup::new(
+                        &config.redis,
+                        &config.dedup,
+                        &config.kafka.group,
+                        Duration::from_millis(config.processor.retry_backoff_ms),
+                    )
+                    .context("cannot set up deduplication in Redis")?,
                 )
             } else {
                 warn!("dedup.enabled = false: events a client sends twice are written twice");

@@ -442,6 +442,33 @@ impl ClickHouse {
         text.parse()
             .with_context(|| format!("expected a number from {sql:?}, got {text:?}"))
     }
+
+    /// `count()` and `uniqExact(event_id)` of `table` (`db.table`): its rows and the
+    /// distinct events among them.
+    pub async fn rows_and_events(&self, table: &str) -> Result<(u64, u64)> {
+        let sql = format!("SELECT count(), uniqExact(event_id) FROM {table}");
+        let text = self.query(&sql).await?;
+        let parsed = text
+            .split_once('\t')
+            .and_then(|(rows, events)| Some((rows.parse().ok()?, events.parse().ok()?)));
+        parsed.with_context(|| format!("expected two numbers from {sql:?}, got {text:?}"))
+    }
+
+    /// Fails unless each `(table, want)` (`db.table`) holds `want` rows of `want`
+    /// distinct events: every event once.
+    pub async fn assert_each_once(&self, tables: &[(&str, u64)]) -> Result<()> {
+        for &(table, want) in tables {
+            let have = self.rows_and_events(table).await?;
+            if have != (want, want) {
+                bail!(
+                    "{table}: {} rows of {} distinct events, want {want} of {want}",
+                    have.0,
+                    have.1
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A Redis server with its state (append-only file, fsynced on every write) in a temp

@@ -29,6 +29,10 @@ pub struct ProcessorConfig {
     pub retry_backoff_ms: u64,
 }
 
+/// Longest pause between two retries (of a failed flush, of a deduplication check):
+/// `retry_backoff_ms` doubles up to it.
+pub const MAX_RETRY_BACKOFF: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Default for ProcessorConfig {
     fn default() -> Self {
         Self {

@@ -34,13 +34,17 @@
 //! waits and retries with consumption paused, like a sink that does not take a batch.
 
 use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use tokio::time::Instant;
 
+use super::config::MAX_RETRY_BACKOFF;
 use crate::metrics::events::{
-    DedupStateLost, DedupWindowStarted, DuplicatesDropped, InternalEvent,
+    DedupCheckFailed, DedupSkipped, DedupStateLost, DedupWindowStarted, DuplicatesDropped,
+    InternalEvent,
 };
 use crate::model::{Origin, WireEvent};
 use crate::sinks::counters::{RedisConfig, connect};
@@ -112,6 +116,11 @@ pub struct Dedup {
     /// Whether this instance has seen the marker (so that its disappearance is news).
     marker_seen: bool,
     when_unavailable: WhenUnavailable,
+    /// First pause after a failed check, with `when_unavailable = "pass"`.
+    retry_backoff: Duration,
+    /// With `when_unavailable = "pass"`, after a failed check: until when flushes pass
+    /// unchecked without asking Redis, and the backoff that led there.
+    down: Option<(Instant, Duration)>,
 }
 
 /// How an event's claim is stored: its Kafka coordinates, 16 bytes big-endian.
@@ -124,8 +133,15 @@ fn claim(o: &Origin) -> [u8; 16] {
 }
 
 impl Dedup {
-    /// The window of consumer group `group`; connects to Redis on first use.
-    pub fn new(redis: &RedisConfig, cfg: &DedupConfig, group: &str) -> Result<Self, DedupError> {
+    /// The window of consumer group `group`; connects to Redis on first use. With
+    /// `when_unavailable = "pass"`, a failed check leaves Redis alone for
+    /// `retry_backoff` (doubled after each failure up to 30 s).
+    pub fn new(
+        redis: &RedisConfig,
+        cfg: &DedupConfig,
+        group: &str,
+        retry_backoff: Duration,
+    ) -> Result<Self, DedupError> {
         let conn = connect(redis).map_err(|source| DedupError::Redis {
             url: redis.url.clone(),
             source,
@@ -139,12 +155,9 @@ impl Dedup {
             window_secs: cfg.window_secs,
             marker_seen: false,
             when_unavailable: cfg.when_unavailable,
+            retry_backoff,
+            down: None,
         })
-    }
-
-    /// What a flush does while Redis does not answer.
-    pub fn when_unavailable(&self) -> WhenUnavailable {
-        self.when_unavailable
     }
 
     /// The Redis key of an event: fixed length whatever the event id's (up to 256
@@ -166,8 +179,50 @@ impl Dedup {
     /// offset)`: records that replay dead letters) are kept and take the claim over, so
     /// that a copy sent later, or their original read again, is dropped. Returns how many
     /// were removed. On error `events` is unchanged (claims made by a failed round trip
-    /// are the events' own, so the retry keeps them).
+    /// are the events' own, so the retry keeps them). With `when_unavailable = "pass"`
+    /// it does not fail: while Redis does not answer, the events stay unchecked.
     pub async fn filter(
+        &mut self,
+        events: &mut Vec<(Origin, String, WireEvent)>,
+        replays: &HashSet<(i32, i64)>,
+    ) -> Result<usize, DedupError> {
+        let pass = self.when_unavailable == WhenUnavailable::Pass;
+        if pass && self.down.is_some_and(|(until, _)| Instant::now() < until) {
+            DedupSkipped {
+                events: events.len(),
+            }
+            .emit();
+            return Ok(0);
+        }
+        let started = Instant::now();
+        match self.check(events, replays).await {
+            Ok(dropped) => {
+                crate::metrics::DEDUP_DURATION.observe(started.elapsed().as_secs_f64());
+                self.down = None;
+                Ok(dropped)
+            }
+            Err(e) if pass => {
+                let retry_in = self
+                    .down
+                    .map_or(self.retry_backoff, |(_, b)| (b * 2).min(MAX_RETRY_BACKOFF));
+                self.down = Some((Instant::now() + retry_in, retry_in));
+                DedupCheckFailed {
+                    error: &e,
+                    retry_in,
+                }
+                .emit();
+                DedupSkipped {
+                    events: events.len(),
+                }
+                .emit();
+                Ok(0)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One check of `events` in Redis (see [`Dedup::filter`]).
+    async fn check(
         &mut self,
         events: &mut Vec<(Origin, String, WireEvent)>,
         replays: &HashSet<(i32, i64)>,
@@ -281,7 +336,13 @@ mod tests {
 
     #[tokio::test]
     async fn keys_separate_apps_and_have_a_fixed_length() {
-        let d = Dedup::new(&RedisConfig::default(), &DedupConfig::default(), "g").unwrap();
+        let d = Dedup::new(
+            &RedisConfig::default(),
+            &DedupConfig::default(),
+            "g",
+            Duration::from_millis(500),
+        )
+        .unwrap();
         let a = d.key("app", "e1");
         assert!(a.starts_with(b"weir:d:g:"));
         assert_eq!(a.len(), "weir:d:g:".len() + 16);

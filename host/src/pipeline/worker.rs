@@ -34,14 +34,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::config::ProcessorConfig;
-use super::dedup::{Dedup, WhenUnavailable};
+use super::config::{MAX_RETRY_BACKOFF, ProcessorConfig};
+use super::dedup::Dedup;
 use super::route::Routes;
 use super::{Pipeline, Tag};
 use crate::bus::{self, Consumer};
 use crate::metrics::events::{
-    BatchFlushed, ConsumptionPaused, ConsumptionResumed, DedupCheckFailed, DedupSkipped,
-    InternalEvent, RevokedDuringFailingFlush, SinkWriteFailed, UndecodableRecord,
+    BatchFlushed, ConsumptionPaused, ConsumptionResumed, DedupCheckFailed, InternalEvent,
+    RevokedDuringFailingFlush, SinkWriteFailed, UndecodableRecord,
 };
 use crate::model::{Batch, DeadLetter, Origin, WireEvent};
 use crate::sinks::{Flush, Sink};
@@ -75,9 +75,6 @@ impl Running {
 /// The tables and counters of the pipeline in force, shared by the processor (which
 /// replaces them on a hot swap) and the counters API.
 pub type SharedRoutes = Arc<std::sync::RwLock<Arc<Routes>>>;
-
-/// Longest pause between retries of a failed flush.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// How often held-back offsets are tried again while no batch commits them.
 const HELD_RETRY: Duration = Duration::from_millis(500);
@@ -173,9 +170,6 @@ pub struct Worker {
     shared_routes: Option<SharedRoutes>,
     /// Drops copies of events already received (client resends), when enabled.
     dedup: Option<Dedup>,
-    /// With `dedup.when_unavailable = "pass"`, after a failed check: until when flushes
-    /// pass unchecked without asking Redis, and the backoff that led there.
-    dedup_down: Option<(Instant, Duration)>,
 }
 
 impl Worker {
@@ -198,7 +192,6 @@ impl Worker {
             running: None,
             shared_routes: None,
             dedup: None,
-            dedup_down: None,
         }
     }
 
@@ -467,7 +460,7 @@ impl Worker {
             if stop {
                 break false;
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
         };
         for sink in &mut self.sinks {
             sink.finish();
@@ -495,41 +488,10 @@ impl Worker {
             let Some(dedup) = self.dedup.as_mut() else {
                 break true;
             };
-            let pass = dedup.when_unavailable() == WhenUnavailable::Pass;
-            if pass
-                && self
-                    .dedup_down
-                    .is_some_and(|(until, _)| Instant::now() < until)
-            {
-                DedupSkipped {
-                    events: events.len(),
-                }
-                .emit();
-                break true;
-            }
-            let started = std::time::Instant::now();
+            // With `when_unavailable = "pass"` this does not fail: the events go on
+            // unchecked.
             match dedup.filter(events, replays).await {
-                Ok(_) => {
-                    crate::metrics::DEDUP_DURATION.observe(started.elapsed().as_secs_f64());
-                    self.dedup_down = None;
-                    break true;
-                }
-                Err(e) if pass => {
-                    let retry_in = self
-                        .dedup_down
-                        .map_or(backoff, |(_, b)| (b * 2).min(MAX_BACKOFF));
-                    self.dedup_down = Some((Instant::now() + retry_in, retry_in));
-                    DedupCheckFailed {
-                        error: &e,
-                        retry_in,
-                    }
-                    .emit();
-                    DedupSkipped {
-                        events: events.len(),
-                    }
-                    .emit();
-                    break true;
-                }
+                Ok(_) => break true,
                 Err(e) => DedupCheckFailed {
                     error: &e,
                     retry_in: backoff,
@@ -547,7 +509,7 @@ impl Worker {
             if stop {
                 break false;
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            backoff = (backoff * 2).min(MAX_RETRY_BACKOFF);
         };
         if let Some(list) = paused {
             self.resume(&list);

@@ -85,6 +85,14 @@ pub fn connect(cfg: &RedisConfig) -> Result<ConnectionManager, redis::RedisError
     ConnectionManager::new_lazy_with_config(client, config)
 }
 
+/// [`connect`], its error named as the counters' own.
+fn connect_counters(cfg: &RedisConfig) -> Result<ConnectionManager, CounterError> {
+    connect(cfg).map_err(|source| CounterError::Redis {
+        url: cfg.url.clone(),
+        source,
+    })
+}
+
 /// `YYYY-MM-DD` of a time in ms since the epoch (UTC).
 fn day_of(ms: i64) -> String {
     let days = ms.div_euclid(86_400_000);
@@ -128,10 +136,7 @@ impl CounterSink {
         retry_backoff: Duration,
     ) -> Result<Self, CounterError> {
         Ok(Self {
-            conn: connect(cfg).map_err(|source| CounterError::Redis {
-                url: cfg.url.clone(),
-                source,
-            })?,
+            conn: connect_counters(cfg)?,
             url: cfg.url.clone(),
             offsets_key: format!("{}:offsets:{group}:{topic}", cfg.key_prefix),
             prefix: cfg.key_prefix.clone(),
@@ -439,10 +444,7 @@ pub struct DayValue {
 impl CounterReader {
     pub fn new(cfg: &RedisConfig) -> Result<Self, CounterError> {
         Ok(Self {
-            conn: connect(cfg).map_err(|source| CounterError::Redis {
-                url: cfg.url.clone(),
-                source,
-            })?,
+            conn: connect_counters(cfg)?,
             url: cfg.url.clone(),
             prefix: cfg.key_prefix.clone(),
         })
