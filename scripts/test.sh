@@ -25,6 +25,7 @@ scripts/stack.sh install
 # days go (cargo relinks one if it is needed again), and the incremental cache when it
 # passes 15 GiB. A full disk made the linker die with a bus error.
 step "Pruning stale build outputs in $CARGO_TARGET_DIR"
+mkdir -p "$CARGO_TARGET_DIR"
 for dir in "$CARGO_TARGET_DIR"/{debug,release}/deps; do
   [ -d "$dir" ] && find "$dir" -maxdepth 1 -type f -executable ! -name '*.so' -mtime +2 -delete
 done
