@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Result, bail};
 use serde_json::{Value, json};
 use weir_tests::{
-    AnswerCutter, ClickHouse, Lcg, Redis, Tansu, WRITE_KEY, Weir, engagement_pipeline,
+    AnswerCutter, ClickHouse, KafkaCutter, Lcg, Redis, Tansu, WRITE_KEY, Weir, engagement_pipeline,
 };
 
 const EVENTS: usize = 12_000;
@@ -400,5 +400,160 @@ async fn a_lost_insert_answer_does_not_double_rows() -> Result<()> {
             ("crash.dead_letters", sent.rejected.len() as u64),
             ("crash.profile_viewed", sent.views.len() as u64),
         ])
+        .await
+}
+
+/// Kafka stores a produce request but its answer never reaches weir (a proxy owned by
+/// the test closes the connection once the broker handled the request), so librdkafka
+/// sends the records again. The ingest producer and the topic sink's are idempotent:
+/// the broker recognises the resend by its producer id and sequence numbers and
+/// stores each record once. (Deduplication would hide a doubled ingest record from
+/// the tables; the topics themselves are what is counted here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_produce_answer_does_not_double_records() -> Result<()> {
+    let port = weir_tests::free_port();
+    let upstream = SocketAddr::from(([127, 0, 0, 1], port));
+    // The first produce is ingest's record, the second the topic sink's.
+    let cutter = KafkaCutter::start(upstream, 0, 2).await?;
+    let tansu = Tansu::start_on(port, Some(cutter.addr.port()))?;
+    tansu.create_topic("weir.events", 4)?;
+    let clickhouse = ClickHouse::start()?;
+    let redis = Redis::start()?;
+    let cfg = config(&tansu, &clickhouse, &redis, true)
+        + r#"
+[[pipeline.topic]]
+name = "signups"
+topic = "weir.signups"
+events = ["signup_completed"]
+"#;
+    let weir = Weir::start(&cfg)?;
+    weir.wait_for_partitions(Duration::from_secs(30))?;
+    let batch: Vec<Value> = (0..10)
+        .map(|i| json!({"name": "signup_completed", "event_id": format!("lp{i}"), "user_id": format!("u{i}")}))
+        .collect();
+    weir.post(&batch).await?;
+    clickhouse
+        .wait_for_count(
+            "SELECT count() FROM crash.events",
+            10,
+            Duration::from_secs(60),
+        )
+        .await?;
+    let started = Instant::now();
+    while cutter.cut() < 2 {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "{} produce answers cut, want 2; log:\n{}",
+                cutter.cut(),
+                weir.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let bootstrap = tansu.bootstrap();
+    let ingested = weir_tests::read_topic(&bootstrap, "weir.events").await?;
+    assert_eq!(ingested.len(), 1, "the request's record stored once");
+    let forwarded = weir_tests::read_topic(&bootstrap, "weir.signups").await?;
+    let ids: BTreeSet<&[u8]> = forwarded.iter().map(|(_, p)| p.as_slice()).collect();
+    assert_eq!(
+        (forwarded.len(), ids.len()),
+        (10, 10),
+        "each event forwarded once"
+    );
+    clickhouse.assert_each_once(&[("crash.events", 10)]).await
+}
+
+/// A batch whose plugin work takes longer than `max.poll.interval.ms` (6 s here: a
+/// plugin that runs every call with a `loop` event to its 2 s deadline, and the calls
+/// that split such a batch to find the event: about 37 s). If the processor stopped
+/// polling meanwhile, librdkafka would leave the group, its partitions would go to a
+/// new owner (itself, rejoining) while it still wrote the batch, and its commit would
+/// fail (measured before the fix: "Application maximum poll interval (6000ms)
+/// exceeded", all 4 partitions revoked, the commit refused as UnknownMemberId). The
+/// processor keeps polling between plugin calls, so the instance keeps its
+/// partitions, and every event lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_batch_keeps_the_instance_in_its_group() -> Result<()> {
+    let tansu = Tansu::start()?;
+    tansu.create_topic("weir.events", 4)?;
+    let clickhouse = ClickHouse::start()?;
+    let redis = Redis::start()?;
+    let cfg = format!(
+        r#"
+[ingest]
+listen = "{{ingest}}"
+[[app]]
+name = "slow"
+write_keys = ["{WRITE_KEY}"]
+[kafka]
+brokers = "{}"
+session_timeout_ms = 6000
+properties = {{ "max.poll.interval.ms" = "6000" }}
+[clickhouse]
+url = "{}"
+database = "slow"
+[processor]
+flush_max_events = 1000
+flush_interval_ms = 500
+plugin_batch_size = 20
+[[pipeline.plugin]]
+name = "hostile"
+path = "{}"
+deadline_ms = 2000
+quarantine_after = 1000
+"#,
+        tansu.bootstrap(),
+        clickhouse.url(),
+        weir_tests::plugin_path("hostile").display(),
+    ) + &redis.section();
+    let weir = Weir::start(&cfg)?;
+    weir.wait_for_partitions(Duration::from_secs(30))?;
+    // Idle for longer than max.poll.interval.ms first: waiting for records must count
+    // as polling too.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let started = Instant::now();
+    // One request: one flush, with four `loop` events among 200 (each fails its call
+    // at the deadline, then again as the call is split to find it).
+    let batch: Vec<Value> = (0..204)
+        .map(|i| {
+            let name = if i % 51 == 50 { "loop" } else { "app_opened" };
+            json!({"name": name, "event_id": format!("s{i:03}"), "user_id": "u1"})
+        })
+        .collect();
+    weir.post(&batch).await?;
+    clickhouse
+        .wait_for_count(
+            "SELECT count() FROM slow.dead_letters",
+            4,
+            Duration::from_secs(120),
+        )
+        .await?;
+    clickhouse
+        .wait_for_count(
+            "SELECT count() FROM slow.events",
+            200,
+            Duration::from_secs(30),
+        )
+        .await?;
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let metrics = weir.metrics().await?;
+    let flush = weir_tests::metric(&metrics, "weir_processor_flush_duration_seconds_sum", &[]);
+    assert!(
+        flush > 6.0,
+        "the batch took longer than max.poll.interval.ms ({flush:.1} s of flushes, {took:?} in all)"
+    );
+    assert_eq!(
+        weir_tests::metric(
+            &metrics,
+            "weir_kafka_rebalances_total",
+            &[("kind", "revoked")]
+        ),
+        0.0,
+        "the instance kept its partitions; log:\n{}",
+        weir.log()
+    );
+    clickhouse
+        .assert_each_once(&[("slow.events", 200), ("slow.dead_letters", 4)])
         .await
 }

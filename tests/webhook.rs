@@ -33,6 +33,8 @@ struct Endpoint {
     seen: Mutex<Seen>,
     /// Answer 500 until this moment (`None`: always).
     fail_until: Mutex<Option<Instant>>,
+    /// Answer this long after a request arrived, in milliseconds.
+    delay_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Endpoint {
@@ -43,6 +45,10 @@ impl Endpoint {
 }
 
 async fn hook(State(ep): State<Arc<Endpoint>>, headers: HeaderMap, body: String) -> StatusCode {
+    let delay = ep.delay_ms.load(std::sync::atomic::Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     let mut seen = ep.seen.lock().unwrap();
     if !headers.contains_key("idempotency-key") {
         seen.without_key += 1;
@@ -72,6 +78,7 @@ async fn endpoint(fail_for: Option<Duration>) -> Result<(SocketAddr, Arc<Endpoin
     let ep = Arc::new(Endpoint {
         seen: Mutex::default(),
         fail_until: Mutex::new(fail_for.map(|d| Instant::now() + d)),
+        delay_ms: Default::default(),
     });
     let app = axum::Router::new()
         .route("/hook", axum::routing::post(hook))
@@ -492,4 +499,62 @@ url = "http://{addr}/hook"
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(ep.seen.lock().unwrap().accepted, want);
     Ok(())
+}
+
+/// A webhook that answers slowly (1.5 s a request of 10 events) with room for 20
+/// events in its queue: the processor must not wait for room inside its write (it
+/// would stop polling Kafka, and under `max.poll.interval.ms` = 6 s the instance would
+/// leave its group while it still held the batch). It takes no new batch while the
+/// webhook is full, polls meanwhile, and every signup is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_webhook_keeps_the_instance_in_its_group() -> Result<()> {
+    let tansu = Tansu::start()?;
+    tansu.create_topic("weir.events", 4)?;
+    let clickhouse = ClickHouse::start()?;
+    let (addr, ep) = endpoint(Some(Duration::ZERO)).await?;
+    ep.delay_ms.store(1500, std::sync::atomic::Ordering::SeqCst);
+    let redis = Redis::start()?;
+    let cfg = config(&tansu, &clickhouse, "slowhook", addr, 5)
+        .replace(
+            "session_timeout_ms = 6000\n",
+            "session_timeout_ms = 6000\nproperties = { \"max.poll.interval.ms\" = \"6000\" }\n",
+        )
+        .replace("batch_size = 50\n", "batch_size = 10\nmax_pending = 20\n")
+        + &redis.section();
+    let weir = Weir::start(&cfg)?;
+    weir.wait_for_partitions(Duration::from_secs(30))?;
+    let signups = post_events(&weir, 300).await?;
+    let started = Instant::now();
+    while ep.seen.lock().unwrap().accepted.len() < signups {
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!(
+                "{} of {signups} delivered; log:\n{}",
+                ep.seen.lock().unwrap().accepted.len(),
+                weir.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let took = started.elapsed();
+    assert!(
+        took > Duration::from_secs(6),
+        "delivery took longer than max.poll.interval.ms ({took:?})"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let metrics = weir.metrics().await?;
+    assert_eq!(
+        weir_tests::metric(
+            &metrics,
+            "weir_kafka_rebalances_total",
+            &[("kind", "revoked")]
+        ),
+        0.0,
+        "the instance kept its partitions; log:\n{}",
+        weir.log()
+    );
+    let once = ep.seen.lock().unwrap().accepted.values().all(|n| *n == 1);
+    assert!(once, "none twice");
+    clickhouse
+        .assert_each_once(&[("slowhook.events", 300)])
+        .await
 }

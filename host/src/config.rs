@@ -312,6 +312,13 @@ impl Config {
                 "processor.flush_max_events, flush_interval_ms and plugin_batch_size must be positive",
             ));
         }
+        if p.drain_timeout_ms > crate::pipeline::config::MAX_DRAIN_TIMEOUT_MS {
+            return Err(invalid(format!(
+                "processor.drain_timeout_ms must be at most {}, not {}",
+                crate::pipeline::config::MAX_DRAIN_TIMEOUT_MS,
+                p.drain_timeout_ms
+            )));
+        }
         if !is_identifier(&self.clickhouse.database) {
             return Err(invalid(format!(
                 "clickhouse.database {:?} must match [A-Za-z_][A-Za-z0-9_]*",
@@ -389,6 +396,15 @@ impl Config {
             {
                 return Err(invalid(format!(
                     "topic sink {n}: events must list valid event names"
+                )));
+            }
+            let range = crate::sinks::topic::MAX_RECORD_BYTES;
+            if !range.contains(&t.max_record_bytes) {
+                return Err(invalid(format!(
+                    "topic sink {n}: max_record_bytes = {} is outside {}-{}",
+                    t.max_record_bytes,
+                    range.start(),
+                    range.end()
                 )));
             }
         }

@@ -255,6 +255,8 @@ pub fn find_program(name: &str) -> Result<PathBuf> {
 /// The Tansu broker, memory storage, on a free port.
 pub struct Tansu {
     pub port: u16,
+    /// The port it tells clients to use (a proxy's), if not its own.
+    advertised: Option<u16>,
     dir: TempDir,
     proc: Option<Proc>,
     starts: u32,
@@ -262,8 +264,15 @@ pub struct Tansu {
 
 impl Tansu {
     pub fn start() -> Result<Tansu> {
+        Self::start_on(free_port(), None)
+    }
+
+    /// A broker on `port` that advertises `advertised` (a proxy in front of it) to its
+    /// clients, so that every connection goes through the proxy.
+    pub fn start_on(port: u16, advertised: Option<u16>) -> Result<Tansu> {
         let mut t = Tansu {
-            port: free_port(),
+            port,
+            advertised,
             dir: TempDir::new("tansu"),
             proc: None,
             starts: 0,
@@ -273,7 +282,7 @@ impl Tansu {
     }
 
     pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("127.0.0.1:{}", self.advertised.unwrap_or(self.port))
     }
 
     /// Starts the broker again on the same port (memory storage: it starts empty).
@@ -281,6 +290,7 @@ impl Tansu {
         self.stop();
         self.starts += 1;
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised.unwrap_or(self.port));
         let log = self.dir.path().join(format!("tansu-{}.log", self.starts));
         let proc = Proc::spawn(
             "tansu",
@@ -290,7 +300,7 @@ impl Tansu {
                     "--listener-url",
                     &url,
                     "--advertised-listener-url",
-                    &url,
+                    &advertised,
                 ])
                 .args(["--storage-engine", "memory://tansu/"]),
             log,
@@ -963,4 +973,141 @@ async fn cut_connection(
         }
     }
     upstream.abort();
+}
+
+/// A TCP proxy in front of a Kafka broker that loses answers: for the first `cuts`
+/// requests with Kafka API key `api_key` (0: Produce), it forwards the request, lets
+/// the broker handle it, and closes the client's connection instead of forwarding the
+/// answer. The broker stored the records; the client never hears of it and retries.
+/// The broker must advertise the proxy's port ([`Tansu::start_on`]).
+pub struct KafkaCutter {
+    pub addr: SocketAddr,
+    cut: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl KafkaCutter {
+    pub async fn start(upstream: SocketAddr, api_key: i16, cuts: usize) -> Result<Self> {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let left = Arc::new(AtomicUsize::new(cuts));
+        let cut = Arc::new(AtomicUsize::new(0));
+        let (l, c) = (left.clone(), cut.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                tokio::spawn(cut_kafka_connection(
+                    client,
+                    server,
+                    api_key,
+                    l.clone(),
+                    c.clone(),
+                ));
+            }
+        });
+        Ok(Self { addr, cut, task })
+    }
+
+    /// How many answers it cut so far.
+    pub fn cut(&self) -> usize {
+        self.cut.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for KafkaCutter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Follows Kafka request frames (a 4-byte size, then the API key) in a byte stream.
+#[derive(Default)]
+struct KafkaFrames {
+    header: Vec<u8>,
+    /// Bytes of the current frame still to pass.
+    left: usize,
+}
+
+impl KafkaFrames {
+    /// The API keys of the frames whose header completes in `chunk`.
+    fn feed(&mut self, mut chunk: &[u8]) -> Vec<i16> {
+        let mut keys = Vec::new();
+        while !chunk.is_empty() {
+            if self.left > 0 {
+                let n = self.left.min(chunk.len());
+                self.left -= n;
+                chunk = &chunk[n..];
+                continue;
+            }
+            let n = (6 - self.header.len()).min(chunk.len());
+            self.header.extend_from_slice(&chunk[..n]);
+            chunk = &chunk[n..];
+            if self.header.len() == 6 {
+                let h = &self.header;
+                let size = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+                keys.push(i16::from_be_bytes([h[4], h[5]]));
+                self.left = size.saturating_sub(2);
+                self.header.clear();
+            }
+        }
+        keys
+    }
+}
+
+async fn cut_kafka_connection(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    api_key: i16,
+    left: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    cut: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    // Set before the request to cut is forwarded: from then on nothing goes back.
+    let cutting = Arc::new(AtomicBool::new(false));
+    let flag = cutting.clone();
+    let downstream = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match sr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if flag.load(Ordering::SeqCst) || cw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut frames = KafkaFrames::default();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match cr.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let hit = frames.feed(&buf[..n]).contains(&api_key)
+            && left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| l.checked_sub(1))
+                .is_ok();
+        if hit {
+            cutting.store(true, Ordering::SeqCst);
+        }
+        if sw.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        if hit {
+            // Let the broker handle the request, then drop both connections.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            cut.fetch_add(1, Ordering::SeqCst);
+            break;
+        }
+    }
+    downstream.abort();
 }

@@ -8,7 +8,7 @@ pub use config::KafkaConfig;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -22,7 +22,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{info, warn};
 
 use crate::metrics::events::{
-    InternalEvent, PartitionsAssigned, PartitionsRevoked, RebalanceFailed,
+    InternalEvent, PartitionsAssigned, PartitionsRevoked, ProducerReplaced, RebalanceFailed,
 };
 use crate::model::IngestRecord;
 
@@ -49,10 +49,87 @@ fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// The ingest side: writes one record per accepted request, acks=all.
+/// An idempotent producer that replaces itself when it keeps failing.
+///
+/// An idempotent producer has an identity at the broker (a producer id and epoch)
+/// that numbers its records, so that a resend of a request whose answer was lost is
+/// stored once. When the broker forgets that identity (a broker that lost its state,
+/// as Tansu's memory storage does on a restart; a producer id expired on an idle
+/// producer), librdkafka bumps the epoch itself and sends again, which such a broker
+/// refuses as an unknown producer, forever. So once every send has failed for
+/// `patience`, the next send gets a new producer (a new identity); sends that fail
+/// meanwhile fail as before (the caller answers 503 or retries).
+pub struct SelfHealingProducer {
+    config: ClientConfig,
+    current: std::sync::RwLock<FutureProducer>,
+    /// Since when every send failed (`None`: the last one succeeded).
+    failing_since: Mutex<Option<Instant>>,
+    patience: Duration,
+    /// Who it produces for, in logs.
+    name: String,
+}
+
+impl SelfHealingProducer {
+    /// `config` with acks=all and idempotence set.
+    pub fn new(
+        mut config: ClientConfig,
+        patience: Duration,
+        name: impl Into<String>,
+    ) -> Result<Self, KafkaError> {
+        config.set("acks", "all").set("enable.idempotence", "true");
+        let current = config.create()?;
+        Ok(Self {
+            config,
+            current: std::sync::RwLock::new(current),
+            failing_since: Mutex::new(None),
+            patience,
+            name: name.into(),
+        })
+    }
+
+    /// The producer to send with now.
+    pub fn get(&self) -> FutureProducer {
+        self.current.read().expect("producer lock").clone()
+    }
+
+    /// A send succeeded.
+    pub fn succeeded(&self) {
+        *self.failing_since.lock().expect("producer lock") = None;
+    }
+
+    /// A send failed with `error`: once sends have failed for `patience` (or at once
+    /// when librdkafka calls the producer's state fatal), it is replaced.
+    pub fn failed(&self, error: &KafkaError) {
+        let now = Instant::now();
+        let mut since = self.failing_since.lock().expect("producer lock");
+        let first = *since.get_or_insert(now);
+        let fatal = self.get().client().fatal_error();
+        if fatal.is_none() && now.duration_since(first) < self.patience {
+            return;
+        }
+        match self.config.create::<FutureProducer>() {
+            Ok(fresh) => {
+                *self.current.write().expect("producer lock") = fresh;
+                *since = None;
+                ProducerReplaced {
+                    producer: &self.name,
+                    failing_for: now.duration_since(first),
+                    error,
+                }
+                .emit();
+            }
+            Err(e) => {
+                warn!(producer = %self.name, error = %e, "cannot create a new Kafka producer")
+            }
+        }
+    }
+}
+
+/// The ingest side: writes one record per accepted request, acks=all, idempotent (a
+/// resend of a request whose answer was lost is stored once).
 #[derive(Clone)]
 pub struct Producer {
-    inner: FutureProducer,
+    inner: Arc<SelfHealingProducer>,
     topic: Arc<str>,
     timeout: Duration,
 }
@@ -60,15 +137,17 @@ pub struct Producer {
 impl Producer {
     pub fn new(cfg: &KafkaConfig) -> Result<Self, BusError> {
         let timeout = Duration::from_millis(cfg.produce_timeout_ms);
-        let inner: FutureProducer = client_config(cfg)
-            .set("acks", "all")
+        let mut config = client_config(cfg);
+        config
             .set("message.timeout.ms", cfg.produce_timeout_ms.to_string())
             .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
             .set("linger.ms", cfg.linger_ms.to_string())
-            .set("reconnect.backoff.max.ms", "1000")
-            .create()?;
+            .set("reconnect.backoff.max.ms", "1000");
+        // Two produce timeouts of nothing but failures: the broker is back (or was
+        // never gone) and does not know the producer.
+        let inner = SelfHealingProducer::new(config, timeout * 2, "ingest")?;
         Ok(Self {
-            inner,
+            inner: Arc::new(inner),
             topic: cfg.topic.as_str().into(),
             timeout,
         })
@@ -89,18 +168,29 @@ impl Producer {
             .payload(&payload)
             .key(key)
             .headers(headers);
-        match self.inner.send(fut, Timeout::After(self.timeout)).await {
-            Ok(delivery) => Ok((delivery.partition, delivery.offset)),
+        match self
+            .inner
+            .get()
+            .send(fut, Timeout::After(self.timeout))
+            .await
+        {
+            Ok(delivery) => {
+                self.inner.succeeded();
+                Ok((delivery.partition, delivery.offset))
+            }
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
                 Err(BusError::TooLarge(payload.len()))
             }
-            Err((e, _)) => Err(BusError::Unavailable(e)),
+            Err((e, _)) => {
+                self.inner.failed(&e);
+                Err(BusError::Unavailable(e))
+            }
         }
     }
 
     /// True when the broker answers a metadata request for the topic within `timeout`.
     pub async fn is_ready(&self, timeout: Duration) -> bool {
-        let producer = self.inner.clone();
+        let producer = self.inner.get();
         let topic = self.topic.clone();
         tokio::task::spawn_blocking(move || {
             producer
@@ -115,7 +205,7 @@ impl Producer {
 
     /// Waits until queued records are delivered (used at shutdown).
     pub fn flush(&self, timeout: Duration) {
-        if let Err(e) = self.inner.flush(timeout) {
+        if let Err(e) = self.inner.get().flush(timeout) {
             warn!(error = %e, "records still queued for Kafka at shutdown");
         }
     }

@@ -5,7 +5,9 @@
 //! record (same `event_id`, same app, received now), so it goes through the schemas,
 //! the plugins and the sinks like any event. Dead letters whose event is already in
 //! `events` are skipped (a webhook dead letter, or one replayed before), as are records
-//! that were never events (stage `decode`). The dead letter rows stay where they are.
+//! that were never events (stage `decode`) and events a sink refused (stage `sink`:
+//! the other sinks took them, and a replay would reach those again). The dead letter
+//! rows stay where they are.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -94,6 +96,16 @@ impl DeadLetters {
             }
             if present.contains(&d.event_id) {
                 report.skipped.push(skip("the event is in events already"));
+                continue;
+            }
+            if Stage::parse(&d.stage) == Some(Stage::Sink) {
+                // The other sinks took the event when this one refused it: a replay
+                // goes through every sink, and would deliver it to them again.
+                report.skipped.push(skip(&format!(
+                    "{} refused the event after the other sinks took it; a replay would \
+                     deliver it to them again (its event is in raw)",
+                    d.plugin
+                )));
                 continue;
             }
             let parsed =

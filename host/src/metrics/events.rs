@@ -58,15 +58,51 @@ impl InternalEvent for RebalanceFailed<'_> {
     }
 }
 
-/// A rebalance took partitions from a flush that was failing: their events were taken
-/// out of the batch and are left to the partitions' new owner.
-pub struct RevokedDuringFailingFlush<'a> {
+/// The processor waited for sinks that held as much undelivered data as they may
+/// (`redis.max_pending`, a webhook's `max_pending`) before it took a new batch.
+pub struct SinksCaughtUp {
+    pub waited: Duration,
+}
+
+impl InternalEvent for SinksCaughtUp {
+    fn emit(self) {
+        warn!(
+            waited_ms = self.waited.as_millis() as u64,
+            "a sink held as much undelivered data as it may (redis.max_pending, a webhook's max_pending): the pipeline waited for it, polling Kafka with consumption paused"
+        );
+        SINK_FULL_WAIT.inc_by(self.waited.as_secs_f64());
+    }
+}
+
+/// A Kafka producer that kept failing was replaced by a new one (a new producer id).
+pub struct ProducerReplaced<'a> {
+    pub producer: &'a str,
+    pub failing_for: Duration,
+    pub error: &'a dyn Display,
+}
+
+impl InternalEvent for ProducerReplaced<'_> {
+    fn emit(self) {
+        warn!(
+            producer = self.producer,
+            failing_for_ms = self.failing_for.as_millis() as u64,
+            error = %self.error,
+            "every Kafka send failed for a while; replaced the producer with a new one (the broker may have forgotten its producer id)"
+        );
+        PRODUCERS_REPLACED.with_label_values(&[self.producer]).inc();
+    }
+}
+
+/// A rebalance took partitions from a flush under way (its plugins running, or its
+/// writes failing): their events were taken out of the batch and are left to the
+/// partitions' new owner.
+pub struct RevokedMidFlush<'a> {
     pub partitions: &'a [i32],
 }
 
-impl InternalEvent for RevokedDuringFailingFlush<'_> {
+impl InternalEvent for RevokedMidFlush<'_> {
     fn emit(self) {
-        warn!(partitions = ?self.partitions, "partitions revoked during a failing flush: their events are left to the new owner");
+        warn!(partitions = ?self.partitions, "partitions revoked during a flush: their events are left to the new owner");
         FLUSH_REVOCATIONS.inc();
     }
 }
@@ -168,6 +204,49 @@ impl InternalEvent for ClickHouseFailover<'_> {
     fn emit(self) {
         warn!(from = %self.from, to = %self.to, "ClickHouse endpoint failed; failing over");
         CLICKHOUSE_FAILOVERS.inc();
+    }
+}
+
+/// A sink refused events of a flush for good: they go to `dead_letters` (stage
+/// `sink`) and the partition goes on.
+pub struct EventsRefused<'a> {
+    /// `clickhouse:<table>`, `topic:<name>`.
+    pub sink: &'a str,
+    pub events: usize,
+    /// The first refusal's reason.
+    pub reason: &'a str,
+}
+
+impl InternalEvent for EventsRefused<'_> {
+    fn emit(self) {
+        warn!(
+            sink = self.sink,
+            events = self.events,
+            reason = self.reason,
+            "a sink refused events for good; they go to dead_letters (stage sink)"
+        );
+        SINK_REFUSALS
+            .with_label_values(&[self.sink])
+            .inc_by(self.events as u64);
+    }
+}
+
+/// The processor stopped gracefully: what the sinks delivered is committed; the
+/// partitions still held have events the next owner delivers again.
+pub struct ShutdownDrained {
+    pub undelivered_partitions: usize,
+}
+
+impl InternalEvent for ShutdownDrained {
+    fn emit(self) {
+        if self.undelivered_partitions == 0 {
+            info!("every sink delivered what it held; everything is committed");
+        } else {
+            warn!(
+                partitions = self.undelivered_partitions,
+                "processor.drain_timeout_ms passed with events undelivered; they stay uncommitted and are delivered again by the next owner"
+            );
+        }
     }
 }
 

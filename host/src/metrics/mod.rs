@@ -143,6 +143,32 @@ pub static SINK_FLUSH_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
 });
 pub static SINK_ROWS: LazyLock<IntCounterVec> =
     LazyLock::new(|| counter_vec("weir_sink_rows_total", "Rows written, by table", &["table"]));
+pub static SINK_FULL_WAIT: LazyLock<prometheus::Counter> = LazyLock::new(|| {
+    let c = prometheus::Counter::new(
+        "weir_processor_sink_full_wait_seconds_total",
+        "Time the processor took no new batch because a sink held as much undelivered data as it may",
+    )
+    .expect("valid metric");
+    prometheus::register(Box::new(c.clone())).expect("metric registered once");
+    c
+});
+
+pub static PRODUCERS_REPLACED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "weir_kafka_producers_replaced_total",
+        "Kafka producers replaced after every send failed for a while (ingest, topic:<name>)",
+        &["producer"],
+    )
+});
+
+pub static SINK_REFUSALS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "weir_sink_refusals_total",
+        "Events a sink refused for good (sent to dead_letters with stage sink), by sink",
+        &["sink"],
+    )
+});
+
 pub static SINK_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "weir_sink_errors_total",
@@ -187,7 +213,7 @@ pub static REBALANCES: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static FLUSH_REVOCATIONS: LazyLock<IntCounter> = LazyLock::new(|| {
     counter(
         "weir_processor_flush_revocations_total",
-        "Rebalances that took partitions from a failing flush (their events left to the new owner)",
+        "Rebalances that took partitions from a flush under way (plugins running or writes failing; their events left to the new owner)",
     )
 });
 pub static UNDECODABLE_RECORDS: LazyLock<IntCounter> = LazyLock::new(|| {
@@ -335,6 +361,9 @@ pub fn render() -> String {
     LazyLock::force(&SINK_FLUSH_DURATION);
     LazyLock::force(&SINK_ROWS);
     LazyLock::force(&SINK_ERRORS);
+    LazyLock::force(&SINK_REFUSALS);
+    LazyLock::force(&PRODUCERS_REPLACED);
+    LazyLock::force(&SINK_FULL_WAIT);
     LazyLock::force(&REPLAYED_ROWS_SKIPPED);
     LazyLock::force(&DEAD_LETTERS);
     LazyLock::force(&PROCESSOR_PAUSED);

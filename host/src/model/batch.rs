@@ -25,10 +25,20 @@ pub enum Stage {
     Plugin,
     /// A webhook refused the event, or its retries ran out.
     Webhook,
+    /// A sink refused the event for good (ClickHouse refused its row, the broker its
+    /// record): retrying would fail the same way, so the event is set aside here and
+    /// the partition goes on.
+    Sink,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 4] = [Stage::Decode, Stage::Schema, Stage::Plugin, Stage::Webhook];
+    pub const ALL: [Stage; 5] = [
+        Stage::Decode,
+        Stage::Schema,
+        Stage::Plugin,
+        Stage::Webhook,
+        Stage::Sink,
+    ];
 
     /// The name stored in `dead_letters.stage` and used as a metric label.
     pub fn as_str(self) -> &'static str {
@@ -37,6 +47,7 @@ impl Stage {
             Stage::Schema => "schema",
             Stage::Plugin => "plugin",
             Stage::Webhook => "webhook",
+            Stage::Sink => "sink",
         }
     }
 
@@ -60,7 +71,8 @@ pub struct DeadLetter {
     pub app: String,
     pub name: String,
     pub stage: Stage,
-    /// The plugin (stage `plugin`) or webhook (stage `webhook`) at fault.
+    /// The plugin (stage `plugin`), webhook (stage `webhook`) or sink (stage `sink`:
+    /// `clickhouse:<table>`, `topic:<name>`) at fault.
     pub plugin: String,
     pub plugin_version: String,
     pub reason: String,
@@ -235,6 +247,6 @@ mod tests {
         for s in Stage::ALL {
             assert_eq!(Stage::parse(s.as_str()), Some(s));
         }
-        assert_eq!(Stage::parse("sink"), None);
+        assert_eq!(Stage::parse("sinks"), None);
     }
 }

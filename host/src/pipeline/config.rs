@@ -27,7 +27,17 @@ pub struct ProcessorConfig {
     /// 30 s). The batch is retried until it succeeds; offsets do not move meanwhile.
     /// Default 500.
     pub retry_backoff_ms: u64,
+    /// On a graceful stop (SIGTERM), how long the processor waits, after its last
+    /// flush, for the sinks that deliver on their own (webhooks, counters waiting for
+    /// Redis) to deliver what they hold, committing as they do, in milliseconds.
+    /// What is still undelivered then is not committed: the next owner of the
+    /// partition delivers it again (at least once). Keep it below the grace period
+    /// of whatever stops weir (Kubernetes: 30 s). Default 15000; at most 600000.
+    pub drain_timeout_ms: u64,
 }
+
+/// Longest [`ProcessorConfig::drain_timeout_ms`].
+pub const MAX_DRAIN_TIMEOUT_MS: u64 = 600_000;
 
 /// Longest pause between two retries (of a failed flush, of a deduplication check):
 /// `retry_backoff_ms` doubles up to it.
@@ -41,6 +51,7 @@ impl Default for ProcessorConfig {
             flush_interval_ms: 1000,
             plugin_batch_size: 256,
             retry_backoff_ms: 500,
+            drain_timeout_ms: 15_000,
         }
     }
 }

@@ -16,13 +16,15 @@
 //! - when a rebalance revokes partitions, whatever was buffered from them and not yet
 //!   written is dropped, and every sink forgets them: the new owner re-reads them from
 //!   the committed offset;
-//! - on shutdown the buffer is flushed and committed before the consumer leaves;
+//! - on shutdown the buffer is flushed and committed before the consumer leaves, and
+//!   the sinks that deliver on their own get `drain_timeout_ms` to deliver what they
+//!   hold (committed as they do);
 //! - after a crash, the batch that was written but not committed is read again; each
 //!   sink guards itself against that replay (ClickHouse skips rows it holds, Redis
 //!   skips increments at or below the offset it stored with them; webhooks and topics
 //!   deliver again, at least once, with the same event ids).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,7 +34,7 @@ use rdkafka::Message;
 use rdkafka::consumer::Consumer as _;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::config::{MAX_RETRY_BACKOFF, ProcessorConfig};
 use super::dedup::Dedup;
@@ -41,10 +43,10 @@ use super::{Pipeline, Tag};
 use crate::bus::{self, Consumer};
 use crate::metrics::events::{
     BatchFlushed, ConsumptionPaused, ConsumptionResumed, DedupCheckFailed, InternalEvent,
-    RevokedDuringFailingFlush, SinkWriteFailed, UndecodableRecord,
+    RevokedMidFlush, ShutdownDrained, SinkWriteFailed, SinksCaughtUp, UndecodableRecord,
 };
-use crate::model::{Batch, DeadLetter, Origin, WireEvent};
-use crate::sinks::{Flush, Sink};
+use crate::model::{Batch, DeadLetter, Kept, Origin, Stage, WireEvent};
+use crate::sinks::{Flush, Refusal, Sink};
 
 /// A new pipeline for the processor, or only a newer control-plane version (a change
 /// that does not concern this instance's pipeline).
@@ -271,11 +273,19 @@ impl Worker {
         let interval = Duration::from_millis(self.cfg.flush_interval_ms);
         info!(pipeline = %self.pipeline.name(), plugins = %self.pipeline.versions(), "processor started");
         loop {
-            for m in std::mem::take(&mut self.early) {
-                buf.add(m.partition(), m.offset(), m.payload());
-            }
-            if buf.len() >= self.cfg.flush_max_events {
+            // Records that arrived while a flush ran (its plugins, its retries) join the
+            // buffer before anything waits: nothing may wake the loop for them later.
+            loop {
+                for m in std::mem::take(&mut self.early) {
+                    buf.add(m.partition(), m.offset(), m.payload());
+                }
+                if buf.len() < self.cfg.flush_max_events || *shutdown.borrow() {
+                    break;
+                }
                 self.flush(&mut buf, &mut shutdown).await;
+            }
+            if *shutdown.borrow() {
+                break;
             }
             let deadline = buf.since.map(|t| t + interval);
             let next_retry = self.next_retry();
@@ -327,7 +337,32 @@ impl Worker {
             let _ =
                 tokio::time::timeout(Duration::from_secs(10), self.flush(&mut buf, &mut rx)).await;
         }
+        self.drain().await;
         info!("processor stopped");
+    }
+
+    /// On shutdown: gives the sinks that deliver on their own (a webhook's queue,
+    /// increments waiting for Redis) up to `drain_timeout_ms` to deliver what they
+    /// hold, committing as they catch up, so that the next owner of the partitions
+    /// does not deliver it again. What is left then stays uncommitted (at least once).
+    async fn drain(&mut self) {
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.drain_timeout_ms);
+        self.commit(BTreeMap::new());
+        while !self.held.is_empty() && Instant::now() < deadline {
+            let wake = self
+                .next_retry()
+                .map_or(Instant::now() + Duration::from_millis(100), |t| {
+                    t.min(Instant::now() + Duration::from_millis(100))
+                })
+                .min(deadline);
+            tokio::time::sleep_until(wake).await;
+            self.retry_due().await;
+            self.commit(BTreeMap::new());
+        }
+        ShutdownDrained {
+            undelivered_partitions: self.held.len(),
+        }
+        .emit();
     }
 
     /// Processes the buffer and hands it to every sink, retrying until each took it,
@@ -339,23 +374,37 @@ impl Worker {
             return;
         }
         // Bounded memory: while a sink holds as much as it may (increments waiting for
-        // Redis up to redis.max_pending), take nothing new until it delivers.
-        while self.sinks.iter().any(|s| s.is_full()) {
-            warn!(
-                "a sink holds as much undelivered data as it may (redis.max_pending): pausing the pipeline until it delivers"
-            );
-            let wait = self
-                .next_retry()
-                .map_or(Duration::from_millis(self.cfg.retry_backoff_ms), |t| {
-                    t.saturating_duration_since(Instant::now())
-                });
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => return,
+        // Redis up to redis.max_pending, events waiting for room in a webhook's queue),
+        // take nothing new until it delivers, polling Kafka with consumption paused.
+        if self.sinks.iter().any(|s| s.is_full()) {
+            let paused = self.pause();
+            let started = Instant::now();
+            let mut stopped = false;
+            while self.sinks.iter().any(|s| s.is_full()) {
+                let wait = self
+                    .next_retry()
+                    .map_or(Duration::from_millis(self.cfg.retry_backoff_ms), |t| {
+                        t.saturating_duration_since(Instant::now())
+                    });
+                let (stop, gone) = self.wait_paused(Instant::now() + wait, shutdown).await;
+                self.forget_partitions(&gone, buf);
+                if stop {
+                    stopped = true;
+                    break;
+                }
+                self.retry_due().await;
+                self.commit(BTreeMap::new());
             }
-            self.forget_revoked(buf);
-            self.retry_due().await;
-            self.commit(BTreeMap::new());
+            if let Some(list) = paused {
+                self.resume(&list);
+            }
+            SinksCaughtUp {
+                waited: started.elapsed(),
+            }
+            .emit();
+            if stopped || buf.is_empty() {
+                return;
+            }
         }
         let mut events = std::mem::take(&mut buf.events);
         let replays = std::mem::take(&mut buf.replays);
@@ -370,14 +419,18 @@ impl Worker {
         }
         let count = events.len();
         let started = std::time::Instant::now();
-        let mut output = self.pipeline.run(events).await;
+        let (mut output, gone) = self.run_polling(events).await;
+        self.forget_partitions(&gone, buf);
         output.dead.append(&mut buf.undecodable);
         let plugin_time = started.elapsed();
 
-        let (written, revoked) = self.write_until_acked(&mut output, shutdown).await;
+        let (mut written, revoked, refused) = self.write_until_acked(&mut output, shutdown).await;
         // Partitions revoked while the flush polled: their rows were taken out of the
         // batch before the next attempt; drop what else this instance knew of them.
         self.forget_partitions(&revoked, buf);
+        if written && !refused.is_empty() {
+            written = self.set_aside(&output, refused, buf, shutdown).await;
+        }
         if !written {
             warn!(
                 events = count,
@@ -404,20 +457,89 @@ impl Worker {
         .emit();
     }
 
+    /// Runs the pipeline on `events` while the consumer keeps polling (heartbeats,
+    /// rebalances; the records that arrive wait in `early`, and consumption pauses
+    /// once `flush_max_events` of them wait), so that plugin work of any length does
+    /// not get the instance evicted from its group (`max.poll.interval.ms`) while it
+    /// still holds the batch. The events of partitions revoked meanwhile are taken out
+    /// of the output (their new owner re-reads them); returns those partitions too.
+    async fn run_polling(
+        &mut self,
+        events: Vec<(Origin, String, WireEvent)>,
+    ) -> (Batch, HashSet<i32>) {
+        let mut revoked = HashSet::new();
+        let mut paused = None;
+        let mut output = {
+            let run = self.pipeline.run(events);
+            tokio::pin!(run);
+            loop {
+                tokio::select! {
+                    biased;
+                    output = &mut run => break output,
+                    msg = self.consumer.recv() => {
+                        absorb_revoked(&self.consumer, &mut self.early, &mut revoked);
+                        match msg {
+                            Ok(m) => self.early.push(m.detach()),
+                            Err(e) => warn!(error = %e, "Kafka consume error during plugin work"),
+                        }
+                        if paused.is_none() && self.early.len() >= self.cfg.flush_max_events {
+                            paused = pause(&self.consumer);
+                        }
+                    }
+                }
+            }
+        };
+        absorb_revoked(&self.consumer, &mut self.early, &mut revoked);
+        output.drop_partitions(&revoked);
+        if let Some(list) = paused {
+            self.resume(&list);
+        }
+        (output, revoked)
+    }
+
+    /// Dead-letters the kept events of `output` that sinks refused for good (stage
+    /// `sink`), through every sink like any flush, so that their offsets can be
+    /// committed. False if shutdown came first (nothing is committed; the replay
+    /// refuses them again).
+    async fn set_aside(
+        &mut self,
+        output: &Batch,
+        refused: Vec<Refusal>,
+        buf: &mut Buffer,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let mut aside = Batch {
+            dead: refused_dead_letters(&output.kept, refused),
+            ..Batch::default()
+        };
+        let (written, revoked, again) = self.write_until_acked(&mut aside, shutdown).await;
+        self.forget_partitions(&revoked, buf);
+        if !again.is_empty() {
+            // The contract: only kept events are refused.
+            error!(
+                refusals = again.len(),
+                "a sink refused dead letters; they stay only in this log: {again:?}"
+            );
+        }
+        written
+    }
+
     /// Hands the batch to every sink, retrying the ones that failed with backoff until
     /// each took it. Between attempts the consumer keeps polling with its partitions
     /// paused, so the instance stays in its group however long the outage lasts; a
     /// partition revoked meanwhile is taken out of the batch (its new owner re-reads
-    /// it) and returned. False if shutdown came first.
+    /// it) and returned, with the events the sinks refused for good. False if shutdown
+    /// came first.
     async fn write_until_acked(
         &mut self,
         output: &mut Batch,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> (bool, HashSet<i32>) {
+    ) -> (bool, HashSet<i32>, Vec<Refusal>) {
         let mut backoff = Duration::from_millis(self.cfg.retry_backoff_ms);
         let mut taken = vec![false; self.sinks.len()];
         let mut paused = None;
         let mut revoked = HashSet::new();
+        let mut refused = Vec::new();
         let written = loop {
             let flush = Flush {
                 batch: output,
@@ -436,7 +558,10 @@ impl Worker {
             let mut failed = 0;
             for (i, kind, result) in join_all(attempts).await {
                 match result {
-                    Ok(()) => taken[i] = true,
+                    Ok(r) => {
+                        taken[i] = true;
+                        refused.extend(r);
+                    }
                     Err(e) => {
                         failed += 1;
                         SinkWriteFailed {
@@ -456,6 +581,7 @@ impl Worker {
             }
             let (stop, gone) = self.wait_paused(Instant::now() + backoff, shutdown).await;
             output.drop_partitions(&gone);
+            refused.retain(|r| !gone.contains(&r.origin.partition));
             revoked.extend(gone);
             if stop {
                 break false;
@@ -468,7 +594,7 @@ impl Worker {
         if let Some(list) = paused {
             self.resume(&list);
         }
-        (written, revoked)
+        (written, revoked, refused)
     }
 
     /// Drops the copies of events already received (when deduplication is on),
@@ -552,16 +678,7 @@ impl Worker {
     /// Pauses every assigned partition (the consumer keeps polling: heartbeats,
     /// rebalances). Returns what was paused.
     fn pause(&self) -> Option<rdkafka::TopicPartitionList> {
-        let list = self.consumer.assignment().ok()?;
-        if let Err(e) = self.consumer.pause(&list) {
-            warn!(error = %e, "cannot pause consumption");
-            return None;
-        }
-        ConsumptionPaused {
-            partitions: list.count(),
-        }
-        .emit();
-        Some(list)
+        pause(&self.consumer)
     }
 
     fn resume(&self, list: &rdkafka::TopicPartitionList) {
@@ -634,8 +751,39 @@ fn forget(
     buf.forget(partitions);
 }
 
+/// The dead letters of the kept events sinks refused (one per refusal: an event two
+/// sinks refused has two, each naming its sink).
+fn refused_dead_letters(kept: &[Kept], refused: Vec<Refusal>) -> Vec<DeadLetter> {
+    let slot = |o: &Origin| (o.partition, o.offset, o.index);
+    let by_slot: HashMap<_, &Kept> = kept.iter().map(|k| (slot(&k.origin), k)).collect();
+    refused
+        .into_iter()
+        .filter_map(|r| {
+            let Some(k) = by_slot.get(&slot(&r.origin)) else {
+                error!(sink = %r.sink, origin = ?r.origin, "a sink refused an event the flush does not hold");
+                return None;
+            };
+            Some(DeadLetter::of(r.origin, k.event.clone(), Stage::Sink, r.reason).by(&r.sink, ""))
+        })
+        .collect()
+}
+
+/// Pauses every partition assigned to `consumer`; returns what was paused.
+fn pause(consumer: &Consumer) -> Option<rdkafka::TopicPartitionList> {
+    let list = consumer.assignment().ok()?;
+    if let Err(e) = consumer.pause(&list) {
+        warn!(error = %e, "cannot pause consumption");
+        return None;
+    }
+    ConsumptionPaused {
+        partitions: list.count(),
+    }
+    .emit();
+    Some(list)
+}
+
 /// Takes the partitions revoked since the last look out of the records received
-/// while paused; adds them to `revoked`.
+/// meanwhile; adds them to `revoked`.
 fn absorb_revoked(
     consumer: &Consumer,
     early: &mut Vec<rdkafka::message::OwnedMessage>,
@@ -647,7 +795,7 @@ fn absorb_revoked(
     }
     let mut list: Vec<i32> = gone.iter().copied().collect();
     list.sort_unstable();
-    RevokedDuringFailingFlush { partitions: &list }.emit();
+    RevokedMidFlush { partitions: &list }.emit();
     early.retain(|m| !gone.contains(&m.partition()));
     revoked.extend(gone);
 }

@@ -454,6 +454,11 @@ impl PluginInstance {
     }
 
     async fn call(&mut self, events: &[Event]) -> Result<Vec<Outcome>, CallFailure> {
+        // A call runs on this thread without yielding until it returns (epochs trap at
+        // the deadline, they do not yield): let the task's other work run first, so
+        // that a chain of calls (a large batch, or a failing one being split) does not
+        // starve the Kafka consumer of its polls for longer than one call.
+        tokio::task::yield_now().await;
         let limits = self.plugin.inner.limits;
         self.store.set_epoch_deadline(ticks(limits.deadline));
         self.store.data_mut().limiter.denied = None;

@@ -6,7 +6,11 @@
 //! Every sink answers the processor through one contract, [`Sink`]: the worker hands
 //! each flush to every sink, retries the ones that failed, commits each partition only
 //! as far as every sink says it may ([`Sink::commit_limit`]), and tells every sink
-//! which partitions a rebalance took away ([`Sink::forget`]). How a sink keeps its
+//! which partitions a rebalance took away ([`Sink::forget`]). An error of an attempt
+//! is retried; an event a sink can never take (its row refused for bad data, its
+//! record too large for the broker) is named in the attempt's answer as a
+//! [`Refusal`], and the worker sets it aside in `dead_letters` (stage `sink`) so that
+//! the partition goes on. How a sink keeps its
 //! promise (write within the flush, or queue and deliver on its own) is its business;
 //! each guards itself against the replays of Kafka (a crash re-delivers what was not
 //! committed), so no sink's guard can hide events from another.
@@ -25,7 +29,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use tokio::time::Instant;
 
-use crate::model::{Batch, DeadLetter};
+use crate::model::{Batch, DeadLetter, Origin};
 
 /// One flush, as every sink gets it.
 #[derive(Clone, Copy)]
@@ -47,12 +51,17 @@ pub trait Sink: Send {
     fn kind(&self) -> &'static str;
 
     /// Takes a flush. `Ok` once the sink holds it as it promises (written, or queued
-    /// for delivery of its own); `Err` if this attempt failed: the worker keeps the
-    /// flush's offsets, pauses consumption and calls again with the same flush (less
-    /// the partitions revoked meanwhile) until `Ok`. A sink remembers what it finished
-    /// of a flush, so that a retry writes only the rest; [`Sink::finish`] ends the
-    /// flush.
-    fn write<'a>(&'a mut self, flush: Flush<'a>) -> BoxFuture<'a, Result<(), BoxError>>;
+    /// for delivery of its own), with the kept events it refused for good (an error
+    /// that retrying cannot change: bad data, not an unreachable server); the worker
+    /// dead-letters those. `Err` if this attempt failed: the worker keeps the flush's
+    /// offsets, pauses consumption and calls again with the same flush (less the
+    /// partitions revoked meanwhile) until `Ok`. A sink remembers what it finished of
+    /// a flush, so that a retry writes only the rest; [`Sink::finish`] ends the flush.
+    ///
+    /// Only kept events (and their rows) may be refused: a sink that cannot write a
+    /// dead letter reports an error, retried like an outage, since there is nowhere
+    /// further to set it aside.
+    fn write<'a>(&'a mut self, flush: Flush<'a>) -> BoxFuture<'a, Result<Vec<Refusal>, BoxError>>;
 
     /// Every sink took the flush (or the worker gave it up at shutdown): forget what
     /// was finished of it.
@@ -84,6 +93,18 @@ pub trait Sink: Send {
     fn is_full(&self) -> bool {
         false
     }
+}
+
+/// A kept event a sink refused for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The event (its coordinates in the stream).
+    pub origin: Origin,
+    /// The sink and where in it: `clickhouse:<table>`, `topic:<name>`. Stored as the
+    /// dead letter's `plugin`.
+    pub sink: String,
+    /// Why, as the sink's server said it.
+    pub reason: String,
 }
 
 /// Any error a sink reports through a shared contract.

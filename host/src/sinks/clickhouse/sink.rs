@@ -9,9 +9,11 @@ use tracing::{error, info, warn};
 
 use super::config::{ClickHouseConfig, InsertCompression};
 use super::table::{Table, datetime, put_routed_row, schema};
-use crate::metrics::events::{ClickHouseFailover, InternalEvent, ReplayedRowsSkipped};
+use crate::metrics::events::{
+    ClickHouseFailover, EventsRefused, InternalEvent, ReplayedRowsSkipped,
+};
 use crate::model::{DeadLetter, Kept, Origin, RoutedRow};
-use crate::sinks::{BoxError, Flush, Sink};
+use crate::sinks::{BoxError, Flush, Refusal, Sink};
 
 /// Errors talking to ClickHouse.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +27,64 @@ pub enum ClickHouseError {
     Schema(String),
     #[error("insert into {0} failed on purpose (WEIR_FAILPOINT)")]
     Injected(String),
+    #[error(
+        "ClickHouse refused rows of {table} for good in {inserts} INSERTs of one flush, more than bad events would explain: the table (a column's DEFAULT or MATERIALIZED expression, a materialized view) seems broken; retrying. Last refusal: {last}"
+    )]
+    TableRefuses {
+        table: String,
+        inserts: usize,
+        last: String,
+    },
+}
+
+impl ClickHouseError {
+    /// True when ClickHouse refused an INSERT for the data it carries (an expression
+    /// of the table that cannot take a value, a partition key that spreads one block
+    /// over too many partitions ...): the same rows fail the same way on every retry,
+    /// while the other rows of the batch can be written.
+    pub fn refuses_rows(&self) -> bool {
+        match self {
+            ClickHouseError::Query {
+                source: clickhouse::error::Error::BadResponse(body),
+                ..
+            } => refuses_rows(body),
+            _ => false,
+        }
+    }
+}
+
+/// ClickHouse's exception codes for an INSERT that fails on the values it carries,
+/// whatever the server's state: CANNOT_PARSE_TEXT (6), CANNOT_PARSE_QUOTED_STRING
+/// (26), CANNOT_PARSE_INPUT_ASSERTION_FAILED (27), CANNOT_PARSE_DATE (38),
+/// CANNOT_PARSE_DATETIME (41), TYPE_MISMATCH (53), ARGUMENT_OUT_OF_BOUND (69),
+/// CANNOT_CONVERT_TYPE (70), CANNOT_PARSE_NUMBER (72), INCORRECT_DATA (117),
+/// TOO_LARGE_STRING_SIZE (131), VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE (321),
+/// FUNCTION_THROW_IF_VALUE_IS_NON_ZERO (395), DECIMAL_OVERFLOW (407),
+/// VIOLATED_CONSTRAINT (469). Code 252 (TOO_MANY_PARTS) is one only for "too many
+/// partitions for single INSERT block" (the rows span too many partitions); "too
+/// many parts" is the server falling behind its merges, and passes. Every other
+/// error (a network failure, a proxy's 502, a full disk, memory) is transient.
+const ROW_REFUSAL_CODES: [u32; 15] = [
+    6, 26, 27, 38, 41, 53, 69, 70, 72, 117, 131, 321, 395, 407, 469,
+];
+
+fn refuses_rows(body: &str) -> bool {
+    match exception_code(body) {
+        Some(252) => body.contains("partitions for single INSERT block"),
+        Some(code) => ROW_REFUSAL_CODES.contains(&code),
+        None => false,
+    }
+}
+
+/// The code of a ClickHouse exception message (`Code: 6, e.displayText() = ...` on
+/// 18.16, `Code: 6. DB::Exception: ...` since); `None` if the body is not one (a
+/// proxy's page).
+fn exception_code(body: &str) -> Option<u32> {
+    let rest = &body[body.find("Code: ")? + "Code: ".len()..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
 }
 
 /// `Err` when the `insert_error` failpoint of `table` fires (tests only).
@@ -636,6 +696,65 @@ struct Done {
     events: bool,
     dead_letters: bool,
     routed: HashSet<usize>,
+    /// Events refused by the tables written so far.
+    refused: Vec<Refusal>,
+}
+
+/// Most INSERTs the rows of one table may take in one flush attempt while ClickHouse
+/// refuses some of them: enough to set aside a dozen bad events in a batch of 50,000
+/// (about 2 log2(n) INSERTs each); beyond it, the table is at fault.
+const MAX_ISOLATING_INSERTS: usize = 400;
+
+/// Longest refusal reason stored (ClickHouse's messages quote the values).
+const MAX_REASON_BYTES: usize = 2000;
+
+fn bounded(mut reason: String) -> String {
+    if reason.len() > MAX_REASON_BYTES {
+        let mut end = MAX_REASON_BYTES;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push_str("...");
+    }
+    reason
+}
+
+/// The rows of one table in a flush.
+enum TableRows<'a> {
+    Events(Vec<&'a Kept>),
+    /// By the routed table's index.
+    Routed(usize, Vec<&'a RoutedRow>),
+}
+
+impl TableRows<'_> {
+    fn len(&self) -> usize {
+        match self {
+            TableRows::Events(k) => k.len(),
+            TableRows::Routed(_, r) => r.len(),
+        }
+    }
+
+    fn origin(&self, i: usize) -> Origin {
+        match self {
+            TableRows::Events(k) => k[i].origin,
+            TableRows::Routed(_, r) => r[i].origin,
+        }
+    }
+
+    fn event_id(&self, i: usize) -> &str {
+        match self {
+            TableRows::Events(k) => &k[i].event.event_id,
+            TableRows::Routed(_, r) => &r[i].event_id,
+        }
+    }
+
+    fn table<'s>(&self, sink: &'s ClickHouseSink) -> &'s str {
+        match self {
+            TableRows::Events(_) => "events",
+            TableRows::Routed(t, _) => sink.routed_name(*t),
+        }
+    }
 }
 
 /// The processor's ClickHouse sink: each flush's kept events to `events`, its dead
@@ -664,7 +783,9 @@ impl ClickHouseWriter {
         }
     }
 
-    async fn write_flush(&mut self, flush: Flush<'_>) -> Result<(), ClickHouseError> {
+    /// Writes what is not written yet of the flush; returns the events refused for
+    /// good (their rows are not written).
+    async fn write_flush(&mut self, flush: Flush<'_>) -> Result<Vec<Refusal>, ClickHouseError> {
         if !Arc::ptr_eq(self.client.tables(), flush.tables) {
             // A new pipeline version with other tables (the agent created them).
             self.client = self.client.with_tables(flush.tables.clone());
@@ -682,13 +803,13 @@ impl ClickHouseWriter {
                 .iter()
                 .filter(|k| !replayed.events.contains(&slot(&k.origin)))
                 .collect();
-            self.client
-                .insert_events(&kept, flush.pipeline, flush.plugins, flush.control_version)
-                .await?;
+            let rows = TableRows::Events(kept);
+            let refused = self.insert_isolating(&rows, flush).await?;
             self.done.events = true;
             rows_metric
                 .with_label_values(&["events"])
-                .inc_by(kept.len() as u64);
+                .inc_by((rows.len() - refused.len()) as u64);
+            self.done.refused.extend(refused);
         }
         if !self.done.dead_letters {
             let dead: Vec<&DeadLetter> = batch
@@ -718,15 +839,125 @@ impl ClickHouseWriter {
                 .iter()
                 .filter(|r| skip.is_none_or(|s| !s.contains(&slot(&r.origin))))
                 .collect();
-            self.client
-                .insert_routed(t, &rows, flush.plugins, flush.control_version)
-                .await?;
+            let rows = TableRows::Routed(t, rows);
+            let refused = self.insert_isolating(&rows, flush).await?;
             self.done.routed.insert(t);
             rows_metric
                 .with_label_values(&[self.client.routed_name(t)])
-                .inc_by(rows.len() as u64);
+                .inc_by((rows.len() - refused.len()) as u64);
+            self.done.refused.extend(refused);
         }
-        Ok(())
+        Ok(std::mem::take(&mut self.done.refused))
+    }
+
+    /// Writes `rows` to their table in one INSERT. When ClickHouse refuses it for the
+    /// data it carries, the rows are split in halves and each half written on its
+    /// own, down to the single rows it refuses, which are returned: one bad event
+    /// costs about 2 log2(n) INSERTs and holds up none of the others. A refusal that
+    /// spreads over more than [`MAX_ISOLATING_INSERTS`] INSERTs is the table's fault,
+    /// not the events': that is an error, retried like an outage.
+    async fn insert_isolating(
+        &self,
+        rows: &TableRows<'_>,
+        flush: Flush<'_>,
+    ) -> Result<Vec<Refusal>, ClickHouseError> {
+        let table = rows.table(&self.client);
+        let mut refused = Vec::new();
+        let mut todo: Vec<Vec<usize>> = vec![(0..rows.len()).collect()];
+        let mut inserts = 0;
+        while let Some(part) = todo.pop() {
+            inserts += 1;
+            let err = match self.insert_part(rows, &part, flush).await {
+                Ok(()) => continue,
+                Err(e) if e.refuses_rows() => e,
+                Err(e) => return Err(e),
+            };
+            if inserts >= MAX_ISOLATING_INSERTS {
+                return Err(ClickHouseError::TableRefuses {
+                    table: table.to_owned(),
+                    inserts,
+                    last: err.to_string(),
+                });
+            }
+            // ClickHouse writes a block to its table before it runs the table's
+            // materialized views: when a view refused the block, the rows are
+            // stored all the same, and are not written again.
+            let stored = self.stored(rows, &part).await?;
+            let part: Vec<usize> = part.into_iter().filter(|i| !stored.contains(i)).collect();
+            match part.len() {
+                0 => {}
+                1 => refused.push(Refusal {
+                    origin: rows.origin(part[0]),
+                    sink: format!("clickhouse:{table}"),
+                    reason: bounded(err.to_string()),
+                }),
+                n => {
+                    let (a, b) = part.split_at(n / 2);
+                    todo.push(b.to_vec());
+                    todo.push(a.to_vec());
+                }
+            }
+        }
+        if let Some(first) = refused.first() {
+            EventsRefused {
+                sink: &first.sink,
+                events: refused.len(),
+                reason: &first.reason,
+            }
+            .emit();
+        }
+        Ok(refused)
+    }
+
+    /// Writes the rows at `part` of `rows` in one INSERT.
+    async fn insert_part(
+        &self,
+        rows: &TableRows<'_>,
+        part: &[usize],
+        flush: Flush<'_>,
+    ) -> Result<(), ClickHouseError> {
+        match rows {
+            TableRows::Events(kept) => {
+                let kept: Vec<&Kept> = part.iter().map(|&i| kept[i]).collect();
+                self.client
+                    .insert_events(&kept, flush.pipeline, flush.plugins, flush.control_version)
+                    .await
+            }
+            TableRows::Routed(t, routed) => {
+                let routed: Vec<&RoutedRow> = part.iter().map(|&i| routed[i]).collect();
+                self.client
+                    .insert_routed(*t, &routed, flush.plugins, flush.control_version)
+                    .await
+            }
+        }
+    }
+
+    /// Which of the rows at `part` the table holds (by coordinates and event id).
+    async fn stored(
+        &self,
+        rows: &TableRows<'_>,
+        part: &[usize],
+    ) -> Result<HashSet<usize>, ClickHouseError> {
+        let table = rows.table(&self.client);
+        let mut ranges: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
+        for &i in part {
+            let o = rows.origin(i);
+            let r = ranges.entry(o.partition).or_insert((o.offset, o.offset));
+            r.0 = r.0.min(o.offset);
+            r.1 = r.1.max(o.offset);
+        }
+        let mut stored = HashSet::new();
+        for (partition, (lo, hi)) in ranges {
+            let written = self.client.written(table, partition, lo, hi).await?;
+            stored.extend(part.iter().copied().filter(|&i| {
+                let o = rows.origin(i);
+                o.partition == partition
+                    && written
+                        .get(&(o.offset, o.index))
+                        .is_some_and(|id| id == rows.event_id(i))
+            }));
+        }
+        Ok(stored)
     }
 
     /// The rows of the flush an earlier run already wrote, table by table.
@@ -811,16 +1042,16 @@ impl Sink for ClickHouseWriter {
         "clickhouse"
     }
 
-    fn write<'a>(&'a mut self, flush: Flush<'a>) -> BoxFuture<'a, Result<(), BoxError>> {
+    fn write<'a>(&'a mut self, flush: Flush<'a>) -> BoxFuture<'a, Result<Vec<Refusal>, BoxError>> {
         Box::pin(async move {
             let started = std::time::Instant::now();
             let url = self.client.url().to_owned();
             match self.write_flush(flush).await {
-                Ok(()) => {
+                Ok(refused) => {
                     crate::metrics::SINK_FLUSH_DURATION
                         .with_label_values(&["clickhouse"])
                         .observe(started.elapsed().as_secs_f64());
-                    Ok(())
+                    Ok(refused)
                 }
                 Err(e) => {
                     error!(error = %e, %url, "flush to ClickHouse failed");
@@ -842,5 +1073,62 @@ impl Sink for ClickHouseWriter {
 
     fn forget(&mut self, partitions: &HashSet<i32>) {
         self.watermarks.retain(|p, _| !partitions.contains(p));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_told_from_outages_by_the_exception_code() {
+        // As 18.16 words them, and as current servers do.
+        let parse = "Code: 6, e.displayText() = DB::Exception: Cannot parse string 'abc' as UInt32: \
+                     syntax error at begin of string. (version 18.16.1)";
+        assert_eq!(exception_code(parse), Some(6));
+        assert!(refuses_rows(parse));
+        let partitions = "Code: 252. DB::Exception: Too many partitions for single INSERT block \
+                          (more than 100). (TOO_MANY_PARTS) (version 25.3.2.39 (official build))";
+        assert!(refuses_rows(partitions));
+        let throw = "Code: 395. DB::Exception: Value passed to 'throwIf' function is non zero";
+        assert!(refuses_rows(throw));
+        for transient in [
+            // Merges behind: the same INSERT passes later.
+            "Code: 252. DB::Exception: Too many parts (300). Merges are processing significantly slower than inserts.",
+            "Code: 241. DB::Exception: Memory limit (total) exceeded",
+            "Code: 243. DB::Exception: Cannot reserve 1.00 MiB, not enough space",
+            "Code: 60, e.displayText() = DB::Exception: Table weir.events doesn't exist.",
+            "<html><body><h1>502 Bad Gateway</h1></body></html>",
+            "",
+        ] {
+            assert!(!refuses_rows(transient), "{transient}");
+        }
+        assert_eq!(exception_code("Code: "), None);
+    }
+
+    #[test]
+    fn only_bad_responses_can_be_refusals() {
+        let refusal = ClickHouseError::Query {
+            what: "insert into events".into(),
+            source: clickhouse::error::Error::BadResponse(
+                "Code: 53. DB::Exception: Type mismatch".into(),
+            ),
+        };
+        assert!(refusal.refuses_rows());
+        let timeout = ClickHouseError::Query {
+            what: "insert into events".into(),
+            source: clickhouse::error::Error::TimedOut,
+        };
+        assert!(!timeout.refuses_rows());
+        assert!(!ClickHouseError::Injected("events".into()).refuses_rows());
+    }
+
+    #[test]
+    fn reasons_are_bounded_on_a_character_boundary() {
+        let long = "é".repeat(MAX_REASON_BYTES);
+        let cut = bounded(long);
+        assert!(cut.len() <= MAX_REASON_BYTES + 3);
+        assert!(cut.ends_with("..."));
+        assert_eq!(bounded("short".into()), "short");
     }
 }

@@ -10,7 +10,7 @@ use crate::metrics::events::{
     CounterWriteFailed, CounterWriteRecovered, InternalEvent, ReplayedIncrementsSkipped,
 };
 use crate::model::CountRow;
-use crate::sinks::{BoxError, Flush, Sink};
+use crate::sinks::{BoxError, Flush, Refusal, Sink};
 
 /// Longest pause between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -373,13 +373,13 @@ impl Sink for CounterSink {
     /// Takes the flush's increments and tries to apply what is pending once (while the
     /// processor writes the other sinks); never fails: what Redis did not take waits
     /// here, and its partitions are committed only up to it.
-    fn write<'a>(&'a mut self, flush: Flush<'a>) -> BoxFuture<'a, Result<(), BoxError>> {
+    fn write<'a>(&'a mut self, flush: Flush<'a>) -> BoxFuture<'a, Result<Vec<Refusal>, BoxError>> {
         Box::pin(async move {
             if !flush.batch.counts.is_empty() {
                 self.add(flush.batch.counts.clone());
             }
             self.try_apply().await;
-            Ok(())
+            Ok(Vec::new())
         })
     }
 

@@ -18,6 +18,19 @@ pub struct TopicConfig {
     /// Record key: `user_id` (default; the event id when there is no user) or `event_id`.
     #[serde(default)]
     pub key: TopicKey,
+    /// Largest record the sink produces, in bytes (librdkafka's `message.max.bytes`):
+    /// an event whose record is larger goes to `dead_letters` (stage `sink`) instead.
+    /// Set it to the topic's `max.message.bytes` when that is lower than the broker's.
+    /// Default 1000000; 1000-1000000000.
+    #[serde(default = "default_max_record_bytes")]
+    pub max_record_bytes: usize,
+}
+
+/// The range of [`TopicConfig::max_record_bytes`] (librdkafka's own).
+pub const MAX_RECORD_BYTES: std::ops::RangeInclusive<usize> = 1000..=1_000_000_000;
+
+fn default_max_record_bytes() -> usize {
+    1_000_000
 }
 
 /// What a forwarded record is keyed by.

@@ -3,14 +3,15 @@ use std::time::Duration;
 
 use futures::future::{BoxFuture, join_all};
 use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 
 use super::config::{TopicConfig, TopicKey};
-use crate::bus::KafkaConfig;
-use crate::model::{Kept, Target};
-use crate::sinks::{BoxError, Flush, Sink};
+use crate::bus::{KafkaConfig, SelfHealingProducer};
+use crate::model::{Kept, Origin, Target};
+use crate::sinks::{BoxError, Flush, Refusal, Sink};
 
 /// An event's slot in the stream: partition, offset, index in the record.
 type Slot = (i32, i64, u32);
@@ -41,10 +42,26 @@ pub struct TopicSink {
     topic: String,
     events: HashSet<String>,
     key: TopicKey,
-    producer: FutureProducer,
+    producer: SelfHealingProducer,
     timeout: Duration,
-    /// The events of the current flush already acknowledged.
+    /// The events of the current flush already acknowledged, or refused for good.
     sent: HashSet<Slot>,
+    /// The events of the current flush refused for good, not yet reported.
+    refused: Vec<Refusal>,
+}
+
+/// True for a produce error that retrying cannot change: the record is too large for
+/// the producer's or the broker's limit, or the broker refuses it as invalid.
+fn is_permanent(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidMessage
+        )
+    )
 }
 
 impl TopicSink {
@@ -54,11 +71,16 @@ impl TopicSink {
         for (k, v) in &kafka.properties {
             c.set(k, v);
         }
-        let producer = c
-            .set("acks", "all")
-            .set("message.timeout.ms", kafka.produce_timeout_ms.to_string())
+        c.set("message.timeout.ms", kafka.produce_timeout_ms.to_string())
             .set("linger.ms", "5")
-            .create()
+            .set("message.max.bytes", cfg.max_record_bytes.to_string())
+            // A produce request holds at most message.max.bytes: batches stay below.
+            .set(
+                "batch.size",
+                cfg.max_record_bytes.min(1_000_000).to_string(),
+            );
+        let timeout = Duration::from_millis(kafka.produce_timeout_ms);
+        let producer = SelfHealingProducer::new(c, timeout * 2, format!("topic:{}", cfg.name))
             .map_err(|source| TopicError::Create {
                 name: cfg.name.clone(),
                 source: Box::new(source),
@@ -72,12 +94,14 @@ impl TopicSink {
             producer,
             timeout: Duration::from_millis(kafka.produce_timeout_ms),
             sent: HashSet::new(),
+            refused: Vec::new(),
         })
     }
 
     /// Produces a record per kept event of this sink's names (or forwarded to it by a
     /// plugin) not yet acknowledged in this flush, and waits for the
-    /// acknowledgements; a retry produces only what failed. Returns the records
+    /// acknowledgements; a retry produces only what failed. A record refused for good
+    /// is not produced again: its event is kept in `refused`. Returns the records
     /// produced.
     async fn produce(&mut self, kept: &[Kept]) -> Result<usize, TopicError> {
         let sent = &mut self.sent;
@@ -98,6 +122,7 @@ impl TopicSink {
                 format!("{{\"app\":{app},{}", &json[1..])
             })
             .collect();
+        let producer = self.producer.get();
         let sends = todo.iter().zip(&payloads).map(|((_, k), payload)| {
             let key = match self.key {
                 TopicKey::UserId => k.event.user_id.as_deref().unwrap_or(&k.event.event_id),
@@ -111,25 +136,34 @@ impl TopicSink {
                 .payload(payload.as_str())
                 .key(key)
                 .headers(headers);
-            self.producer.send(record, Timeout::After(self.timeout))
+            producer.send(record, Timeout::After(self.timeout))
         });
         let results = join_all(sends).await;
         let total = results.len();
         let mut first = None;
         let mut failed = 0;
-        for ((i, _), result) in todo.iter().zip(results) {
+        let mut produced = 0;
+        for ((i, k), result) in todo.iter().zip(results) {
             match result {
                 Ok(_) => {
                     sent.insert(*i);
+                    produced += 1;
+                    self.producer.succeeded();
+                }
+                Err((e, _)) if is_permanent(&e) => {
+                    sent.insert(*i);
+                    self.refused
+                        .push(refusal(&self.name, &self.topic, k.origin, &e));
                 }
                 Err((e, _)) => {
                     failed += 1;
+                    self.producer.failed(&e);
                     first.get_or_insert_with(|| e.to_string());
                 }
             }
         }
         match first {
-            None => Ok(total),
+            None => Ok(produced),
             Some(first) => Err(TopicError::Produce {
                 name: self.name.clone(),
                 topic: self.topic.clone(),
@@ -146,7 +180,7 @@ impl Sink for TopicSink {
         "topic"
     }
 
-    fn write<'a>(&'a mut self, flush: Flush<'a>) -> BoxFuture<'a, Result<(), BoxError>> {
+    fn write<'a>(&'a mut self, flush: Flush<'a>) -> BoxFuture<'a, Result<Vec<Refusal>, BoxError>> {
         Box::pin(async move {
             let n = self.produce(&flush.batch.kept).await.inspect_err(
                 |e| tracing::error!(error = %e, "flush to a Kafka topic sink failed"),
@@ -156,11 +190,42 @@ impl Sink for TopicSink {
                     .with_label_values(&[&format!("topic:{}", self.topic)])
                     .inc_by(n as u64);
             }
-            Ok(())
+            Ok(std::mem::take(&mut self.refused))
         })
     }
 
     fn finish(&mut self) {
         self.sent.clear();
+        self.refused.clear();
+    }
+}
+
+fn refusal(name: &str, topic: &str, origin: Origin, e: &KafkaError) -> Refusal {
+    Refusal {
+        origin,
+        sink: format!("topic:{name}"),
+        reason: format!("topic {topic} refused the event's record: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::error::RDKafkaErrorCode as Code;
+
+    #[test]
+    fn only_refusals_of_the_record_itself_are_permanent() {
+        let produce = |c| KafkaError::MessageProduction(c);
+        assert!(is_permanent(&produce(Code::MessageSizeTooLarge)));
+        assert!(is_permanent(&produce(Code::InvalidRecord)));
+        for transient in [
+            Code::MessageTimedOut,
+            Code::BrokerTransportFailure,
+            Code::NotLeaderForPartition,
+            Code::QueueFull,
+            Code::UnknownTopicOrPartition,
+        ] {
+            assert!(!is_permanent(&produce(transient)), "{transient:?}");
+        }
     }
 }

@@ -1,16 +1,18 @@
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use super::config::WebhookConfig;
 use crate::metrics::events::{InternalEvent, WebhookAttemptFailed, WebhookGaveUp};
 use crate::model::{DeadLetter, Kept, Origin, Stage, Target};
-use crate::sinks::{BoxError, DeadLetterStore, Flush, Sink};
+use crate::sinks::{BoxError, DeadLetterStore, Flush, Refusal, Sink};
 
 /// Longest pause between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -37,7 +39,15 @@ pub struct WebhookSink {
     events: HashSet<String>,
     tx: mpsc::Sender<Item>,
     outstanding: Outstanding,
+    /// Events taken while the queue was full, waiting for room (never blocking the
+    /// processor: it keeps polling Kafka, and takes no new batch while this holds any).
+    overflow: VecDeque<Item>,
+    /// When to try moving `overflow` into the queue again.
+    next_move: Option<Instant>,
 }
+
+/// How soon the worker tries again to move overflow into a full queue.
+const OVERFLOW_RETRY: Duration = Duration::from_millis(50);
 
 impl WebhookSink {
     /// Starts the delivery task. Dead letters are written through `dead_letters`.
@@ -81,12 +91,14 @@ impl WebhookSink {
             events: cfg.events.iter().cloned().collect(),
             tx,
             outstanding,
+            overflow: VecDeque::new(),
+            next_move: None,
         })
     }
 
     /// Queues the kept events this webhook takes (by name, or forwarded to it by a
-    /// plugin). Waits while the queue is full.
-    pub async fn offer(&self, kept: &[Kept], control_version: u64) {
+    /// plugin); what the full queue has no room for waits in `overflow`.
+    pub fn offer(&mut self, kept: &[Kept], control_version: u64) {
         let mine = |k: &&Kept| {
             self.events.contains(&k.event.name) || k.forwards.contains(&Target::Webhook(self.index))
         };
@@ -110,8 +122,29 @@ impl WebhookSink {
             crate::metrics::WEBHOOK_PENDING
                 .with_label_values(&[&self.name])
                 .inc();
-            if self.tx.send(item).await.is_err() {
-                error!(webhook = %self.name, "webhook delivery task is gone");
+            self.overflow.push_back(item);
+        }
+        self.move_overflow();
+    }
+
+    /// Moves waiting events into the delivery queue while it has room.
+    fn move_overflow(&mut self) {
+        self.next_move = None;
+        while let Some(item) = self.overflow.pop_front() {
+            match self.tx.try_send(item) {
+                Ok(()) => {}
+                Err(TrySendError::Full(item)) => {
+                    self.overflow.push_front(item);
+                    self.next_move = Some(Instant::now() + OVERFLOW_RETRY);
+                    return;
+                }
+                Err(TrySendError::Closed(_)) => {
+                    // Its events stay outstanding: their partitions are not committed
+                    // past them, and the next owner delivers them.
+                    error!(webhook = %self.name, "webhook delivery task is gone");
+                    self.overflow.clear();
+                    return;
+                }
             }
         }
     }
@@ -122,13 +155,26 @@ impl Sink for WebhookSink {
         "webhook"
     }
 
-    /// Queues the flush's events for the delivery task (waiting for room while the
-    /// queue is full); never fails: delivery problems end as dead letters.
-    fn write<'a>(&'a mut self, flush: Flush<'a>) -> BoxFuture<'a, Result<(), BoxError>> {
-        Box::pin(async move {
-            self.offer(&flush.batch.kept, flush.control_version).await;
-            Ok(())
-        })
+    /// Queues the flush's events for the delivery task without waiting (what the full
+    /// queue has no room for waits in the sink, which then says it is full); never
+    /// fails: delivery problems end as dead letters.
+    fn write<'a>(&'a mut self, flush: Flush<'a>) -> BoxFuture<'a, Result<Vec<Refusal>, BoxError>> {
+        self.offer(&flush.batch.kept, flush.control_version);
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn retry_at(&self) -> Option<Instant> {
+        self.next_move
+    }
+
+    fn retry(&mut self) -> BoxFuture<'_, ()> {
+        self.move_overflow();
+        Box::pin(async {})
+    }
+
+    /// Events wait for room in the delivery queue (`max_pending`): no new batch.
+    fn is_full(&self) -> bool {
+        !self.overflow.is_empty()
     }
 
     /// The lowest offset of `partition` with events not yet delivered or
@@ -144,6 +190,15 @@ impl Sink for WebhookSink {
     fn forget(&mut self, partitions: &HashSet<i32>) {
         let mut outstanding = self.outstanding.lock().expect("outstanding lock");
         outstanding.retain(|p, _| !partitions.contains(p));
+        let before = self.overflow.len();
+        self.overflow
+            .retain(|item| !partitions.contains(&item.origin.partition));
+        if self.overflow.is_empty() {
+            self.next_move = None;
+        }
+        crate::metrics::WEBHOOK_PENDING
+            .with_label_values(&[&self.name])
+            .sub((before - self.overflow.len()) as i64);
     }
 }
 
