@@ -543,17 +543,71 @@ quarantine_after = 1000
         flush > 6.0,
         "the batch took longer than max.poll.interval.ms ({flush:.1} s of flushes, {took:?} in all)"
     );
-    assert_eq!(
-        weir_tests::metric(
-            &metrics,
-            "weir_kafka_rebalances_total",
-            &[("kind", "revoked")]
-        ),
-        0.0,
-        "the instance kept its partitions; log:\n{}",
-        weir.log()
-    );
+    weir.assert_kept_partitions(&metrics)?;
     clickhouse
         .assert_each_once(&[("slow.events", 200), ("slow.dead_letters", 4)])
+        .await
+}
+
+/// ClickHouse commits an INSERT into `events` and its answer never comes: a proxy
+/// owned by the test keeps the connection open and silent for 30 s. Without a bound the
+/// processor would wait inside its write, poll nothing, and leave its group after
+/// `max.poll.interval.ms` (6 s here). The attempt is abandoned after
+/// `write_timeout_ms` (2 s) and retried after a fresh look at what ClickHouse holds
+/// (the silent INSERT was committed): the instance keeps its partitions and every event
+/// lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insert_whose_answer_never_comes_is_abandoned_and_retried() -> Result<()> {
+    let tansu = Tansu::start()?;
+    tansu.create_topic("weir.events", 4)?;
+    let clickhouse = ClickHouse::start()?;
+    let redis = Redis::start()?;
+    let upstream = SocketAddr::from(([127, 0, 0, 1], clickhouse.http_port));
+    let cutter = AnswerCutter::start_holding(
+        upstream,
+        "INSERT INTO `events`(",
+        1,
+        Duration::from_secs(30),
+    )
+    .await?;
+    let cfg = config(&tansu, &clickhouse, &redis, true)
+        .replace(&clickhouse.url(), &cutter.url())
+        .replace(
+            "session_timeout_ms = 6000\n",
+            "session_timeout_ms = 6000\nproperties = { \"max.poll.interval.ms\" = \"6000\" }\n",
+        )
+        .replace(
+            "flush_interval_ms = 100\n",
+            "flush_interval_ms = 100\nwrite_timeout_ms = 2000\n",
+        );
+    let processor = Weir::start(&cfg)?;
+    processor.wait_for_partitions(Duration::from_secs(30))?;
+    let mut sent = Sent::default();
+    for chunk in 0..10 {
+        let batch: Vec<Value> = (0..100).map(|i| sent.event(chunk * 100 + i)).collect();
+        processor.post(&batch).await?;
+    }
+    let want = sent.kept.len() as u64;
+    clickhouse
+        .wait_for_count(
+            "SELECT count() FROM crash.events",
+            want,
+            Duration::from_secs(60),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(cutter.cut(), 1, "an INSERT's answer never came");
+    let metrics = processor.metrics().await?;
+    processor.assert_kept_partitions(&metrics)?;
+    assert!(
+        weir_tests::metric(&metrics, "weir_replayed_rows_skipped_total", &[]) > 0.0,
+        "the retry found the rows the silent INSERT had written"
+    );
+    clickhouse
+        .assert_each_once(&[
+            ("crash.events", want),
+            ("crash.dead_letters", sent.rejected.len() as u64),
+            ("crash.profile_viewed", sent.views.len() as u64),
+        ])
         .await
 }

@@ -312,6 +312,15 @@ impl Config {
                 "processor.flush_max_events, flush_interval_ms and plugin_batch_size must be positive",
             ));
         }
+        let range = crate::pipeline::config::WRITE_TIMEOUT_MS;
+        if !range.contains(&p.write_timeout_ms) {
+            return Err(invalid(format!(
+                "processor.write_timeout_ms must be {}-{}, not {}",
+                range.start(),
+                range.end(),
+                p.write_timeout_ms
+            )));
+        }
         if p.drain_timeout_ms > crate::pipeline::config::MAX_DRAIN_TIMEOUT_MS {
             return Err(invalid(format!(
                 "processor.drain_timeout_ms must be at most {}, not {}",

@@ -721,6 +721,23 @@ impl Weir {
         self.wait_for_metric("weir_kafka_assigned_partitions", &[], 1.0, timeout)
     }
 
+    /// Fails (with the log) if `metrics`, read from this instance, count a rebalance
+    /// that took partitions from it: it stayed in its consumer group throughout.
+    pub fn assert_kept_partitions(&self, metrics: &str) -> Result<()> {
+        let revoked = metric(
+            metrics,
+            "weir_kafka_rebalances_total",
+            &[("kind", "revoked")],
+        );
+        if revoked > 0.0 {
+            bail!(
+                "the instance lost its partitions {revoked} times; log:\n{}",
+                self.log()
+            );
+        }
+        Ok(())
+    }
+
     pub fn events_url(&self) -> String {
         format!("http://{}/v1/events", self.ingest)
     }
@@ -853,6 +870,17 @@ pub struct AnswerCutter {
 
 impl AnswerCutter {
     pub async fn start(upstream: SocketAddr, needle: &str, cuts: usize) -> Result<Self> {
+        Self::start_holding(upstream, needle, cuts, Duration::ZERO).await
+    }
+
+    /// Like [`AnswerCutter::start`], but holds each cut connection open, silent, for
+    /// `hold` before it closes it: a server that took the request and hangs.
+    pub async fn start_holding(
+        upstream: SocketAddr,
+        needle: &str,
+        cuts: usize,
+        hold: Duration,
+    ) -> Result<Self> {
         use std::sync::Arc;
         use std::sync::atomic::AtomicUsize;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -872,6 +900,7 @@ impl AnswerCutter {
                     needle.clone(),
                     l.clone(),
                     c.clone(),
+                    hold,
                 ));
             }
         });
@@ -922,6 +951,7 @@ async fn cut_connection(
     needle: String,
     left: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     cut: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    hold: Duration,
 ) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -966,6 +996,8 @@ async fn cut_connection(
             // The server answered: the work is done. Drop the answer and the connection.
             cut.fetch_add(1, Ordering::SeqCst);
             upstream.abort();
+            tokio::time::sleep(hold).await;
+            drop(cw);
             return;
         }
         if cw.write_all(&buf[..n]).await.is_err() {

@@ -34,7 +34,16 @@ pub struct ProcessorConfig {
     /// partition delivers it again (at least once). Keep it below the grace period
     /// of whatever stops weir (Kubernetes: 30 s). Default 15000; at most 600000.
     pub drain_timeout_ms: u64,
+    /// Longest one write attempt of a sink may take (an INSERT whose answer does not
+    /// come, a broker that does not acknowledge), in milliseconds: the attempt is then
+    /// abandoned and retried like a failed one, with consumption paused and the
+    /// consumer polling. Keep it below `max.poll.interval.ms` (librdkafka's default
+    /// is 300 s): no poll happens during an attempt. Default 60000; 100-600000.
+    pub write_timeout_ms: u64,
 }
+
+/// The range of [`ProcessorConfig::write_timeout_ms`].
+pub const WRITE_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=600_000;
 
 /// Longest [`ProcessorConfig::drain_timeout_ms`].
 pub const MAX_DRAIN_TIMEOUT_MS: u64 = 600_000;
@@ -52,6 +61,7 @@ impl Default for ProcessorConfig {
             plugin_batch_size: 256,
             retry_backoff_ms: 500,
             drain_timeout_ms: 15_000,
+            write_timeout_ms: 60_000,
         }
     }
 }

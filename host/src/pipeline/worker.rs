@@ -540,6 +540,7 @@ impl Worker {
         let mut paused = None;
         let mut revoked = HashSet::new();
         let mut refused = Vec::new();
+        let timeout = Duration::from_millis(self.cfg.write_timeout_ms);
         let written = loop {
             let flush = Flush {
                 batch: output,
@@ -554,7 +555,20 @@ impl Worker {
                 .zip(&taken)
                 .enumerate()
                 .filter(|(_, (_, taken))| !**taken)
-                .map(|(i, (sink, _))| async move { (i, sink.kind(), sink.write(flush).await) });
+                .map(|(i, (sink, _))| async move {
+                    let kind = sink.kind();
+                    let result = match tokio::time::timeout(timeout, sink.write(flush)).await {
+                        Ok(result) => result,
+                        // Dropped: the sink finds out at its next attempt
+                        // (`Sink::write` is abandoned, never half-remembered).
+                        Err(_) => Err(format!(
+                            "the write attempt took longer than processor.write_timeout_ms ({} ms) and was abandoned",
+                            timeout.as_millis()
+                        )
+                        .into()),
+                    };
+                    (i, kind, result)
+                });
             let mut failed = 0;
             for (i, kind, result) in join_all(attempts).await {
                 match result {

@@ -58,6 +58,10 @@ pub trait Sink: Send {
     /// partitions revoked meanwhile) until `Ok`. A sink remembers what it finished of
     /// a flush, so that a retry writes only the rest; [`Sink::finish`] ends the flush.
     ///
+    /// An attempt may be abandoned (dropped) when it takes longer than
+    /// `processor.write_timeout_ms`; the next call must then treat it like a failed
+    /// attempt whose writes may or may not have happened.
+    ///
     /// Only kept events (and their rows) may be refused: a sink that cannot write a
     /// dead letter reports an error, retried like an outage, since there is nowhere
     /// further to set it aside.

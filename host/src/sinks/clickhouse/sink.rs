@@ -772,6 +772,9 @@ pub struct ClickHouseWriter {
     /// Per partition, the highest offset in ClickHouse when this instance took it.
     watermarks: HashMap<i32, Option<i64>>,
     done: Done,
+    /// The endpoint of the attempt under way; still set at the start of the next one
+    /// when the worker abandoned it (dropped it after `write_timeout_ms`).
+    attempting: Option<String>,
 }
 
 impl ClickHouseWriter {
@@ -780,7 +783,18 @@ impl ClickHouseWriter {
             client,
             watermarks: HashMap::new(),
             done: Done::default(),
+            attempting: None,
         }
+    }
+
+    /// After a failed or abandoned attempt on `url`: the next endpoint, and a fresh
+    /// look at what ClickHouse holds before the retry writes (the attempt's INSERTs
+    /// may have been committed all the same: an answer lost to a reset, a proxy's 502,
+    /// a timeout).
+    fn after_failure(&mut self, url: &str) {
+        self.client.fail_over(url);
+        self.done.replayed = None;
+        self.watermarks.clear();
     }
 
     /// Writes what is not written yet of the flush; returns the events refused for
@@ -1045,8 +1059,15 @@ impl Sink for ClickHouseWriter {
     fn write<'a>(&'a mut self, flush: Flush<'a>) -> BoxFuture<'a, Result<Vec<Refusal>, BoxError>> {
         Box::pin(async move {
             let started = std::time::Instant::now();
+            if let Some(abandoned) = self.attempting.take() {
+                warn!(url = %abandoned, "the previous write attempt was abandoned; looking again at what ClickHouse holds");
+                self.after_failure(&abandoned);
+            }
             let url = self.client.url().to_owned();
-            match self.write_flush(flush).await {
+            self.attempting = Some(url.clone());
+            let result = self.write_flush(flush).await;
+            self.attempting = None;
+            match result {
                 Ok(refused) => {
                     crate::metrics::SINK_FLUSH_DURATION
                         .with_label_values(&["clickhouse"])
@@ -1055,12 +1076,7 @@ impl Sink for ClickHouseWriter {
                 }
                 Err(e) => {
                     error!(error = %e, %url, "flush to ClickHouse failed");
-                    self.client.fail_over(&url);
-                    // The failed INSERT may have been committed all the same (its answer
-                    // lost to a reset, a proxy's 502, a timeout): the retry looks again
-                    // at what ClickHouse holds, from fresh watermarks, before it writes.
-                    self.done.replayed = None;
-                    self.watermarks.clear();
+                    self.after_failure(&url);
                     Err(e.into())
                 }
             }
@@ -1069,6 +1085,7 @@ impl Sink for ClickHouseWriter {
 
     fn finish(&mut self) {
         self.done = Done::default();
+        self.attempting = None;
     }
 
     fn forget(&mut self, partitions: &HashSet<i32>) {
