@@ -63,6 +63,16 @@ pub struct Origin {
     pub received_ms: i64,
 }
 
+/// An event's slot in the stream: partition, offset, index in the record (an
+/// [`Origin`] without the receive time, which a replay does not change either).
+pub type Slot = (i32, i64, u32);
+
+impl Origin {
+    pub fn slot(&self) -> Slot {
+        (self.partition, self.offset, self.index)
+    }
+}
+
 /// Something a plugin sends besides the event itself, as the plugin named it (not yet
 /// checked against what the pipeline declares).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,7 +16,7 @@ pub use batch::{
     Batch, CountRow, Counter, DeadLetter, FailureKind, Kept, PluginFailure, RoutedRow, Stage,
     Target,
 };
-pub use event::{Event, Origin, PluginOutput};
+pub use event::{Event, Origin, PluginOutput, Slot};
 pub use names::{MAX_COUNTER_KEY, MAX_EVENT_NAME, check_name, is_identifier};
 pub use record::{DecodeError, IngestRecord, RECORD_VERSION, WireEvent};
 

@@ -349,11 +349,10 @@ impl Worker {
         let deadline = Instant::now() + Duration::from_millis(self.cfg.drain_timeout_ms);
         self.commit(BTreeMap::new());
         while !self.held.is_empty() && Instant::now() < deadline {
+            let poll = Instant::now() + Duration::from_millis(100);
             let wake = self
                 .next_retry()
-                .map_or(Instant::now() + Duration::from_millis(100), |t| {
-                    t.min(Instant::now() + Duration::from_millis(100))
-                })
+                .map_or(poll, |t| t.min(poll))
                 .min(deadline);
             tokio::time::sleep_until(wake).await;
             self.retry_due().await;
@@ -768,12 +767,11 @@ fn forget(
 /// The dead letters of the kept events sinks refused (one per refusal: an event two
 /// sinks refused has two, each naming its sink).
 fn refused_dead_letters(kept: &[Kept], refused: Vec<Refusal>) -> Vec<DeadLetter> {
-    let slot = |o: &Origin| (o.partition, o.offset, o.index);
-    let by_slot: HashMap<_, &Kept> = kept.iter().map(|k| (slot(&k.origin), k)).collect();
+    let by_slot: HashMap<_, &Kept> = kept.iter().map(|k| (k.origin.slot(), k)).collect();
     refused
         .into_iter()
         .filter_map(|r| {
-            let Some(k) = by_slot.get(&slot(&r.origin)) else {
+            let Some(k) = by_slot.get(&r.origin.slot()) else {
                 error!(sink = %r.sink, origin = ?r.origin, "a sink refused an event the flush does not hold");
                 return None;
             };

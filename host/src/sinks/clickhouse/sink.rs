@@ -12,7 +12,7 @@ use super::table::{Table, datetime, put_routed_row, schema};
 use crate::metrics::events::{
     ClickHouseFailover, EventsRefused, InternalEvent, ReplayedRowsSkipped,
 };
-use crate::model::{DeadLetter, Kept, Origin, RoutedRow};
+use crate::model::{DeadLetter, Kept, Origin, RoutedRow, Slot};
 use crate::sinks::{BoxError, Flush, Refusal, Sink};
 
 /// Errors talking to ClickHouse.
@@ -671,11 +671,24 @@ impl crate::sinks::DeadLetterStore for ClickHouseSink {
     }
 }
 
-/// An event's slot in the stream: partition, offset, index in the record.
-type Slot = (i32, i64, u32);
+/// Per partition, the lowest and highest offset of `origins`.
+fn offset_ranges(origins: impl IntoIterator<Item = Origin>) -> BTreeMap<i32, (i64, i64)> {
+    let mut ranges: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
+    for o in origins {
+        let r = ranges.entry(o.partition).or_insert((o.offset, o.offset));
+        r.0 = r.0.min(o.offset);
+        r.1 = r.1.max(o.offset);
+    }
+    ranges
+}
 
-fn slot(o: &Origin) -> Slot {
-    (o.partition, o.offset, o.index)
+/// True if the rows `written` of `partition` hold the event `event_id` at `o`'s
+/// coordinates (the event id keeps a recreated topic's offsets from passing for it).
+fn holds(written: &Written, partition: i32, o: &Origin, event_id: &str) -> bool {
+    o.partition == partition
+        && written
+            .get(&(o.offset, o.index))
+            .is_some_and(|id| id == event_id)
 }
 
 /// The rows of one flush an earlier run already wrote (a replay after a crash).
@@ -815,7 +828,7 @@ impl ClickHouseWriter {
             let kept: Vec<&Kept> = batch
                 .kept
                 .iter()
-                .filter(|k| !replayed.events.contains(&slot(&k.origin)))
+                .filter(|k| !replayed.events.contains(&k.origin.slot()))
                 .collect();
             let rows = TableRows::Events(kept);
             let refused = self.insert_isolating(&rows, flush).await?;
@@ -829,7 +842,7 @@ impl ClickHouseWriter {
             let dead: Vec<&DeadLetter> = batch
                 .dead
                 .iter()
-                .filter(|d| !replayed.dead_letters.contains(&slot(&d.origin)))
+                .filter(|d| !replayed.dead_letters.contains(&d.origin.slot()))
                 .collect();
             self.client
                 .insert_dead_letters(&dead, flush.pipeline, flush.control_version)
@@ -851,7 +864,7 @@ impl ClickHouseWriter {
             let skip = replayed.routed.get(&t);
             let rows: Vec<&RoutedRow> = rows
                 .iter()
-                .filter(|r| skip.is_none_or(|s| !s.contains(&slot(&r.origin))))
+                .filter(|r| skip.is_none_or(|s| !s.contains(&r.origin.slot())))
                 .collect();
             let rows = TableRows::Routed(t, rows);
             let refused = self.insert_isolating(&rows, flush).await?;
@@ -953,23 +966,14 @@ impl ClickHouseWriter {
         part: &[usize],
     ) -> Result<HashSet<usize>, ClickHouseError> {
         let table = rows.table(&self.client);
-        let mut ranges: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
-        for &i in part {
-            let o = rows.origin(i);
-            let r = ranges.entry(o.partition).or_insert((o.offset, o.offset));
-            r.0 = r.0.min(o.offset);
-            r.1 = r.1.max(o.offset);
-        }
         let mut stored = HashSet::new();
-        for (partition, (lo, hi)) in ranges {
+        for (partition, (lo, hi)) in offset_ranges(part.iter().map(|&i| rows.origin(i))) {
             let written = self.client.written(table, partition, lo, hi).await?;
-            stored.extend(part.iter().copied().filter(|&i| {
-                let o = rows.origin(i);
-                o.partition == partition
-                    && written
-                        .get(&(o.offset, o.index))
-                        .is_some_and(|id| id == rows.event_id(i))
-            }));
+            stored.extend(
+                part.iter()
+                    .copied()
+                    .filter(|&i| holds(&written, partition, &rows.origin(i), rows.event_id(i))),
+            );
         }
         Ok(stored)
     }
@@ -977,17 +981,13 @@ impl ClickHouseWriter {
     /// The rows of the flush an earlier run already wrote, table by table.
     async fn replayed(&mut self, flush: Flush<'_>) -> Result<Replayed, ClickHouseError> {
         let batch = flush.batch;
-        let mut ranges: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
-        let origins = batch
-            .kept
-            .iter()
-            .map(|k| k.origin)
-            .chain(batch.dead.iter().map(|d| d.origin));
-        for o in origins {
-            let r = ranges.entry(o.partition).or_insert((o.offset, o.offset));
-            r.0 = r.0.min(o.offset);
-            r.1 = r.1.max(o.offset);
-        }
+        let ranges = offset_ranges(
+            batch
+                .kept
+                .iter()
+                .map(|k| k.origin)
+                .chain(batch.dead.iter().map(|d| d.origin)),
+        );
         let mut out = Replayed::default();
         for (partition, (lo, hi)) in ranges {
             let watermark = match self.watermarks.get(&partition) {
@@ -1004,10 +1004,7 @@ impl ClickHouseWriter {
             let hi = hi.min(watermark);
             // A row is a replay if its coordinates hold the same event in the table.
             let found = |written: &Written, o: &Origin, event_id: &str| {
-                o.partition == partition
-                    && written
-                        .get(&(o.offset, o.index))
-                        .is_some_and(|id| id == event_id)
+                holds(written, partition, o, event_id)
             };
             let events = self.client.written("events", partition, lo, hi).await?;
             out.events.extend(
@@ -1015,7 +1012,7 @@ impl ClickHouseWriter {
                     .kept
                     .iter()
                     .filter(|k| found(&events, &k.origin, &k.event.event_id))
-                    .map(|k| slot(&k.origin)),
+                    .map(|k| k.origin.slot()),
             );
             let dead = self
                 .client
@@ -1026,7 +1023,7 @@ impl ClickHouseWriter {
                     .dead
                     .iter()
                     .filter(|d| found(&dead, &d.origin, &d.event_id))
-                    .map(|d| slot(&d.origin)),
+                    .map(|d| d.origin.slot()),
             );
             for (&t, rows) in &batch.rows {
                 if !rows.iter().any(|r| r.origin.partition == partition) {
@@ -1037,7 +1034,7 @@ impl ClickHouseWriter {
                 out.routed.entry(t).or_default().extend(
                     rows.iter()
                         .filter(|r| found(&written, &r.origin, &r.event_id))
-                        .map(|r| slot(&r.origin)),
+                        .map(|r| r.origin.slot()),
                 );
             }
         }

@@ -10,11 +10,8 @@ use rdkafka::util::Timeout;
 
 use super::config::{TopicConfig, TopicKey};
 use crate::bus::{KafkaConfig, SelfHealingProducer};
-use crate::model::{Kept, Origin, Target};
+use crate::model::{Kept, Origin, Slot, Target};
 use crate::sinks::{BoxError, Flush, Refusal, Sink};
-
-/// An event's slot in the stream: partition, offset, index in the record.
-type Slot = (i32, i64, u32);
 
 /// Errors producing to the topic.
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +104,7 @@ impl TopicSink {
         let sent = &mut self.sent;
         let todo: Vec<(Slot, &Kept)> = kept
             .iter()
-            .map(|k| ((k.origin.partition, k.origin.offset, k.origin.index), k))
+            .map(|k| (k.origin.slot(), k))
             .filter(|(slot, k)| {
                 (self.events.contains(&k.event.name)
                     || k.forwards.contains(&Target::Topic(self.index)))
