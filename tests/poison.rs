@@ -64,15 +64,14 @@ fn view(n: usize, poison_events: &BTreeSet<usize>, poison_rows: &BTreeSet<usize>
            "properties": {"profile_id": format!("p{}", n % 20), "code": code, "source": source}})
 }
 
+/// Posts views `ns` in requests of 250.
 async fn post_views(
     weir: &Weir,
-    count: usize,
+    ns: std::ops::Range<usize>,
     poison_events: &BTreeSet<usize>,
     poison_rows: &BTreeSet<usize>,
 ) -> Result<()> {
-    let views: Vec<Value> = (0..count)
-        .map(|n| view(n, poison_events, poison_rows))
-        .collect();
+    let views: Vec<Value> = ns.map(|n| view(n, poison_events, poison_rows)).collect();
     for batch in views.chunks(250) {
         weir.post(batch).await?;
     }
@@ -126,7 +125,7 @@ async fn rows_clickhouse_refuses_are_dead_lettered_and_the_rest_lands_once() -> 
     let poison_events: BTreeSet<usize> = [3, 117, 240].into();
     let poison_rows: BTreeSet<usize> = [5, 199].into();
     // The first request (one batch of the processor) holds all the poison.
-    post_views(&ingest, 250, &poison_events, &poison_rows).await?;
+    post_views(&ingest, 0..250, &poison_events, &poison_rows).await?;
     tokio::task::block_in_place(|| processor.wait_for_exit(Duration::from_secs(60)))?;
     // The first flush holds the first record at least, and with it poison.
     let before = dead_letters(&clickhouse, "poison").await?;
@@ -134,12 +133,7 @@ async fn rows_clickhouse_refuses_are_dead_lettered_and_the_rest_lands_once() -> 
 
     processor.env.clear();
     tokio::task::block_in_place(|| processor.restart())?;
-    let more: Vec<Value> = (250..1000)
-        .map(|n| view(n, &BTreeSet::new(), &BTreeSet::new()))
-        .collect();
-    for batch in more.chunks(250) {
-        ingest.post(batch).await?;
-    }
+    post_views(&ingest, 250..1000, &BTreeSet::new(), &BTreeSet::new()).await?;
     clickhouse
         .wait_for_count(
             "SELECT count() FROM poison.events",
@@ -227,7 +221,7 @@ async fn a_view_that_refuses_a_block_neither_stalls_nor_doubles_it() -> Result<(
              SELECT event_id, toUInt8(visitParamExtractString(properties, 'code')) AS code FROM poisonmv.events",
         )
         .await?;
-    post_views(&weir, 1000, &[42].into(), &BTreeSet::new()).await?;
+    post_views(&weir, 0..1000, &[42].into(), &BTreeSet::new()).await?;
     clickhouse
         .wait_for_count(
             "SELECT count() FROM poisonmv.events",
@@ -307,5 +301,141 @@ max_record_bytes = 1000
     clickhouse
         .assert_each_once(&[("poisontopic.events", 200)])
         .await?;
+    Ok(())
+}
+
+/// Increments Redis can never take: `profile_views` of profile `p3` holds a string
+/// and that of `p7` a value at the edge of 64 bits (what an operator's
+/// mistake or a counter that grew for years leaves). The events that would count
+/// them go to `dead_letters` (stage `sink`, `counter:profile_views`, Redis' reason);
+/// every other view is counted once, and nothing stalls. The processor is SIGKILLed
+/// right after it wrote the first dead letters, before it applied the rest of the
+/// partition: the replay refuses the same increments again and writes no dead letter
+/// twice. The second half of the views arrives while Redis is down (deduplication,
+/// which holds every flush while Redis is down, is off here): their increments wait
+/// past their flush, and Redis refuses them once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn increments_redis_refuses_are_dead_lettered_and_the_rest_counts_once() -> Result<()> {
+    let tansu = Tansu::start()?;
+    tansu.create_topic("weir.events", 4)?;
+    let clickhouse = ClickHouse::start()?;
+    let mut redis = Redis::start()?;
+    let key = "weir:c:poison:profile_views";
+    {
+        let client = redis::Client::open(redis.url())?;
+        let mut conn = client.get_connection()?;
+        redis::cmd("HSET")
+            .arg(key)
+            .arg("p3")
+            .arg("many")
+            .arg("p7")
+            .arg("9200000000000000000")
+            .query::<()>(&mut conn)?;
+    }
+    let processor_config = config(
+        &tansu,
+        &clickhouse,
+        &redis,
+        "poisoncount",
+        "[dedup]\nenabled = false\n",
+    );
+    let mut processor = Weir::start_with_env(
+        &processor_config,
+        &[("WEIR_FAILPOINT", "after_counter_dead_letters:1")],
+    )?;
+    processor.wait_for_partitions(Duration::from_secs(30))?;
+    let ingest_config = processor_config.replace("[processor]\n", "[processor]\nenabled = false\n");
+    let ingest = Weir::start(&ingest_config)?;
+    post_views(&ingest, 0..400, &BTreeSet::new(), &BTreeSet::new()).await?;
+    tokio::task::block_in_place(|| processor.wait_for_exit(Duration::from_secs(60)))?;
+    assert!(
+        !dead_letters(&clickhouse, "poisoncount").await?.is_empty(),
+        "dead letters were written before the crash"
+    );
+
+    processor.env.clear();
+    tokio::task::block_in_place(|| processor.restart())?;
+    clickhouse
+        .wait_for_count(
+            "SELECT count() FROM poisoncount.dead_letters",
+            40,
+            Duration::from_secs(60),
+        )
+        .await?;
+    redis.stop();
+    post_views(&ingest, 400..800, &BTreeSet::new(), &BTreeSet::new()).await?;
+    clickhouse
+        .wait_for_count(
+            "SELECT count() FROM poisoncount.events",
+            800,
+            Duration::from_secs(60),
+        )
+        .await?;
+    tokio::task::block_in_place(|| redis.restart())?;
+    clickhouse
+        .wait_for_count(
+            "SELECT count() FROM poisoncount.dead_letters",
+            80,
+            Duration::from_secs(60),
+        )
+        .await?;
+    let want_counts = || -> std::collections::BTreeMap<String, i64> {
+        (0..20)
+            .filter(|p| *p != 3 && *p != 7)
+            .map(|p| (format!("p{p}"), 40))
+            .collect()
+    };
+    let counted = || -> Result<std::collections::BTreeMap<String, i64>> {
+        let client = redis::Client::open(redis.url())?;
+        let mut conn = client.get_connection()?;
+        let all: std::collections::BTreeMap<String, String> =
+            redis::cmd("HGETALL").arg(key).query(&mut conn)?;
+        Ok(all
+            .into_iter()
+            .filter(|(f, _)| f != "p3" && f != "p7")
+            .map(|(f, v)| (f, v.parse().unwrap_or(-1)))
+            .collect())
+    };
+    weir_tests::wait_until("every good view counted", Duration::from_secs(30), || {
+        counted().is_ok_and(|c| c == want_counts())
+    })
+    .map_err(|e| anyhow::anyhow!("{e}: counted {:?}", counted()))?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(counted()?, want_counts(), "no view counted twice");
+    clickhouse
+        .assert_each_once(&[
+            ("poisoncount.events", 800),
+            ("poisoncount.profile_viewed", 800),
+            ("poisoncount.dead_letters", 80),
+        ])
+        .await?;
+    let dead = dead_letters(&clickhouse, "poisoncount").await?;
+    let want: Vec<String> = (0..800)
+        .filter(|n| n % 20 == 3 || n % 20 == 7)
+        .map(|n| format!("v{n:05}"))
+        .collect();
+    let ids: Vec<String> = dead.iter().map(|(e, _, _)| e.clone()).collect();
+    assert_eq!(ids, want);
+    for (id, plugin, reason) in &dead {
+        assert_eq!(plugin, "counter:profile_views");
+        let n: usize = id[1..].parse()?;
+        let why = if n % 20 == 3 {
+            "field p3 holds many, not an integer"
+        } else {
+            "field p7 would pass the 64-bit range"
+        };
+        assert!(reason.contains(why), "{id}: {reason}");
+    }
+    let client = redis::Client::open(redis.url())?;
+    let mut conn = client.get_connection()?;
+    let untouched: (String, String) = redis::cmd("HMGET")
+        .arg(key)
+        .arg("p3")
+        .arg("p7")
+        .query(&mut conn)?;
+    assert_eq!(
+        untouched,
+        ("many".to_owned(), "9200000000000000000".to_owned())
+    );
     Ok(())
 }

@@ -2,6 +2,9 @@
 //! separated list of
 //! - `after_write:N`: abort the process right after the Nth flush was written to
 //!   ClickHouse, before its offsets are committed (the crash window a replay covers);
+//! - `after_counter_dead_letters:N`: abort right after the Nth write of the dead
+//!   letters of increments Redis refused, before the rest of the partition is
+//!   applied;
 //! - `insert_error:TABLE:N`: the Nth INSERT into TABLE fails as if ClickHouse had
 //!   refused it (after the INSERTs before it in the same flush succeeded).
 //!
@@ -15,7 +18,8 @@ use tracing::error;
 
 #[derive(Default)]
 struct Points {
-    after_write: Option<u64>,
+    /// Crash points (`after_write`, ...) and the call that aborts.
+    crash: HashMap<String, u64>,
     insert_error: HashMap<String, u64>,
     /// Calls seen so far, per point.
     seen: Mutex<HashMap<String, u64>>,
@@ -30,7 +34,11 @@ fn points() -> Option<&'static Points> {
             for item in spec.split(',') {
                 let parts: Vec<&str> = item.trim().split(':').collect();
                 match parts.as_slice() {
-                    ["after_write", n] => p.after_write = n.parse().ok(),
+                    [point @ ("after_write" | "after_counter_dead_letters"), n] => {
+                        if let Ok(n) = n.parse() {
+                            p.crash.insert((*point).to_owned(), n);
+                        }
+                    }
                     ["insert_error", table, n] => {
                         if let Ok(n) = n.parse() {
                             p.insert_error.insert((*table).to_owned(), n);
@@ -54,11 +62,20 @@ fn count(p: &Points, key: &str) -> u64 {
 
 /// `after_write:N`: aborts the process at the Nth call.
 pub fn after_write() {
+    crash_at("after_write");
+}
+
+/// `after_counter_dead_letters:N`: aborts the process at the Nth call.
+pub fn after_counter_dead_letters() {
+    crash_at("after_counter_dead_letters");
+}
+
+fn crash_at(point: &str) {
     let Some(p) = points() else { return };
-    if let Some(at) = p.after_write
-        && count(p, "after_write") == at
+    if let Some(&at) = p.crash.get(point)
+        && count(p, point) == at
     {
-        error!("WEIR_FAILPOINT after_write:{at} reached: aborting");
+        error!("WEIR_FAILPOINT {point}:{at} reached: aborting");
         std::process::abort();
     }
 }

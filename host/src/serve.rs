@@ -104,6 +104,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
                     &config.kafka.group,
                     &config.kafka.topic,
                     Duration::from_millis(config.processor.retry_backoff_ms),
+                    Arc::new(sink.clone()),
                 )
                 .context("cannot set up the Redis counter sink")?,
             ));

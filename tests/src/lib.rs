@@ -435,12 +435,15 @@ impl ClickHouse {
     pub async fn wait_for_count(&self, sql: &str, want: u64, timeout: Duration) -> Result<()> {
         let started = Instant::now();
         loop {
-            let have = self.count(sql).await.unwrap_or(0);
-            if have >= want {
+            let have = self.count(sql).await;
+            if have.as_ref().is_ok_and(|have| *have >= want) {
                 return Ok(());
             }
             if started.elapsed() > timeout {
-                bail!("{sql}: {have} of {want} after {timeout:?}");
+                match have {
+                    Ok(have) => bail!("{sql}: {have} of {want} after {timeout:?}"),
+                    Err(e) => bail!("{sql}: no answer after {timeout:?} (last: {e:#})"),
+                }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -210,7 +210,7 @@ impl InternalEvent for ClickHouseFailover<'_> {
 /// A sink refused events of a flush for good: they go to `dead_letters` (stage
 /// `sink`) and the partition goes on.
 pub struct EventsRefused<'a> {
-    /// `clickhouse:<table>`, `topic:<name>`.
+    /// `clickhouse:<table>`, `topic:<name>`, `counter:<name>`.
     pub sink: &'a str,
     pub events: usize,
     /// The first refusal's reason.

@@ -72,7 +72,7 @@ pub struct DeadLetter {
     pub name: String,
     pub stage: Stage,
     /// The plugin (stage `plugin`), webhook (stage `webhook`) or sink (stage `sink`:
-    /// `clickhouse:<table>`, `topic:<name>`) at fault.
+    /// `clickhouse:<table>`, `topic:<name>`, `counter:<name>`) at fault.
     pub plugin: String,
     pub plugin_version: String,
     pub reason: String,

@@ -10,7 +10,9 @@
 //! is retried; an event a sink can never take (its row refused for bad data, its
 //! record too large for the broker) is named in the attempt's answer as a
 //! [`Refusal`], and the worker sets it aside in `dead_letters` (stage `sink`) so that
-//! the partition goes on. How a sink keeps its
+//! the partition goes on. A sink that delivers on its own, after the flush (webhooks,
+//! counters waiting for Redis), writes what it gives up on through a
+//! [`DeadLetterStore`] instead, before it lets the partition's commit pass the event. How a sink keeps its
 //! promise (write within the flush, or queue and deliver on its own) is its business;
 //! each guards itself against the replays of Kafka (a crash re-delivers what was not
 //! committed), so no sink's guard can hide events from another.
@@ -114,10 +116,12 @@ pub struct Refusal {
 /// Any error a sink reports through a shared contract.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Where a sink that delivers on its own (a webhook) writes the events it gives up
-/// on. The ClickHouse sink is one (`dead_letters`).
+/// Where a sink that delivers on its own (a webhook, the counters) writes the events
+/// it gives up on. The ClickHouse sink is one (`dead_letters`).
 pub trait DeadLetterStore: Send + Sync + 'static {
     /// Writes `dead`, recording the pipeline and control-plane version that kept them.
+    /// Dead letters the store already holds (same coordinates, event, stage and
+    /// plugin: written before a crash replayed their events) are not written again.
     fn write_dead_letters<'a>(
         &'a self,
         dead: &'a [DeadLetter],

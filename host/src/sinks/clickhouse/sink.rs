@@ -190,6 +190,31 @@ struct KeyRow {
     event_id: String,
 }
 
+/// A dead letter as the replay guard tells it apart: its coordinates, event id, stage
+/// and the plugin or sink at fault (a kept event can have several, one per sink that
+/// refused it or webhook that gave up on it).
+pub type DeadKey = (i64, u32, String, String, String);
+
+/// The [`DeadKey`] of `d`.
+fn dead_key(d: &DeadLetter) -> DeadKey {
+    (
+        d.origin.offset,
+        d.origin.index,
+        d.event_id.clone(),
+        d.stage.as_str().to_owned(),
+        d.plugin.clone(),
+    )
+}
+
+#[derive(Row, Deserialize)]
+struct DeadKeyRow {
+    kafka_offset: u64,
+    kafka_index: u32,
+    event_id: String,
+    stage: String,
+    plugin: String,
+}
+
 #[derive(Row, Deserialize)]
 struct MaxRow {
     max_offset: u64,
@@ -470,6 +495,50 @@ impl ClickHouseSink {
             .collect())
     }
 
+    /// The dead letters stored for `partition` at offsets `lo..=hi`.
+    pub async fn written_dead_letters(
+        &self,
+        partition: i32,
+        lo: i64,
+        hi: i64,
+    ) -> Result<HashSet<DeadKey>, ClickHouseError> {
+        let sql = format!(
+            "SELECT kafka_offset, kafka_index, event_id, stage, plugin FROM dead_letters \
+             WHERE kafka_partition = {partition} AND kafka_offset >= {lo} AND kafka_offset <= {hi}"
+        );
+        let rows: Vec<DeadKeyRow> = self
+            .client()
+            .query(&sql)
+            .fetch_all()
+            .await
+            .map_err(query_err("replay check of dead_letters"))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                (
+                    r.kafka_offset as i64,
+                    r.kafka_index,
+                    r.event_id,
+                    r.stage,
+                    r.plugin,
+                )
+            })
+            .collect())
+    }
+
+    /// Which of `dead` the table already holds (written before a crash replayed them).
+    pub async fn stored_dead_letters(
+        &self,
+        dead: &[DeadLetter],
+    ) -> Result<HashSet<(i32, DeadKey)>, ClickHouseError> {
+        let mut out = HashSet::new();
+        for (partition, (lo, hi)) in offset_ranges(dead.iter().map(|d| d.origin)) {
+            let stored = self.written_dead_letters(partition, lo, hi).await?;
+            out.extend(stored_among(dead, partition, &stored));
+        }
+        Ok(out)
+    }
+
     /// Inserts kept events into `events`, in one INSERT. Returns when ClickHouse
     /// acknowledged.
     pub async fn insert_events(
@@ -663,7 +732,14 @@ impl crate::sinks::DeadLetterStore for ClickHouseSink {
         control_version: u64,
     ) -> futures::future::BoxFuture<'a, Result<(), crate::sinks::BoxError>> {
         Box::pin(async move {
-            let dead: Vec<&DeadLetter> = dead.iter().collect();
+            let stored = self.stored_dead_letters(dead).await?;
+            if !stored.is_empty() {
+                ReplayedRowsSkipped { rows: stored.len() }.emit();
+            }
+            let dead: Vec<&DeadLetter> = dead
+                .iter()
+                .filter(|d| !stored.contains(&(d.origin.partition, dead_key(d))))
+                .collect();
             self.insert_dead_letters(&dead, pipeline, control_version)
                 .await
                 .map_err(Into::into)
@@ -682,6 +758,19 @@ fn offset_ranges(origins: impl IntoIterator<Item = Origin>) -> BTreeMap<i32, (i6
     ranges
 }
 
+/// The keys of the dead letters of `partition` among `dead` that `stored` holds.
+fn stored_among<'a>(
+    dead: &'a [DeadLetter],
+    partition: i32,
+    stored: &'a HashSet<DeadKey>,
+) -> impl Iterator<Item = (i32, DeadKey)> + 'a {
+    dead.iter()
+        .filter(move |d| d.origin.partition == partition)
+        .map(dead_key)
+        .filter(|k| stored.contains(k))
+        .map(move |k| (partition, k))
+}
+
 /// True if the rows `written` of `partition` hold the event `event_id` at `o`'s
 /// coordinates (the event id keeps a recreated topic's offsets from passing for it).
 fn holds(written: &Written, partition: i32, o: &Origin, event_id: &str) -> bool {
@@ -695,7 +784,8 @@ fn holds(written: &Written, partition: i32, o: &Origin, event_id: &str) -> bool 
 #[derive(Default)]
 struct Replayed {
     events: HashSet<Slot>,
-    dead_letters: HashSet<Slot>,
+    /// By partition and [`DeadKey`].
+    dead_letters: HashSet<(i32, DeadKey)>,
     /// By routed table index.
     routed: HashMap<usize, HashSet<Slot>>,
 }
@@ -842,7 +932,11 @@ impl ClickHouseWriter {
             let dead: Vec<&DeadLetter> = batch
                 .dead
                 .iter()
-                .filter(|d| !replayed.dead_letters.contains(&d.origin.slot()))
+                .filter(|d| {
+                    !replayed
+                        .dead_letters
+                        .contains(&(d.origin.partition, dead_key(d)))
+                })
                 .collect();
             self.client
                 .insert_dead_letters(&dead, flush.pipeline, flush.control_version)
@@ -1014,17 +1108,11 @@ impl ClickHouseWriter {
                     .filter(|k| found(&events, &k.origin, &k.event.event_id))
                     .map(|k| k.origin.slot()),
             );
-            let dead = self
-                .client
-                .written("dead_letters", partition, lo, hi)
-                .await?;
-            out.dead_letters.extend(
-                batch
-                    .dead
-                    .iter()
-                    .filter(|d| found(&dead, &d.origin, &d.event_id))
-                    .map(|d| d.origin.slot()),
-            );
+            if batch.dead.iter().any(|d| d.origin.partition == partition) {
+                let dead = self.client.written_dead_letters(partition, lo, hi).await?;
+                out.dead_letters
+                    .extend(stored_among(&batch.dead, partition, &dead));
+            }
             for (&t, rows) in &batch.rows {
                 if !rows.iter().any(|r| r.origin.partition == partition) {
                     continue;

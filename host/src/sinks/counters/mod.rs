@@ -15,6 +15,14 @@
 //! refuses, the increments are filtered again against the new offset and retried. All
 //! partitions of a flush go in one pipelined round trip.
 //!
+//! An increment Redis can never take (a key of another type, a field that is not an
+//! integer, a sum past +-9.2e18) makes the script refuse the partition's flush whole;
+//! the sink then checks the partition's events one by one (a script that applies
+//! nothing), writes the dead letters of those Redis refuses (stage `sink`,
+//! `counter:<name>`) through the dead-letter store, takes their increments out, and
+//! applies the rest. The dead letters are written first: a crash before the rest is
+//! applied replays the refusal, and the store skips what it already holds.
+//!
 //! While Redis is unreachable, increments wait in memory (up to `redis.max_pending`)
 //! and the partitions they come from are not committed in Kafka, so a crash meanwhile
 //! loses nothing either.

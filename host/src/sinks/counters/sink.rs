@@ -1,4 +1,5 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -7,10 +8,11 @@ use tokio::time::Instant;
 
 use super::config::RedisConfig;
 use crate::metrics::events::{
-    CounterWriteFailed, CounterWriteRecovered, InternalEvent, ReplayedIncrementsSkipped,
+    CounterWriteFailed, CounterWriteRecovered, EventsRefused, InternalEvent,
+    ReplayedIncrementsSkipped,
 };
-use crate::model::CountRow;
-use crate::sinks::{BoxError, Flush, Refusal, Sink};
+use crate::model::{CountRow, DeadLetter, Kept, Stage};
+use crate::sinks::{BoxError, DeadLetterStore, Flush, Refusal, Sink};
 
 /// Longest pause between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -37,6 +39,8 @@ pub enum CounterError {
         "partition {partition}: Redis refused the flush's increments ({reason}); none was applied, retrying"
     )]
     Refused { partition: i32, reason: String },
+    #[error("cannot write the dead letters of refused increments: {0}")]
+    DeadLetters(BoxError),
 }
 
 /// Atomically: check the partition's stored offset, apply the sums, store the new
@@ -71,6 +75,81 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return {1, ARGV[3]}
 ";
+
+/// After [`APPLY`] refused a partition's sums: which events, taken one by one in
+/// order, cannot be applied. Applies nothing. KEYS[1..] = counter hashes. ARGV, per
+/// event: the number n of its increments, then n times key index, field, delta (an
+/// event's increments of one field summed). An event is refused whole when one of its
+/// increments fails the checks of APPLY given the values before it plus the events
+/// accepted so far (so the accepted ones, summed, pass APPLY). Returns {event
+/// ordinal, increment ordinal, why} per refused event (ordinals from 0).
+const CHECK_EACH: &str = r"
+local sim = {}
+local types = {}
+local out = {}
+local i = 1
+local event = 0
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local staged = {}
+  local why = nil
+  for j = 0, n - 1 do
+    local base = i + 1 + 3 * j
+    local key = KEYS[tonumber(ARGV[base])]
+    local field = ARGV[base + 1]
+    if types[key] == nil then types[key] = redis.call('TYPE', key).ok end
+    local t = types[key]
+    local slot = key .. '\0' .. field
+    if t ~= 'hash' and t ~= 'none' then
+      why = {j, key .. ' holds a ' .. t .. ', not a hash'}
+      break
+    end
+    local have = staged[slot] or sim[slot]
+    if have == nil then
+      local raw = redis.call('HGET', key, field) or '0'
+      if not string.match(raw, '^-?%d+$') then
+        why = {j, key .. ' field ' .. field .. ' holds ' .. raw .. ', not an integer'}
+        break
+      end
+      have = tonumber(raw)
+    end
+    local sum = have + tonumber(ARGV[base + 2])
+    if sum >= 9.2e18 or sum <= -9.2e18 then
+      why = {j, key .. ' field ' .. field .. ' would pass the 64-bit range'}
+      break
+    end
+    staged[slot] = sum
+  end
+  if why then
+    table.insert(out, {event, why[1], why[2]})
+  else
+    for slot, sum in pairs(staged) do sim[slot] = sum end
+  end
+  i = i + 1 + 3 * n
+  event = event + 1
+end
+return out
+";
+
+/// Isolation rounds in one attempt beyond one per partition: a refusal is isolated
+/// and what is left of the partition applied, again if Redis' state changed
+/// meanwhile; beyond, the attempt fails and is retried with backoff.
+const MAX_ISOLATIONS: usize = 3;
+
+/// What a dead letter of an event needs, kept while its increments wait past their
+/// flush (Redis was down): the event as JSON and the pipeline version that kept it.
+struct Pending {
+    dead: DeadLetter,
+    pipeline: Arc<str>,
+    control_version: u64,
+}
+
+/// One event's increments, as [`CHECK_EACH`] takes them.
+struct EventIncrements<'a> {
+    origin: crate::model::Origin,
+    /// (key index, field, delta, counter name), one per hash and field.
+    increments: Vec<(usize, &'a str, i64, &'a str)>,
+}
 
 /// A connection to the `[redis]` server that connects lazily (on first use) and
 /// reconnects by itself; each round trip times out after `redis.timeout_ms`.
@@ -124,16 +203,25 @@ pub struct CounterSink {
     retry_backoff: Duration,
     /// After a failure: when to try again, and the backoff that led there.
     retry: Option<(Instant, Duration)>,
+    /// Where increments Redis refuses for good go (their events' dead letters).
+    dead_letters: Arc<dyn DeadLetterStore>,
+    /// Per partition and (offset, index): the events whose increments wait past their
+    /// flush, for their dead letters should Redis refuse them later.
+    events: HashMap<i32, HashMap<(i64, u32), Pending>>,
 }
 
 impl CounterSink {
     /// A sink for the consumer group `group` of `topic`; after a failed attempt it
     /// asks to be retried after `retry_backoff`, doubled after each failure up to 30 s.
+    /// The events whose increments Redis refuses for good (a key of another type, a
+    /// field that is not an integer, a sum past the 64-bit range) are written to
+    /// `dead_letters` (stage `sink`, `counter:<name>`).
     pub fn new(
         cfg: &RedisConfig,
         group: &str,
         topic: &str,
         retry_backoff: Duration,
+        dead_letters: Arc<dyn DeadLetterStore>,
     ) -> Result<Self, CounterError> {
         Ok(Self {
             conn: connect_counters(cfg)?,
@@ -146,6 +234,8 @@ impl CounterSink {
             pending_len: 0,
             retry_backoff,
             retry: None,
+            dead_letters,
+            events: HashMap::new(),
         })
     }
 
@@ -169,13 +259,23 @@ impl CounterSink {
     /// Tries once to apply what is pending; after a failure, schedules the next try
     /// with backoff. Redis' failures are this sink's to report (logs, metrics): the
     /// processor goes on, holding back the commits of the partitions involved.
-    async fn try_apply(&mut self) {
+    async fn try_apply(&mut self, flush: Option<Flush<'_>>) {
         if !self.has_pending() {
             self.retry = None;
             return;
         }
         let started = std::time::Instant::now();
-        match self.apply().await {
+        let mut result = self.apply().await;
+        for _ in 0..MAX_ISOLATIONS + self.pending.len() {
+            let Err(CounterError::Refused { partition, .. }) = result else {
+                break;
+            };
+            result = match self.set_aside_refused(partition, flush).await {
+                Ok(()) => self.apply().await,
+                Err(e) => Err(e),
+            };
+        }
+        match result {
             Ok(_) => {
                 crate::metrics::SINK_FLUSH_DURATION
                     .with_label_values(&["redis"])
@@ -249,6 +349,8 @@ impl CounterSink {
             sent.push((partition, watermark, new, n));
         }
         self.pending.retain(|_, rows| !rows.is_empty());
+        let pending = &self.pending;
+        self.events.retain(|p, _| pending.contains_key(p));
         self.pending_len -= skipped;
         if skipped > 0 {
             ReplayedIncrementsSkipped {
@@ -292,6 +394,7 @@ impl CounterSink {
             if ok == 1 {
                 self.watermarks.insert(partition, Some(new));
                 self.pending.remove(&partition);
+                self.events.remove(&partition);
                 self.pending_len -= n;
                 applied += n;
             } else {
@@ -308,6 +411,190 @@ impl CounterSink {
         match failure {
             Some(e) => Err(e),
             None => Ok(applied),
+        }
+    }
+
+    /// After Redis refused `partition`'s sums: finds the events whose increments it
+    /// cannot take, writes their dead letters, and takes their increments out, so
+    /// that the rest can be applied. The dead letters are written before anything of
+    /// the partition is applied: a crash in between replays the same refusal, and the
+    /// dead-letter store skips what it already holds.
+    async fn set_aside_refused(
+        &mut self,
+        partition: i32,
+        flush: Option<Flush<'_>>,
+    ) -> Result<(), CounterError> {
+        let Some(rows) = self.pending.get(&partition) else {
+            return Ok(());
+        };
+        let (keys, events) = self.by_event(rows);
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(CHECK_EACH).arg(keys.len());
+        for key in &keys {
+            cmd.arg(key);
+        }
+        for e in &events {
+            cmd.arg(e.increments.len());
+            for (i, field, delta, _) in &e.increments {
+                cmd.arg(i + 1).arg(*field).arg(*delta);
+            }
+        }
+        let mut conn = self.conn.clone();
+        let refused: Vec<(usize, usize, String)> =
+            cmd.query_async(&mut conn).await.map_err(self.redis_err())?;
+        if refused.is_empty() {
+            // Redis' state changed since (or sums at the edge of the range): the next
+            // attempt applies the partition whole or refuses it again.
+            return Ok(());
+        }
+        let kept: HashMap<(i64, u32), &Kept> = flush
+            .map(|f| {
+                f.batch
+                    .kept
+                    .iter()
+                    .filter(|k| k.origin.partition == partition)
+                    .map(|k| ((k.origin.offset, k.origin.index), k))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let held = self.events.get(&partition);
+        // By (pipeline, control version): what the store records with them.
+        let mut dead: BTreeMap<(Arc<str>, u64), Vec<DeadLetter>> = BTreeMap::new();
+        let mut gone = HashSet::new();
+        let mut by_counter: BTreeMap<String, (usize, String)> = BTreeMap::new();
+        for (event, increment, reason) in refused {
+            let Some(e) = events.get(event) else {
+                return Err(CounterError::Reply(format!(
+                    "a refusal of event {event} of {}",
+                    events.len()
+                )));
+            };
+            let counter = e.increments.get(increment).map_or("", |i| i.3);
+            let sink = format!("counter:{counter}");
+            let at = (e.origin.offset, e.origin.index);
+            let (letter, pipeline, version) = if let (Some(k), Some(f)) = (kept.get(&at), flush) {
+                (
+                    DeadLetter::of(e.origin, k.event.clone(), Stage::Sink, String::new()),
+                    Arc::from(f.pipeline),
+                    f.control_version,
+                )
+            } else if let Some(p) = held.and_then(|h| h.get(&at)) {
+                (p.dead.clone(), p.pipeline.clone(), p.control_version)
+            } else {
+                return Err(CounterError::Reply(format!(
+                    "no event known at partition {partition} offset {} index {} for its refused increments",
+                    at.0, at.1
+                )));
+            };
+            let entry = by_counter
+                .entry(sink.clone())
+                .or_insert((0, reason.clone()));
+            entry.0 += 1;
+            let letter = DeadLetter {
+                reason: format!("Redis refused the increment: {reason}"),
+                ..letter
+            }
+            .by(&sink, "");
+            dead.entry((pipeline, version)).or_default().push(letter);
+            gone.insert(at);
+        }
+        for ((pipeline, version), letters) in &dead {
+            self.dead_letters
+                .write_dead_letters(letters, pipeline, *version)
+                .await
+                .map_err(CounterError::DeadLetters)?;
+        }
+        crate::failpoint::after_counter_dead_letters();
+        for (sink, (events, reason)) in &by_counter {
+            EventsRefused {
+                sink,
+                events: *events,
+                reason,
+            }
+            .emit();
+        }
+        if let Some(rows) = self.pending.get_mut(&partition) {
+            let before = rows.len();
+            rows.retain(|r| !gone.contains(&(r.origin.offset, r.origin.index)));
+            self.pending_len -= before - rows.len();
+            if rows.is_empty() {
+                self.pending.remove(&partition);
+                self.events.remove(&partition);
+            }
+        }
+        crate::metrics::COUNTER_PENDING.set(self.pending_len as i64);
+        Ok(())
+    }
+
+    /// The hash keys of `rows` (in `KEYS` order) and their increments grouped by
+    /// event, in the order of the events, each event's summed per hash and field.
+    fn by_event<'r>(&self, rows: &'r [CountRow]) -> (Vec<String>, Vec<EventIncrements<'r>>) {
+        let mut keys: Vec<String> = Vec::new();
+        let mut key_index: HashMap<String, usize> = HashMap::new();
+        let mut intern = |key: String| {
+            *key_index.entry(key.clone()).or_insert_with(|| {
+                keys.push(key);
+                keys.len() - 1
+            })
+        };
+        let mut events: Vec<EventIncrements<'r>> = Vec::new();
+        let mut index: HashMap<(i64, u32), usize> = HashMap::new();
+        for r in rows {
+            let at = (r.origin.offset, r.origin.index);
+            let e = *index.entry(at).or_insert_with(|| {
+                events.push(EventIncrements {
+                    origin: r.origin,
+                    increments: Vec::new(),
+                });
+                events.len() - 1
+            });
+            let total = hash_key(&self.prefix, &r.app, &r.counter.name);
+            let mut targets = vec![intern(total.clone())];
+            if r.counter.by_day {
+                targets.push(intern(format!("{total}:{}", day_of(r.timestamp_ms))));
+            }
+            let increments = &mut events[e].increments;
+            for key in targets {
+                match increments
+                    .iter_mut()
+                    .find(|(k, f, _, _)| *k == key && *f == r.key.as_str())
+                {
+                    Some(inc) => inc.2 = inc.2.saturating_add(r.delta),
+                    None => {
+                        increments.push((key, r.key.as_str(), r.delta, r.counter.name.as_str()))
+                    }
+                }
+            }
+        }
+        (keys, events)
+    }
+
+    /// Keeps what the dead letters of this flush's events need while their increments
+    /// wait past it (Redis is down), should Redis refuse them once it is back.
+    fn keep_events(&mut self, flush: Flush<'_>) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let waiting: HashSet<crate::model::Slot> = self
+            .pending
+            .values()
+            .flatten()
+            .map(|r| r.origin.slot())
+            .collect();
+        let pipeline: Arc<str> = Arc::from(flush.pipeline);
+        for k in &flush.batch.kept {
+            if !waiting.contains(&k.origin.slot()) {
+                continue;
+            }
+            self.events
+                .entry(k.origin.partition)
+                .or_default()
+                .entry((k.origin.offset, k.origin.index))
+                .or_insert_with(|| Pending {
+                    dead: DeadLetter::of(k.origin, k.event.clone(), Stage::Sink, String::new()),
+                    pipeline: pipeline.clone(),
+                    control_version: flush.control_version,
+                });
         }
     }
 
@@ -378,7 +665,8 @@ impl Sink for CounterSink {
             if !flush.batch.counts.is_empty() {
                 self.add(flush.batch.counts.clone());
             }
-            self.try_apply().await;
+            self.try_apply(Some(flush)).await;
+            self.keep_events(flush);
             Ok(Vec::new())
         })
     }
@@ -398,6 +686,7 @@ impl Sink for CounterSink {
             if let Some(rows) = self.pending.remove(p) {
                 self.pending_len -= rows.len();
             }
+            self.events.remove(p);
         }
         crate::metrics::COUNTER_PENDING.set(self.pending_len as i64);
     }
@@ -407,7 +696,7 @@ impl Sink for CounterSink {
     }
 
     fn retry(&mut self) -> BoxFuture<'_, ()> {
-        Box::pin(self.try_apply())
+        Box::pin(self.try_apply(None))
     }
 
     /// The pending increments reached `redis.max_pending`.
