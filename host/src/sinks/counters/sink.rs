@@ -138,10 +138,45 @@ const MAX_ISOLATIONS: usize = 3;
 
 /// What a dead letter of an event needs, kept while its increments wait past their
 /// flush (Redis was down): the event as JSON and the pipeline version that kept it.
-struct Pending {
+struct WaitingEvent {
     dead: DeadLetter,
     pipeline: Arc<str>,
     control_version: u64,
+}
+
+/// The counter hashes a script touches, in `KEYS` order, each with its TTL in seconds
+/// (0: keep).
+#[derive(Default)]
+struct HashKeys {
+    keys: Vec<(String, u64)>,
+    index: HashMap<String, usize>,
+    /// `YYYY-MM-DD` by day since the epoch, each made once.
+    days: HashMap<i64, String>,
+}
+
+impl HashKeys {
+    fn intern(&mut self, key: String, ttl: u64) -> usize {
+        *self.index.entry(key.clone()).or_insert_with(|| {
+            self.keys.push((key, ttl));
+            self.keys.len() - 1
+        })
+    }
+
+    /// The hashes `r` increments, as indexes into `keys`: its counter's total, and the
+    /// UTC day's of its timestamp when the counter counts by day.
+    fn of(&mut self, prefix: &str, r: &CountRow) -> impl Iterator<Item = usize> + use<> {
+        let counter = &r.counter;
+        let total = hash_key(prefix, &r.app, &counter.name);
+        let day = counter.by_day.then(|| {
+            let day = self
+                .days
+                .entry(r.timestamp_ms.div_euclid(86_400_000))
+                .or_insert_with(|| day_of(r.timestamp_ms));
+            let key = format!("{total}:{day}");
+            self.intern(key, u64::from(counter.day_retention_days) * 86_400)
+        });
+        day.into_iter().chain([self.intern(total, 0)])
+    }
 }
 
 /// One event's increments, as [`CHECK_EACH`] takes them.
@@ -207,7 +242,7 @@ pub struct CounterSink {
     dead_letters: Arc<dyn DeadLetterStore>,
     /// Per partition and (offset, index): the events whose increments wait past their
     /// flush, for their dead letters should Redis refuse them later.
-    events: HashMap<i32, HashMap<(i64, u32), Pending>>,
+    events: HashMap<i32, HashMap<(i64, u32), WaitingEvent>>,
 }
 
 impl CounterSink {
@@ -529,14 +564,7 @@ impl CounterSink {
     /// The hash keys of `rows` (in `KEYS` order) and their increments grouped by
     /// event, in the order of the events, each event's summed per hash and field.
     fn by_event<'r>(&self, rows: &'r [CountRow]) -> (Vec<String>, Vec<EventIncrements<'r>>) {
-        let mut keys: Vec<String> = Vec::new();
-        let mut key_index: HashMap<String, usize> = HashMap::new();
-        let mut intern = |key: String| {
-            *key_index.entry(key.clone()).or_insert_with(|| {
-                keys.push(key);
-                keys.len() - 1
-            })
-        };
+        let mut keys = HashKeys::default();
         let mut events: Vec<EventIncrements<'r>> = Vec::new();
         let mut index: HashMap<(i64, u32), usize> = HashMap::new();
         for r in rows {
@@ -548,13 +576,8 @@ impl CounterSink {
                 });
                 events.len() - 1
             });
-            let total = hash_key(&self.prefix, &r.app, &r.counter.name);
-            let mut targets = vec![intern(total.clone())];
-            if r.counter.by_day {
-                targets.push(intern(format!("{total}:{}", day_of(r.timestamp_ms))));
-            }
             let increments = &mut events[e].increments;
-            for key in targets {
+            for key in keys.of(&self.prefix, r) {
                 match increments
                     .iter_mut()
                     .find(|(k, f, _, _)| *k == key && *f == r.key.as_str())
@@ -566,7 +589,7 @@ impl CounterSink {
                 }
             }
         }
-        (keys, events)
+        (keys.keys.into_iter().map(|(key, _)| key).collect(), events)
     }
 
     /// Keeps what the dead letters of this flush's events need while their increments
@@ -590,7 +613,7 @@ impl CounterSink {
                 .entry(k.origin.partition)
                 .or_default()
                 .entry((k.origin.offset, k.origin.index))
-                .or_insert_with(|| Pending {
+                .or_insert_with(|| WaitingEvent {
                     dead: DeadLetter::of(k.origin, k.event.clone(), Stage::Sink, String::new()),
                     pipeline: pipeline.clone(),
                     control_version: flush.control_version,
@@ -606,34 +629,17 @@ impl CounterSink {
         new: i64,
         rows: &[CountRow],
     ) -> redis::Cmd {
-        // (hash key, ttl) in KEYS order, and (key index, field) -> sum.
-        let mut keys: Vec<(String, u64)> = Vec::new();
-        let mut key_index: HashMap<String, usize> = HashMap::new();
-        let mut intern = |key: String, ttl: u64| {
-            *key_index.entry(key.clone()).or_insert_with(|| {
-                keys.push((key, ttl));
-                keys.len() - 1
-            })
-        };
+        // (key index, field) -> sum.
+        let mut keys = HashKeys::default();
         let mut sums: BTreeMap<(usize, &str), i64> = BTreeMap::new();
-        let mut days: HashMap<i64, String> = HashMap::new();
         for r in rows {
-            let counter = &r.counter;
-            let total = hash_key(&self.prefix, &r.app, &counter.name);
-            if counter.by_day {
-                let day = days
-                    .entry(r.timestamp_ms.div_euclid(86_400_000))
-                    .or_insert_with(|| day_of(r.timestamp_ms));
-                let ttl = u64::from(counter.day_retention_days) * 86_400;
-                let i = intern(format!("{total}:{day}"), ttl);
+            for i in keys.of(&self.prefix, r) {
+                // Saturated, a sum past the 64-bit range is refused whole by the script.
                 let sum = sums.entry((i, r.key.as_str())).or_default();
                 *sum = sum.saturating_add(r.delta);
             }
-            let i = intern(total, 0);
-            // Saturated, a sum past the 64-bit range is refused whole by the script.
-            let sum = sums.entry((i, r.key.as_str())).or_default();
-            *sum = sum.saturating_add(r.delta);
         }
+        let keys = keys.keys;
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(APPLY).arg(1 + keys.len()).arg(&self.offsets_key);
         for (key, _) in &keys {
