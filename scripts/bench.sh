@@ -11,6 +11,11 @@
 #   hotswap  the full pipeline, from the control plane (weir apply), at a fixed rate
 #            (10,000 events/s for 40 s), with a new pipeline version swapped in every
 #            10 s: latency and freshness before, during and after the swaps
+#   drain    how fast the processor empties a backlog: a topic pre-filled with N events
+#            (weir-prefill), weir timed from its start until ClickHouse holds them all,
+#            with the CPU of weir, ClickHouse and the broker and the machine's busy
+#            cores; optionally beside Vector on the same events (scripts/bench-drain.sh
+#            has the options: --events, --per-record, --pipeline, --rounds, --vector)
 #   dedup-memory  Redis memory per deduplication claim: a million keys of the shape
 #            weir writes (SET key claim NX GET EX 86400) on a scratch Redis
 # --smoke: a few seconds, debug build, and weir's metrics checked against the harness
@@ -28,8 +33,9 @@ STACK_DIR="${WEIR_STACK_DIR:-$ROOT/.stack}"
 die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-[ $# -ge 1 ] || die "usage: scripts/bench.sh ingest|full|hotswap|plugin|dedup-memory [--smoke] [weir-load options]"
+[ $# -ge 1 ] || die "usage: scripts/bench.sh ingest|full|hotswap|plugin|drain|dedup-memory [--smoke] [weir-load options]"
 SCENARIO="$1"; shift
+if [ "$SCENARIO" = drain ]; then exec "$ROOT/scripts/bench-drain.sh" "$@"; fi
 SMOKE=0
 if [ "${1:-}" = "--smoke" ]; then SMOKE=1; shift; fi
 PROFILE="${WEIR_PROFILE:-$([ $SMOKE = 1 ] && echo dev || echo release)}"
@@ -71,7 +77,7 @@ fi
 case "$SCENARIO" in
   ingest|full) CONFIG="$ROOT/examples/bench/$SCENARIO.toml" ;;
   hotswap) CONFIG="$ROOT/examples/bench/full.toml" ;;
-  *) die "unknown scenario $SCENARIO (ingest, full, hotswap, plugin, dedup-memory)" ;;
+  *) die "unknown scenario $SCENARIO (ingest, full, hotswap, plugin, drain, dedup-memory)" ;;
 esac
 if [ "${WEIR_BENCH_DEDUP:-1}" = 0 ]; then
   # Beside the original: its relative paths (plugins/) stay valid.

@@ -53,6 +53,7 @@ scripts/bench.sh ingest --smoke
 scripts/bench.sh full --smoke
 scripts/bench.sh hotswap --smoke
 scripts/bench.sh plugin --smoke
+scripts/bench.sh drain --smoke
 scripts/bench.sh dedup-memory --smoke
 
 scripts/demo.sh stop

@@ -611,3 +611,77 @@ async fn an_insert_whose_answer_never_comes_is_abandoned_and_retried() -> Result
         ])
         .await
 }
+
+/// The processor writes one batch while it processes the next: a backlog of two
+/// batches (800 events, `flush_max_events = 400`) waits in Kafka when the processor
+/// starts, and ClickHouse's answer to the first batch's INSERT into `events` hangs (a
+/// proxy owned by the test holds it 20 s; the attempt is abandoned after
+/// `write_timeout_ms`, 8 s). While the first batch waits for ClickHouse, the plugins
+/// have processed the second (a processor that runs one batch at a time would not
+/// start it before the first is written); the second is written only after the
+/// first, and every event lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_batch_is_processed_while_a_batch_is_written() -> Result<()> {
+    let tansu = Tansu::start()?;
+    tansu.create_topic("weir.events", 4)?;
+    let clickhouse = ClickHouse::start()?;
+    let redis = Redis::start()?;
+    let mut sent = Sent::default();
+    {
+        let ingest = Weir::start(&config(&tansu, &clickhouse, &redis, false))?;
+        for chunk in 0..8 {
+            let batch: Vec<Value> = (0..100).map(|i| sent.event(chunk * 100 + i)).collect();
+            ingest.post(&batch).await?;
+        }
+    }
+    let upstream = SocketAddr::from(([127, 0, 0, 1], clickhouse.http_port));
+    let cutter = AnswerCutter::start_holding(
+        upstream,
+        "INSERT INTO `events`(",
+        1,
+        Duration::from_secs(20),
+    )
+    .await?;
+    let cfg = config(&tansu, &clickhouse, &redis, true)
+        .replace(&clickhouse.url(), &cutter.url())
+        .replace(
+            "flush_interval_ms = 100\n",
+            "flush_interval_ms = 100\nwrite_timeout_ms = 8000\n",
+        );
+    let processor = Weir::start(&cfg)?;
+    weir_tests::wait_until(
+        "the first INSERT's answer held",
+        Duration::from_secs(60),
+        || cutter.cut() == 1,
+    )?;
+    let held = Instant::now();
+    // Every event of both batches through the first plugin, in 5 s of the 8 the
+    // first batch's write is held.
+    processor.wait_for_metric(
+        "weir_plugin_events_total",
+        &[("plugin", "enrich")],
+        800.0,
+        Duration::from_secs(5),
+    )?;
+    let rows = clickhouse.count("SELECT count() FROM crash.events").await?;
+    let want = sent.kept.len() as u64;
+    assert!(
+        held.elapsed() < Duration::from_secs(8) && rows < want,
+        "the second batch was written before the first was acknowledged ({rows} of {want} rows)"
+    );
+    let tables = [
+        ("crash.events", want),
+        ("crash.dead_letters", sent.rejected.len() as u64),
+        ("crash.profile_viewed", sent.views.len() as u64),
+    ];
+    // The second batch's three INSERTs land one after the other.
+    for (table, n) in tables {
+        let sql = format!("SELECT count() FROM {table}");
+        clickhouse
+            .wait_for_count(&sql, n, Duration::from_secs(60))
+            .await?;
+    }
+    let metrics = processor.metrics().await?;
+    processor.assert_kept_partitions(&metrics)?;
+    clickhouse.assert_each_once(&tables).await
+}

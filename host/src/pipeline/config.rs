@@ -17,7 +17,9 @@ use crate::sinks::webhook::WebhookConfig;
 pub struct ProcessorConfig {
     /// Run the processor (consume, plugins, sinks) in this instance. Default true.
     pub enabled: bool,
-    /// Flush when this many events are buffered. Default 10000.
+    /// Flush when this many events are buffered. Default 10000. Up to three batches
+    /// are in memory at once: one written, the next processed, and what is read
+    /// meanwhile (consumption pauses when that reaches this many events).
     pub flush_max_events: usize,
     /// Flush at least this often while events are buffered, in milliseconds. Default 1000.
     pub flush_interval_ms: u64,

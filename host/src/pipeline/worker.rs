@@ -1,6 +1,16 @@
 //! The processor loop: consume, buffer, run the pipeline, hand the batch to every
 //! sink, commit.
 //!
+//! Two batches overlap: while the sinks write batch N, the pipeline (deduplication
+//! first, then schemas and plugins) processes batch N+1 on a task of its own, and the
+//! consumer keeps reading what becomes batch N+2. A processed batch is written at once
+//! when nothing else was read meanwhile (no latency is added when the processor keeps
+//! up), and otherwise while the next batch is processed. Batches are written and
+//! committed strictly in order, so a partition's offsets never pass a batch that was
+//! not written; a rebalance drops the revoked partitions from every batch, in flight,
+//! processed or buffered. A hot swap waits for the batch in flight; a processed batch
+//! keeps the pipeline version that made it.
+//!
 //! Every sink is driven the same way, through [`crate::sinks::Sink`]:
 //! - each flush goes to every sink at once (the ClickHouse INSERTs, the topic records,
 //!   the counter increments and the webhook queues proceed together); a sink whose
@@ -46,6 +56,7 @@ use crate::metrics::events::{
     RevokedMidFlush, ShutdownDrained, SinkWriteFailed, SinksCaughtUp, UndecodableRecord,
 };
 use crate::model::{Batch, DeadLetter, Kept, Origin, Stage, WireEvent};
+use crate::sinks::clickhouse::Table;
 use crate::sinks::{Flush, Refusal, Sink};
 
 /// A new pipeline for the processor, or only a newer control-plane version (a change
@@ -78,6 +89,68 @@ impl Running {
 /// replaces them on a hot swap) and the counters API.
 pub type SharedRoutes = Arc<std::sync::RwLock<Arc<Routes>>>;
 
+/// The pipeline version that processed a batch: what the sinks record with its rows,
+/// and the tables its rows index.
+struct Provenance {
+    pipeline: String,
+    plugins: String,
+    control_version: u64,
+    tables: Arc<[Table]>,
+}
+
+impl Provenance {
+    fn of(p: &Pipeline) -> Self {
+        Self {
+            pipeline: p.name().to_owned(),
+            plugins: p.versions().to_owned(),
+            control_version: p.tag().control_version,
+            tables: p.routes().tables.clone(),
+        }
+    }
+
+    fn flush<'a>(&'a self, batch: &'a Batch) -> Flush<'a> {
+        Flush {
+            batch,
+            pipeline: &self.pipeline,
+            plugins: &self.plugins,
+            control_version: self.control_version,
+            tables: &self.tables,
+        }
+    }
+}
+
+/// What the task processing a batch gives back: the pipeline and the deduplication
+/// state it took, and the batch, or the events a failed deduplication check left
+/// unchecked.
+type Joined = (Pipeline, Option<Dedup>, Result<Batch, Unchecked>);
+
+/// Events whose deduplication check failed: the worker retries it.
+struct Unchecked {
+    events: Vec<(Origin, String, WireEvent)>,
+    replays: HashSet<(i32, i64)>,
+    error: super::dedup::DedupError,
+}
+
+/// A batch being processed on a task of its own.
+struct InFlight {
+    handle: tokio::task::JoinHandle<Joined>,
+    /// Next offset to commit per partition, once the batch is written.
+    offsets: BTreeMap<i32, i64>,
+    undecodable: Vec<DeadLetter>,
+    events: usize,
+    started: std::time::Instant,
+    provenance: Provenance,
+}
+
+/// A batch the pipeline processed and the sinks have not taken yet.
+struct Processed {
+    output: Batch,
+    offsets: BTreeMap<i32, i64>,
+    events: usize,
+    plugin_time: Duration,
+    provenance: Provenance,
+}
+
 /// How often held-back offsets are tried again while no batch commits them.
 const HELD_RETRY: Duration = Duration::from_millis(500);
 
@@ -92,29 +165,88 @@ struct Buffer {
     next_offsets: BTreeMap<i32, i64>,
     /// When the oldest buffered record arrived.
     since: Option<Instant>,
+    /// A batch processed and not written yet: it is written while the next batch is
+    /// processed.
+    processed: Option<Processed>,
+    /// Partitions forgotten since the batch in flight started: what it makes of them
+    /// is dropped.
+    forgotten: HashSet<i32>,
+    /// A flush was given up on shutdown: nothing read after it may be committed.
+    abandoned: bool,
+}
+
+/// A record read from Kafka, decoded (or its dead letter, if it is not weir's).
+struct Received {
+    partition: i32,
+    offset: i64,
+    decoded: Result<super::Decoded, Box<DeadLetter>>,
+}
+
+impl Received {
+    fn decode(m: &impl Message) -> Self {
+        let (partition, offset) = (m.partition(), m.offset());
+        let decoded = super::decode(partition, offset, m.payload());
+        if let Err(dead) = &decoded {
+            UndecodableRecord {
+                partition,
+                offset,
+                reason: &dead.reason,
+            }
+            .emit();
+        }
+        Self {
+            partition,
+            offset,
+            decoded,
+        }
+    }
+
+    fn events(&self) -> usize {
+        self.decoded.as_ref().map_or(1, |d| d.events.len())
+    }
+}
+
+/// Records read while a flush runs (decoded as they arrive, so that decoding overlaps
+/// the batch's processing); they join the buffer once the flush is done.
+#[derive(Default)]
+struct Early {
+    records: Vec<Received>,
+    events: usize,
+}
+
+impl Early {
+    fn push(&mut self, m: &impl Message) {
+        let r = Received::decode(m);
+        self.events += r.events();
+        self.records.push(r);
+    }
+
+    fn drop_partitions(&mut self, partitions: &HashSet<i32>) {
+        self.records.retain(|r| !partitions.contains(&r.partition));
+        self.events = self.records.iter().map(Received::events).sum();
+    }
+
+    fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
 }
 
 impl Buffer {
-    /// Decodes a record into the buffer (or its dead letter, if it is not weir's).
-    fn add(&mut self, partition: i32, offset: i64, payload: Option<&[u8]>) {
-        match super::decode(partition, offset, payload) {
+    /// Adds a decoded record to the buffer (its events, or its dead letter).
+    fn add(&mut self, r: Received) {
+        if self.abandoned {
+            return;
+        }
+        match r.decoded {
             Ok(decoded) => {
                 if decoded.replay {
-                    self.replays.insert((partition, offset));
+                    self.replays.insert((r.partition, r.offset));
                 }
                 self.events.extend(decoded.events);
             }
-            Err(dead) => {
-                UndecodableRecord {
-                    partition,
-                    offset,
-                    reason: &dead.reason,
-                }
-                .emit();
-                self.undecodable.push(*dead);
-            }
+            Err(dead) => self.undecodable.push(*dead),
         }
-        self.next_offsets.insert(partition, offset + 1);
+        self.next_offsets.insert(r.partition, r.offset + 1);
         self.since.get_or_insert_with(Instant::now);
     }
 
@@ -122,15 +254,33 @@ impl Buffer {
         self.events.len() + self.undecodable.len()
     }
 
+    /// Nothing read waits to be written (buffered or processed).
     fn is_empty(&self) -> bool {
-        self.next_offsets.is_empty()
+        self.next_offsets.is_empty() && self.processed.is_none()
+    }
+
+    /// Gives up on what was read and not written, on shutdown: none of it (and
+    /// nothing read later) is committed; the next owner re-reads it.
+    fn abandon(&mut self) {
+        self.events.clear();
+        self.replays.clear();
+        self.undecodable.clear();
+        self.next_offsets.clear();
+        self.since = None;
+        self.processed = None;
+        self.abandoned = true;
     }
 
     fn forget(&mut self, partitions: &HashSet<i32>) {
         if partitions.is_empty() {
             return;
         }
-        let before = self.len();
+        self.forgotten.extend(partitions);
+        let before = self.len() + self.processed.as_ref().map_or(0, |p| p.output.kept.len());
+        if let Some(p) = &mut self.processed {
+            p.output.drop_partitions(partitions);
+            p.offsets.retain(|k, _| !partitions.contains(k));
+        }
         self.events
             .retain(|(o, _, _)| !partitions.contains(&o.partition));
         self.undecodable
@@ -140,7 +290,8 @@ impl Buffer {
         if self.next_offsets.is_empty() {
             self.since = None;
         }
-        let dropped = before - self.len();
+        let dropped =
+            before - self.len() - self.processed.as_ref().map_or(0, |p| p.output.kept.len());
         if dropped > 0 {
             info!(
                 dropped,
@@ -154,7 +305,9 @@ impl Buffer {
 pub struct Worker {
     consumer: Consumer,
     topic: String,
-    pipeline: Pipeline,
+    /// The pipeline in force; away (on the task that runs it) while a batch is in
+    /// flight, home between flushes.
+    pipeline: Option<Pipeline>,
     /// Every sink, each driven through the same contract.
     sinks: Vec<Box<dyn Sink>>,
     cfg: ProcessorConfig,
@@ -163,7 +316,7 @@ pub struct Worker {
     held: BTreeMap<i32, i64>,
     /// Records received while a failing flush polled with its partitions paused; they
     /// are buffered once the flush is done.
-    early: Vec<rdkafka::message::OwnedMessage>,
+    early: Early,
     /// New pipelines from the control agent, swapped in between batches.
     swaps: Option<mpsc::Receiver<Swap>>,
     /// What runs now, for the agent's status reports.
@@ -185,11 +338,11 @@ impl Worker {
         Self {
             consumer,
             topic,
-            pipeline,
+            pipeline: Some(pipeline),
             sinks,
             cfg,
             held: BTreeMap::new(),
-            early: Vec::new(),
+            early: Early::default(),
             swaps: None,
             running: None,
             shared_routes: None,
@@ -198,7 +351,7 @@ impl Worker {
     }
 
     /// Drops copies of events already received within `dedup`'s window before they
-    /// reach the pipeline.
+    /// reach the pipeline. Away with the pipeline while a batch is in flight.
     pub fn with_dedup(mut self, dedup: Dedup) -> Self {
         self.dedup = Some(dedup);
         self
@@ -223,32 +376,39 @@ impl Worker {
     /// them; each flush carries its tables to the sinks); increments already waiting
     /// for Redis keep the counters they were made for.
     fn swap(&mut self, swap: Swap) {
+        let current = self
+            .pipeline
+            .as_mut()
+            .expect("the pipeline is home between flushes");
         match swap.pipeline {
             Some(pipeline) => {
-                let old = self.pipeline.tag();
-                self.pipeline = pipeline;
+                let old = current.tag();
+                *current = pipeline;
+                let current = &*current;
                 if let Some(shared) = &self.shared_routes {
-                    let routes = self.pipeline.routes();
+                    let routes = current.routes();
                     let mut current = shared.write().expect("routes lock");
                     if !Arc::ptr_eq(&current, routes) {
                         *current = routes.clone();
                     }
                 }
-                let new = self.pipeline.tag();
+                let new = current.tag();
                 info!(
-                    pipeline = %self.pipeline.name(),
+                    pipeline = %current.name(),
                     from_version = old.pipeline_version,
                     to_version = new.pipeline_version,
                     control_version = new.control_version,
-                    plugins = %self.pipeline.versions(),
+                    plugins = %current.versions(),
                     "pipeline swapped"
                 );
             }
-            None => self.pipeline.set_control_version(swap.control_version),
+            None => current.set_control_version(swap.control_version),
         }
         crate::metrics::CONTROL_VERSION.set(swap.control_version as i64);
         if let Some(running) = &self.running {
-            running.send_replace(Running::of(&self.pipeline));
+            running.send_replace(Running::of(
+                self.pipeline.as_ref().expect("the pipeline is home"),
+            ));
         }
     }
 
@@ -271,13 +431,15 @@ impl Worker {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut buf = Buffer::default();
         let interval = Duration::from_millis(self.cfg.flush_interval_ms);
-        info!(pipeline = %self.pipeline.name(), plugins = %self.pipeline.versions(), "processor started");
+        if let Some(p) = &self.pipeline {
+            info!(pipeline = %p.name(), plugins = %p.versions(), "processor started");
+        }
         loop {
             // Records that arrived while a flush ran (its plugins, its retries) join the
             // buffer before anything waits: nothing may wake the loop for them later.
             loop {
-                for m in std::mem::take(&mut self.early) {
-                    buf.add(m.partition(), m.offset(), m.payload());
+                for r in std::mem::take(&mut self.early).records {
+                    buf.add(r);
                 }
                 if buf.len() < self.cfg.flush_max_events || *shutdown.borrow() {
                     break;
@@ -287,7 +449,13 @@ impl Worker {
             if *shutdown.borrow() {
                 break;
             }
-            let deadline = buf.since.map(|t| t + interval);
+            // A processed batch waits: write it now (the next batch, from what was
+            // read meanwhile, is processed as it is written).
+            let deadline = if buf.processed.is_some() {
+                Some(Instant::now())
+            } else {
+                buf.since.map(|t| t + interval)
+            };
             let next_retry = self.next_retry();
             tokio::select! {
                 biased;
@@ -315,7 +483,7 @@ impl Worker {
                                 let delay_ms = crate::model::now_ms().saturating_sub(ms).max(0);
                                 crate::metrics::CONSUME_DELAY.observe(delay_ms as f64 / 1000.0);
                             }
-                            buf.add(m.partition(), m.offset(), m.payload());
+                            buf.add(Received::decode(&m));
                             if buf.len() >= self.cfg.flush_max_events {
                                 self.flush(&mut buf, &mut shutdown).await;
                             }
@@ -334,8 +502,12 @@ impl Worker {
             // flush retry a little before giving up (the events are not committed, so
             // the next owner re-reads them).
             let (_tx, mut rx) = watch::channel(false);
-            let _ =
-                tokio::time::timeout(Duration::from_secs(10), self.flush(&mut buf, &mut rx)).await;
+            let flush_all = async {
+                while !buf.is_empty() && !buf.abandoned {
+                    self.flush(&mut buf, &mut rx).await;
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(10), flush_all).await;
         }
         self.drain().await;
         info!("processor stopped");
@@ -364,12 +536,16 @@ impl Worker {
         .emit();
     }
 
-    /// Processes the buffer and hands it to every sink, retrying until each took it,
-    /// then commits its offsets as far as the sinks allow. Gives up (without
-    /// committing) only on shutdown.
+    /// Starts processing the buffer (deduplication, then the pipeline on a task of its
+    /// own) and, meanwhile, writes the batch processed before it; then waits for the
+    /// new batch, polling the consumer. The new batch is written at once when nothing
+    /// else is waiting, or kept in `buf.processed` to be written while the next one is
+    /// processed. A batch's offsets are committed once every sink took it, in batch
+    /// order, so a later batch never commits past an earlier one that was not written.
+    /// Gives up (without committing) only on shutdown.
     async fn flush(&mut self, buf: &mut Buffer, shutdown: &mut watch::Receiver<bool>) {
         self.forget_revoked(buf);
-        if buf.is_empty() {
+        if buf.is_empty() || buf.abandoned {
             return;
         }
         // Bounded memory: while a sink holds as much as it may (increments waiting for
@@ -405,113 +581,240 @@ impl Worker {
                 return;
             }
         }
-        let mut events = std::mem::take(&mut buf.events);
-        let replays = std::mem::take(&mut buf.replays);
-        if !self.deduplicate(&mut events, &replays, buf, shutdown).await {
-            warn!(
-                events = events.len(),
-                "shutdown during a failing deduplication check: offsets not committed, the events will be re-read"
-            );
-            buf.next_offsets.clear();
-            buf.since = None;
+        let in_flight = (!buf.next_offsets.is_empty()).then(|| self.start(buf));
+        if let Some(previous) = buf.processed.take()
+            && !self.write(previous, buf, shutdown).await
+        {
+            if let Some(batch) = in_flight {
+                // The pipeline comes home; what it made is not written.
+                let _ = self.join_polling(batch, buf, shutdown).await;
+            }
             return;
         }
-        let count = events.len();
-        let started = std::time::Instant::now();
-        let (mut output, gone) = self.run_polling(events).await;
-        self.forget_partitions(&gone, buf);
-        output.dead.append(&mut buf.undecodable);
-        let plugin_time = started.elapsed();
-
-        let (mut written, revoked, refused) = self.write_until_acked(&mut output, shutdown).await;
-        // Partitions revoked while the flush polled: their rows were taken out of the
-        // batch before the next attempt; drop what else this instance knew of them.
-        self.forget_partitions(&revoked, buf);
-        if written && !refused.is_empty() {
-            written = self.set_aside(&output, refused, buf, shutdown).await;
-        }
-        if !written {
-            warn!(
-                events = count,
-                "shutdown during a failing flush: offsets not committed, the events will be re-read"
-            );
-            buf.next_offsets.clear();
-            buf.since = None;
+        let Some(batch) = in_flight else { return };
+        let Some(processed) = self.join_polling(batch, buf, shutdown).await else {
             return;
+        };
+        if self.early.is_empty() || *shutdown.borrow() {
+            self.write(processed, buf, shutdown).await;
+        } else {
+            buf.processed = Some(processed);
         }
-        crate::failpoint::after_write();
-        let offsets = std::mem::take(&mut buf.next_offsets);
-        buf.since = None;
-        self.commit(offsets);
-        BatchFlushed {
-            events: count,
-            kept: output.kept.len(),
-            routed_rows: output.rows.values().map(Vec::len).sum::<usize>(),
-            increments: output.counts.len(),
-            dead_letters: output.dead.len(),
-            dropped: output.dropped,
-            plugin_time,
-            total_time: started.elapsed(),
-        }
-        .emit();
     }
 
-    /// Runs the pipeline on `events` while the consumer keeps polling (heartbeats,
-    /// rebalances; the records that arrive wait in `early`, and consumption pauses
-    /// once `flush_max_events` of them wait), so that plugin work of any length does
-    /// not get the instance evicted from its group (`max.poll.interval.ms`) while it
-    /// still holds the batch. The events of partitions revoked meanwhile are taken out
-    /// of the output (their new owner re-reads them); returns those partitions too.
-    async fn run_polling(
+    /// Takes the buffer's events and offsets as the next batch and processes them on
+    /// a task of its own (deduplication, then the pipeline), so that the Redis check
+    /// and the plugins work while the previous batch is written.
+    fn start(&mut self, buf: &mut Buffer) -> InFlight {
+        let events = std::mem::take(&mut buf.events);
+        let replays = std::mem::take(&mut buf.replays);
+        let provenance = Provenance::of(self.pipeline.as_ref().expect("the pipeline is home"));
+        buf.forgotten.clear();
+        buf.since = None;
+        let count = events.len();
+        InFlight {
+            handle: self.spawn(events, Some(replays)),
+            offsets: std::mem::take(&mut buf.next_offsets),
+            undecodable: std::mem::take(&mut buf.undecodable),
+            events: count,
+            started: std::time::Instant::now(),
+            provenance,
+        }
+    }
+
+    /// Waits for a batch's processing (deduplication, plugins) while the consumer
+    /// keeps polling (heartbeats, rebalances; the records that arrive wait in
+    /// `early`, decoded, and consumption pauses once `flush_max_events` of them
+    /// wait), so that
+    /// plugin work of any length does not get the instance evicted from its group
+    /// (`max.poll.interval.ms`) while it still holds the batch. The pipeline and the
+    /// deduplication state come home. Whatever comes from partitions revoked since the
+    /// batch started is taken out of it (their new owner re-reads them). A failed
+    /// deduplication check is retried here, with backoff and consumption paused,
+    /// before the pipeline runs; None if shutdown came first (the buffer is abandoned).
+    async fn join_polling(
         &mut self,
-        events: Vec<(Origin, String, WireEvent)>,
-    ) -> (Batch, HashSet<i32>) {
+        mut batch: InFlight,
+        buf: &mut Buffer,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<Processed> {
+        let mut output = loop {
+            let (pipeline, dedup, result) = self.poll_until_joined(&mut batch.handle, buf).await;
+            self.pipeline = Some(pipeline);
+            self.dedup = dedup;
+            match result {
+                Ok(output) => break output,
+                Err(unchecked) => {
+                    DedupCheckFailed {
+                        error: &unchecked.error,
+                        retry_in: Duration::ZERO,
+                    }
+                    .emit();
+                    let mut events = unchecked.events;
+                    events.retain(|(o, _, _)| !buf.forgotten.contains(&o.partition));
+                    if !self
+                        .deduplicate(&mut events, &unchecked.replays, buf, shutdown)
+                        .await
+                    {
+                        warn!(
+                            events = events.len(),
+                            "shutdown during a failing deduplication check: offsets not committed, the events will be re-read"
+                        );
+                        buf.abandon();
+                        return None;
+                    }
+                    batch.handle = self.spawn(events, None);
+                }
+            }
+        };
+        let mut offsets = batch.offsets;
+        offsets.retain(|p, _| !buf.forgotten.contains(p));
+        output.dead.extend(batch.undecodable);
+        output.drop_partitions(&buf.forgotten);
+        Some(Processed {
+            output,
+            offsets,
+            events: batch.events,
+            plugin_time: batch.started.elapsed(),
+            provenance: batch.provenance,
+        })
+    }
+
+    /// Runs `events` through deduplication (unless `replays` is None: they were
+    /// checked) and the pipeline on a task of its own; the pipeline and the
+    /// deduplication state go with it and come back with the result.
+    fn spawn(
+        &mut self,
+        mut events: Vec<(Origin, String, WireEvent)>,
+        replays: Option<HashSet<(i32, i64)>>,
+    ) -> tokio::task::JoinHandle<Joined> {
+        let mut pipeline = self
+            .pipeline
+            .take()
+            .expect("the pipeline is home between flushes");
+        let mut dedup = self.dedup.take();
+        tokio::spawn(async move {
+            if let (Some(d), Some(replays)) = (dedup.as_mut(), replays)
+                && let Err(error) = d.filter(&mut events, &replays).await
+            {
+                let unchecked = Unchecked {
+                    events,
+                    replays,
+                    error,
+                };
+                return (pipeline, dedup, Err(unchecked));
+            }
+            let output = pipeline.run(events).await;
+            (pipeline, dedup, Ok(output))
+        })
+    }
+
+    /// Waits for the task processing a batch while the consumer keeps polling; the
+    /// partitions revoked meanwhile are forgotten (`buf.forgotten` has them).
+    async fn poll_until_joined(
+        &mut self,
+        handle: &mut tokio::task::JoinHandle<Joined>,
+        buf: &mut Buffer,
+    ) -> Joined {
         let mut revoked = HashSet::new();
         let mut paused = None;
-        let mut output = {
-            let run = self.pipeline.run(events);
-            tokio::pin!(run);
-            loop {
-                tokio::select! {
-                    biased;
-                    output = &mut run => break output,
-                    msg = self.consumer.recv() => {
-                        absorb_revoked(&self.consumer, &mut self.early, &mut revoked);
-                        match msg {
-                            Ok(m) => self.early.push(m.detach()),
-                            Err(e) => warn!(error = %e, "Kafka consume error during plugin work"),
-                        }
-                        if paused.is_none() && self.early.len() >= self.cfg.flush_max_events {
-                            paused = pause(&self.consumer);
-                        }
+        let joined = loop {
+            tokio::select! {
+                biased;
+                joined = &mut *handle => match joined {
+                    Ok(done) => break done,
+                    // A panic in the pipeline is a bug: it stops the processor as it
+                    // would have had the pipeline run on this task.
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                },
+                msg = self.consumer.recv() => {
+                    absorb_revoked(&self.consumer, &mut self.early, &mut revoked);
+                    match msg {
+                        Ok(m) => self.early.push(&m),
+                        Err(e) => warn!(error = %e, "Kafka consume error during plugin work"),
+                    }
+                    if paused.is_none() && self.early.events >= self.cfg.flush_max_events {
+                        paused = pause(&self.consumer);
                     }
                 }
             }
         };
         absorb_revoked(&self.consumer, &mut self.early, &mut revoked);
-        output.drop_partitions(&revoked);
         if let Some(list) = paused {
             self.resume(&list);
         }
-        (output, revoked)
+        self.forget_partitions(&revoked, buf);
+        joined
+    }
+
+    /// Hands a processed batch to every sink, retrying until each took it (and
+    /// dead-letters what they refused for good), then commits its offsets as far as
+    /// the sinks allow. False, and the buffer abandoned, if shutdown came first.
+    async fn write(
+        &mut self,
+        mut batch: Processed,
+        buf: &mut Buffer,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let started = std::time::Instant::now();
+        let (mut written, mut revoked, refused) = self
+            .write_until_acked(&mut batch.output, &batch.provenance, shutdown)
+            .await;
+        // Partitions revoked while the flush polled: their rows were taken out of the
+        // batch before the next attempt; drop what else this instance knew of them.
+        self.forget_partitions(&revoked, buf);
+        if written && !refused.is_empty() {
+            let (aside, gone) = self
+                .set_aside(&batch.output, &batch.provenance, refused, buf, shutdown)
+                .await;
+            written = aside;
+            revoked.extend(gone);
+        }
+        if !written {
+            warn!(
+                events = batch.events,
+                "shutdown during a failing flush: offsets not committed, the events will be re-read"
+            );
+            buf.abandon();
+            return false;
+        }
+        crate::failpoint::after_write();
+        batch.offsets.retain(|p, _| !revoked.contains(p));
+        self.commit(batch.offsets);
+        let output = &batch.output;
+        BatchFlushed {
+            events: batch.events,
+            kept: output.kept.len(),
+            routed_rows: output.rows.values().map(Vec::len).sum::<usize>(),
+            increments: output.counts.len(),
+            dead_letters: output.dead.len(),
+            dropped: output.dropped,
+            plugin_time: batch.plugin_time,
+            total_time: batch.plugin_time + started.elapsed(),
+        }
+        .emit();
+        true
     }
 
     /// Dead-letters the kept events of `output` that sinks refused for good (stage
     /// `sink`), through every sink like any flush, so that their offsets can be
     /// committed. False if shutdown came first (nothing is committed; the replay
-    /// refuses them again).
+    /// refuses them again); returns the partitions revoked meanwhile too.
     async fn set_aside(
         &mut self,
         output: &Batch,
+        provenance: &Provenance,
         refused: Vec<Refusal>,
         buf: &mut Buffer,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> bool {
+    ) -> (bool, HashSet<i32>) {
         let mut aside = Batch {
             dead: refused_dead_letters(&output.kept, refused),
             ..Batch::default()
         };
-        let (written, revoked, again) = self.write_until_acked(&mut aside, shutdown).await;
+        let (written, revoked, again) = self
+            .write_until_acked(&mut aside, provenance, shutdown)
+            .await;
         self.forget_partitions(&revoked, buf);
         if !again.is_empty() {
             // The contract: only kept events are refused.
@@ -520,7 +823,7 @@ impl Worker {
                 "a sink refused dead letters; they stay only in this log: {again:?}"
             );
         }
-        written
+        (written, revoked)
     }
 
     /// Hands the batch to every sink, retrying the ones that failed with backoff until
@@ -532,6 +835,7 @@ impl Worker {
     async fn write_until_acked(
         &mut self,
         output: &mut Batch,
+        provenance: &Provenance,
         shutdown: &mut watch::Receiver<bool>,
     ) -> (bool, HashSet<i32>, Vec<Refusal>) {
         let mut backoff = Duration::from_millis(self.cfg.retry_backoff_ms);
@@ -541,13 +845,7 @@ impl Worker {
         let mut refused = Vec::new();
         let timeout = Duration::from_millis(self.cfg.write_timeout_ms);
         let written = loop {
-            let flush = Flush {
-                batch: output,
-                pipeline: self.pipeline.name(),
-                plugins: self.pipeline.versions(),
-                control_version: self.pipeline.tag().control_version,
-                tables: &self.pipeline.routes().tables,
-            };
+            let flush = provenance.flush(output);
             let attempts = self
                 .sinks
                 .iter_mut()
@@ -676,7 +974,7 @@ impl Worker {
                     // stale, `msg` is not.
                     absorb_revoked(&self.consumer, &mut self.early, &mut revoked);
                     match msg {
-                        Ok(m) => self.early.push(m.detach()),
+                        Ok(m) => self.early.push(&m),
                         Err(e) => warn!(error = %e, "Kafka consume error while paused"),
                     }
                 }
@@ -796,11 +1094,7 @@ fn pause(consumer: &Consumer) -> Option<rdkafka::TopicPartitionList> {
 
 /// Takes the partitions revoked since the last look out of the records received
 /// meanwhile; adds them to `revoked`.
-fn absorb_revoked(
-    consumer: &Consumer,
-    early: &mut Vec<rdkafka::message::OwnedMessage>,
-    revoked: &mut HashSet<i32>,
-) {
+fn absorb_revoked(consumer: &Consumer, early: &mut Early, revoked: &mut HashSet<i32>) {
     let gone = consumer.context().take_revoked();
     if gone.is_empty() {
         return;
@@ -808,7 +1102,7 @@ fn absorb_revoked(
     let mut list: Vec<i32> = gone.iter().copied().collect();
     list.sort_unstable();
     RevokedMidFlush { partitions: &list }.emit();
-    early.retain(|m| !gone.contains(&m.partition()));
+    early.drop_partitions(&gone);
     revoked.extend(gone);
 }
 
@@ -823,5 +1117,120 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Event, IngestRecord};
+    use serde_json::value::RawValue;
+
+    fn wire(id: &str) -> WireEvent {
+        WireEvent {
+            event_id: id.into(),
+            name: "post_liked".into(),
+            user_id: None,
+            timestamp_ms: 1,
+            properties: RawValue::from_string("{}".into()).unwrap(),
+            context: RawValue::from_string("{}".into()).unwrap(),
+        }
+    }
+
+    /// A record of `events` events read at `partition`/`offset`.
+    fn received(partition: i32, offset: i64, events: usize) -> Received {
+        let ids: Vec<WireEvent> = (0..events)
+            .map(|i| wire(&format!("e{offset}.{i}")))
+            .collect();
+        let payload = IngestRecord::new("demo".into(), 1, ids).encode();
+        Received {
+            partition,
+            offset,
+            decoded: super::super::decode(partition, offset, Some(&payload)),
+        }
+    }
+
+    fn processed(partitions: &[i32]) -> Processed {
+        let kept = partitions
+            .iter()
+            .map(|&p| Kept {
+                origin: Origin {
+                    partition: p,
+                    offset: 7,
+                    index: 0,
+                    received_ms: 1,
+                },
+                event: Event::from_wire("demo".into(), wire(&format!("k{p}"))),
+                forwards: Vec::new(),
+            })
+            .collect();
+        Processed {
+            output: Batch {
+                kept,
+                ..Batch::default()
+            },
+            offsets: partitions.iter().map(|&p| (p, 8)).collect(),
+            events: partitions.len(),
+            plugin_time: Duration::ZERO,
+            provenance: Provenance {
+                pipeline: "p".into(),
+                plugins: String::new(),
+                control_version: 0,
+                tables: Arc::from(Vec::new()),
+            },
+        }
+    }
+
+    #[test]
+    fn a_revoked_partition_leaves_the_buffer_and_the_processed_batch() {
+        let mut buf = Buffer::default();
+        buf.add(received(0, 10, 2));
+        buf.add(received(1, 20, 3));
+        buf.processed = Some(processed(&[0, 1]));
+        buf.forget(&HashSet::from([1]));
+        assert_eq!(buf.len(), 2);
+        assert_eq!(buf.next_offsets, BTreeMap::from([(0, 11)]));
+        let p = buf.processed.as_ref().unwrap();
+        assert_eq!(p.offsets, BTreeMap::from([(0, 8)]));
+        assert!(p.output.kept.iter().all(|k| k.origin.partition == 0));
+        assert_eq!(
+            buf.forgotten,
+            HashSet::from([1]),
+            "the batch in flight drops it too"
+        );
+        assert!(!buf.is_empty());
+    }
+
+    #[test]
+    fn an_abandoned_buffer_commits_nothing_read_later() {
+        let mut buf = Buffer::default();
+        buf.add(received(0, 10, 1));
+        buf.processed = Some(processed(&[0]));
+        buf.abandon();
+        assert!(buf.is_empty() && buf.processed.is_none());
+        buf.add(received(0, 11, 1));
+        assert!(
+            buf.is_empty(),
+            "a record read after an abandoned flush is not buffered"
+        );
+    }
+
+    #[test]
+    fn early_records_count_their_events_and_drop_revoked_partitions() {
+        let mut early = Early::default();
+        for r in [received(0, 1, 100), received(1, 1, 1), received(0, 2, 5)] {
+            early.events += r.events();
+            early.records.push(r);
+        }
+        assert_eq!(early.events, 106);
+        early.drop_partitions(&HashSet::from([0]));
+        assert_eq!(early.events, 1);
+        assert_eq!(early.records.len(), 1);
+        let dead = Received {
+            partition: 2,
+            offset: 0,
+            decoded: super::super::decode(2, 0, Some(b"not json")),
+        };
+        assert_eq!(dead.events(), 1, "an undecodable record is one dead letter");
     }
 }
