@@ -471,7 +471,9 @@ events = ["signup_completed"]
 /// fail (measured before the fix: "Application maximum poll interval (6000ms)
 /// exceeded", all 4 partitions revoked, the commit refused as UnknownMemberId). The
 /// processor keeps polling between plugin calls, so the instance keeps its
-/// partitions, and every event lands once.
+/// partitions, and every event lands once. More than a batch arrives meanwhile: the
+/// processor stops reading then, and a second later pauses consumption and polls on
+/// (without that it would not poll for the rest of the batch, and be evicted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_batch_keeps_the_instance_in_its_group() -> Result<()> {
     let tansu = Tansu::start()?;
@@ -521,6 +523,14 @@ quarantine_after = 1000
         })
         .collect();
     weir.post(&batch).await?;
+    // While that batch runs: 1,100 more events, over `flush_max_events`.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for r in 0..11 {
+        let more: Vec<Value> = (0..100)
+            .map(|i| json!({"name": "app_opened", "event_id": format!("m{r:02}{i:03}"), "user_id": "u2"}))
+            .collect();
+        weir.post(&more).await?;
+    }
     clickhouse
         .wait_for_count(
             "SELECT count() FROM slow.dead_letters",
@@ -531,7 +541,7 @@ quarantine_after = 1000
     clickhouse
         .wait_for_count(
             "SELECT count() FROM slow.events",
-            200,
+            1300,
             Duration::from_secs(30),
         )
         .await?;
@@ -545,7 +555,7 @@ quarantine_after = 1000
     );
     weir.assert_kept_partitions(&metrics)?;
     clickhouse
-        .assert_each_once(&[("slow.events", 200), ("slow.dead_letters", 4)])
+        .assert_each_once(&[("slow.events", 1300), ("slow.dead_letters", 4)])
         .await
 }
 

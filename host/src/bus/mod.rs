@@ -37,6 +37,9 @@ pub enum BusError {
     Client(#[from] KafkaError),
 }
 
+/// How long the consumer waits to fetch again after its prefetch queue filled up.
+const FETCH_QUEUE_BACKOFF_MS: &str = "20";
+
 /// Largest record the producer sends; topics weir creates accept it too.
 pub const MAX_RECORD_BYTES: usize = 8 * 1024 * 1024;
 
@@ -313,6 +316,10 @@ pub fn consumer(cfg: &KafkaConfig) -> Result<Consumer, BusError> {
         .set("fetch.wait.max.ms", cfg.fetch_wait_max_ms.to_string())
         .set("fetch.max.bytes", (4 * MAX_RECORD_BYTES).to_string())
         .set("max.partition.fetch.bytes", MAX_RECORD_BYTES.to_string())
+        // Once the prefetch queue is full, librdkafka waits this long before fetching
+        // again (1 s by default): the processor empties a full queue in well under a
+        // second, and would then wait for the broker with nothing to do.
+        .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
         .set("reconnect.backoff.max.ms", "1000")
         .set("statistics.interval.ms", STATS_INTERVAL_MS)
         .create_with_context(GroupContext::default())?;

@@ -184,6 +184,23 @@ impl InternalEvent for ConsumptionPaused {
     }
 }
 
+/// A whole batch has waited for the pipeline longer than `after` (long plugin work):
+/// consumption is paused so that the consumer can poll on without reading more.
+pub struct LongPipelineWait {
+    pub waiting: usize,
+    pub after: Duration,
+}
+
+impl InternalEvent for LongPipelineWait {
+    fn emit(self) {
+        info!(
+            waiting = self.waiting,
+            after_ms = millis(self.after),
+            "a whole batch waits for the pipeline: consumption paused (still polling to stay in the group)"
+        );
+    }
+}
+
 /// Consumption resumed after a pause.
 pub struct ConsumptionResumed;
 

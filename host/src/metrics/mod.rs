@@ -244,7 +244,7 @@ pub static DEDUP_DUPLICATES: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static DEDUP_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
     histogram(
         "weir_dedup_duration_seconds",
-        "Time of one flush's deduplication check (one pipelined Redis round trip)",
+        "Time of one deduplication check (one pipelined Redis round trip for a chunk of up to 4,096 events)",
         latency(),
     )
 });

@@ -225,6 +225,18 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Appends what a later part of the same events gave (a batch processed in
+    /// chunks).
+    pub fn append(&mut self, other: Batch) {
+        self.kept.extend(other.kept);
+        self.dead.extend(other.dead);
+        self.dropped += other.dropped;
+        for (table, rows) in other.rows {
+            self.rows.entry(table).or_default().extend(rows);
+        }
+        self.counts.extend(other.counts);
+    }
+
     /// Takes the events of `partitions` out of the batch (a rebalance gave them to
     /// another instance, which re-reads them).
     pub fn drop_partitions(&mut self, partitions: &HashSet<i32>) {

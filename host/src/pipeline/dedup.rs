@@ -6,7 +6,8 @@
 //! ids; ingest accepts every copy (each is durable at once), so the copies reach Kafka
 //! as different records, possibly in different partitions. Each event is *claimed* in
 //! Redis by the first record that carries it: one `SET key claim NX GET EX window` per
-//! event, all of a flush in one pipelined round trip, where `key` names the consumer
+//! event, a chunk of a flush's events in one pipelined round trip (the worker checks
+//! the next chunk while the plugins run the one before), where `key` names the consumer
 //! group, the app and the event id, and `claim` is the Kafka coordinates of the event
 //! (partition, offset, position in its record). An event is kept when the key was free
 //! or holds its own coordinates (a replay of the same record after a crash or a

@@ -53,7 +53,8 @@ use super::{Pipeline, Tag};
 use crate::bus::{self, Consumer};
 use crate::metrics::events::{
     BatchFlushed, ConsumptionPaused, ConsumptionResumed, DedupCheckFailed, InternalEvent,
-    RevokedMidFlush, ShutdownDrained, SinkWriteFailed, SinksCaughtUp, UndecodableRecord,
+    LongPipelineWait, RevokedMidFlush, ShutdownDrained, SinkWriteFailed, SinksCaughtUp,
+    UndecodableRecord,
 };
 use crate::model::{Batch, DeadLetter, Kept, Origin, Stage, WireEvent};
 use crate::sinks::clickhouse::Table;
@@ -126,8 +127,10 @@ type Joined = (Pipeline, Option<Dedup>, Result<Batch, Unchecked>);
 
 /// Events whose deduplication check failed: the worker retries it.
 struct Unchecked {
+    /// What the events checked before the failure gave.
+    done: Batch,
     events: Vec<(Origin, String, WireEvent)>,
-    replays: HashSet<(i32, i64)>,
+    replays: Arc<HashSet<(i32, i64)>>,
     error: super::dedup::DedupError,
 }
 
@@ -153,6 +156,18 @@ struct Processed {
 
 /// How often held-back offsets are tried again while no batch commits them.
 const HELD_RETRY: Duration = Duration::from_millis(500);
+
+/// How long the processor stops reading while a whole batch waits for the pipeline
+/// before it pauses consumption and reads on. Not reading keeps what librdkafka
+/// fetched ahead (a pause throws it away, and it is fetched again on resume); reading
+/// on with every partition paused serves rebalances and `max.poll.interval.ms`
+/// during plugin work of any length.
+const PAUSE_AFTER: Duration = Duration::from_secs(1);
+
+/// Events per deduplication round trip within a batch: small enough that the plugins
+/// wait for Redis only briefly (the first chunk's check), large enough that a round
+/// trip's fixed cost is spread over many events.
+const CHECK_CHUNK: usize = 4096;
 
 /// Events read from Kafka and not yet written.
 #[derive(Default)]
@@ -613,7 +628,7 @@ impl Worker {
         buf.since = None;
         let count = events.len();
         InFlight {
-            handle: self.spawn(events, Some(replays)),
+            handle: self.spawn(events, Some(replays), Batch::default()),
             offsets: std::mem::take(&mut buf.next_offsets),
             undecodable: std::mem::take(&mut buf.undecodable),
             events: count,
@@ -624,8 +639,8 @@ impl Worker {
 
     /// Waits for a batch's processing (deduplication, plugins) while the consumer
     /// keeps polling (heartbeats, rebalances; the records that arrive wait in
-    /// `early`, decoded, and consumption pauses once `flush_max_events` of them
-    /// wait), so that
+    /// `early`, decoded; once `flush_max_events` of them wait, reading stops for up
+    /// to [`PAUSE_AFTER`], then consumption pauses and polling goes on), so that
     /// plugin work of any length does not get the instance evicted from its group
     /// (`max.poll.interval.ms`) while it still holds the batch. The pipeline and the
     /// deduplication state come home. Whatever comes from partitions revoked since the
@@ -663,7 +678,7 @@ impl Worker {
                         buf.abandon();
                         return None;
                     }
-                    batch.handle = self.spawn(events, None);
+                    batch.handle = self.spawn(events, None, unchecked.done);
                 }
             }
         };
@@ -681,31 +696,76 @@ impl Worker {
     }
 
     /// Runs `events` through deduplication (unless `replays` is None: they were
-    /// checked) and the pipeline on a task of its own; the pipeline and the
-    /// deduplication state go with it and come back with the result.
+    /// checked) and the pipeline on a task of its own, adding the result to `done`;
+    /// the pipeline and the deduplication state go with it and come back with the
+    /// result. The check goes chunk by chunk ([`CHECK_CHUNK`] events), each chunk's
+    /// Redis round trip made while the plugins run the chunk before it, so that the
+    /// batch waits for Redis only for its first chunk. Plugins only ever see checked
+    /// events. A failed check gives back what the chunks before it made, and the
+    /// rest of the events unchecked.
     fn spawn(
         &mut self,
-        mut events: Vec<(Origin, String, WireEvent)>,
+        events: Vec<(Origin, String, WireEvent)>,
         replays: Option<HashSet<(i32, i64)>>,
+        mut done: Batch,
     ) -> tokio::task::JoinHandle<Joined> {
         let mut pipeline = self
             .pipeline
             .take()
             .expect("the pipeline is home between flushes");
-        let mut dedup = self.dedup.take();
+        let dedup = self.dedup.take();
         tokio::spawn(async move {
-            if let (Some(d), Some(replays)) = (dedup.as_mut(), replays)
-                && let Err(error) = d.filter(&mut events, &replays).await
-            {
-                let unchecked = Unchecked {
-                    events,
-                    replays,
-                    error,
+            let (d, replays) = match (dedup, replays) {
+                (Some(d), Some(replays)) => (d, replays),
+                // Checked already, or no deduplication: the state (if any) comes home.
+                (dedup, _) => {
+                    done.append(pipeline.run(events).await);
+                    return (pipeline, dedup, Ok(done));
+                }
+            };
+            let replays = Arc::new(replays);
+            // Home between checks; with the check task while it runs.
+            let mut dedup = Some(d);
+            let mut chunks = chunked(events, CHECK_CHUNK);
+            let mut checked: Option<Vec<(Origin, String, WireEvent)>> = None;
+            loop {
+                let next = chunks.pop();
+                if checked.is_none() && next.is_none() {
+                    break;
+                }
+                // The check runs on a task of its own, so that building the Redis
+                // commands and reading the replies use the other core while this task
+                // runs the plugins.
+                let check = match next {
+                    Some(chunk) => {
+                        let d = dedup.take().expect("the deduplication state is home");
+                        Some(tokio::spawn(check_chunk(d, chunk, replays.clone())))
+                    }
+                    None => None,
                 };
-                return (pipeline, dedup, Err(unchecked));
+                if let Some(chunk) = checked.take() {
+                    done.append(pipeline.run(chunk).await);
+                }
+                let Some(check) = check else { break };
+                let (back, chunk, result) = match check.await {
+                    Ok(joined) => joined,
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                };
+                dedup = Some(back);
+                if let Err(error) = result {
+                    let mut events = chunk;
+                    events.extend(chunks.into_iter().rev().flatten());
+                    let unchecked = Unchecked {
+                        done,
+                        events,
+                        replays,
+                        error,
+                    };
+                    return (pipeline, dedup, Err(unchecked));
+                }
+                checked = Some(chunk);
             }
-            let output = pipeline.run(events).await;
-            (pipeline, dedup, Ok(output))
+            (pipeline, dedup, Ok(done))
         })
     }
 
@@ -718,7 +778,13 @@ impl Worker {
     ) -> Joined {
         let mut revoked = HashSet::new();
         let mut paused = None;
+        // Since when a whole batch waits in `early` (reading stops then).
+        let mut full_since: Option<Instant> = None;
         let joined = loop {
+            let reading = paused.is_some() || full_since.is_none();
+            let pause_at = full_since
+                .filter(|_| paused.is_none())
+                .map(|t| t + PAUSE_AFTER);
             tokio::select! {
                 biased;
                 joined = &mut *handle => match joined {
@@ -727,14 +793,24 @@ impl Worker {
                     // would have had the pipeline run on this task.
                     Err(e) => std::panic::resume_unwind(e.into_panic()),
                 },
-                msg = self.consumer.recv() => {
+                _ = sleep_until(pause_at) => {
+                    paused = pause(&self.consumer);
+                    if paused.is_some() {
+                        LongPipelineWait {
+                            waiting: self.early.events,
+                            after: PAUSE_AFTER,
+                        }
+                        .emit();
+                    }
+                }
+                msg = self.consumer.recv(), if reading => {
                     absorb_revoked(&self.consumer, &mut self.early, &mut revoked);
                     match msg {
                         Ok(m) => self.early.push(&m),
                         Err(e) => warn!(error = %e, "Kafka consume error during plugin work"),
                     }
-                    if paused.is_none() && self.early.events >= self.cfg.flush_max_events {
-                        paused = pause(&self.consumer);
+                    if full_since.is_none() && self.early.events >= self.cfg.flush_max_events {
+                        full_since = Some(Instant::now());
                     }
                 }
             }
@@ -989,7 +1065,12 @@ impl Worker {
     /// Pauses every assigned partition (the consumer keeps polling: heartbeats,
     /// rebalances). Returns what was paused.
     fn pause(&self) -> Option<rdkafka::TopicPartitionList> {
-        pause(&self.consumer)
+        let list = pause(&self.consumer)?;
+        ConsumptionPaused {
+            partitions: list.count(),
+        }
+        .emit();
+        Some(list)
     }
 
     fn resume(&self, list: &rdkafka::TopicPartitionList) {
@@ -1085,10 +1166,6 @@ fn pause(consumer: &Consumer) -> Option<rdkafka::TopicPartitionList> {
         warn!(error = %e, "cannot pause consumption");
         return None;
     }
-    ConsumptionPaused {
-        partitions: list.count(),
-    }
-    .emit();
     Some(list)
 }
 
@@ -1104,6 +1181,37 @@ fn absorb_revoked(consumer: &Consumer, early: &mut Early, revoked: &mut HashSet<
     RevokedMidFlush { partitions: &list }.emit();
     early.drop_partitions(&gone);
     revoked.extend(gone);
+}
+
+/// Checks `chunk` in Redis; the deduplication state and the chunk come back with
+/// the result.
+async fn check_chunk(
+    mut dedup: Dedup,
+    mut chunk: Vec<(Origin, String, WireEvent)>,
+    replays: Arc<HashSet<(i32, i64)>>,
+) -> (
+    Dedup,
+    Vec<(Origin, String, WireEvent)>,
+    Result<(), super::dedup::DedupError>,
+) {
+    let result = dedup.filter(&mut chunk, &replays).await.map(drop);
+    (dedup, chunk, result)
+}
+
+/// `items` in chunks of `size`, the last chunk first (so that `pop` takes them in
+/// order).
+fn chunked<T>(items: Vec<T>, size: usize) -> Vec<Vec<T>> {
+    let mut chunks = Vec::with_capacity(items.len().div_ceil(size));
+    let mut items = items.into_iter();
+    loop {
+        let chunk: Vec<T> = items.by_ref().take(size).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        chunks.push(chunk);
+    }
+    chunks.reverse();
+    chunks
 }
 
 async fn recv_swap(rx: &mut Option<mpsc::Receiver<Swap>>) -> Option<Swap> {
@@ -1232,5 +1340,34 @@ mod tests {
             decoded: super::super::decode(2, 0, Some(b"not json")),
         };
         assert_eq!(dead.events(), 1, "an undecodable record is one dead letter");
+    }
+
+    #[test]
+    fn chunks_keep_every_item_in_order() {
+        let mut chunks = chunked((0..10).collect(), 4);
+        assert_eq!(chunks.len(), 3);
+        let mut all = Vec::new();
+        while let Some(c) = chunks.pop() {
+            assert!(!c.is_empty() && c.len() <= 4);
+            all.extend(c);
+        }
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+        assert!(chunked(Vec::<u8>::new(), 4).is_empty());
+    }
+
+    #[test]
+    fn a_batch_processed_in_chunks_adds_up() {
+        let mut done = processed(&[0]).output;
+        done.rows.insert(1, Vec::new());
+        done.dropped = 2;
+        let mut later = processed(&[1, 2]).output;
+        later.dropped = 1;
+        later.rows.insert(0, Vec::new());
+        done.append(later);
+        assert_eq!(done.kept.len(), 3);
+        assert_eq!(done.dropped, 3);
+        assert_eq!(done.rows.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
+        let partitions: Vec<i32> = done.kept.iter().map(|k| k.origin.partition).collect();
+        assert_eq!(partitions, vec![0, 1, 2], "kept in the order of the chunks");
     }
 }
