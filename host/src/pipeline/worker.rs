@@ -715,7 +715,7 @@ impl Worker {
             .expect("the pipeline is home between flushes");
         let dedup = self.dedup.take();
         tokio::spawn(async move {
-            let (d, replays) = match (dedup, replays) {
+            let (mut d, replays) = match (dedup, replays) {
                 (Some(d), Some(replays)) => (d, replays),
                 // Checked already, or no deduplication: the state (if any) comes home.
                 (dedup, _) => {
@@ -724,48 +724,38 @@ impl Worker {
                 }
             };
             let replays = Arc::new(replays);
-            // Home between checks; with the check task while it runs.
-            let mut dedup = Some(d);
-            let mut chunks = chunked(events, CHECK_CHUNK);
-            let mut checked: Option<Vec<(Origin, String, WireEvent)>> = None;
-            loop {
-                let next = chunks.pop();
-                if checked.is_none() && next.is_none() {
-                    break;
-                }
+            let mut chunks = chunked(events, CHECK_CHUNK).into_iter();
+            let mut checked = None;
+            while let Some(chunk) = chunks.next() {
                 // The check runs on a task of its own, so that building the Redis
                 // commands and reading the replies use the other core while this task
-                // runs the plugins.
-                let check = match next {
-                    Some(chunk) => {
-                        let d = dedup.take().expect("the deduplication state is home");
-                        Some(tokio::spawn(check_chunk(d, chunk, replays.clone())))
-                    }
-                    None => None,
-                };
-                if let Some(chunk) = checked.take() {
-                    done.append(pipeline.run(chunk).await);
+                // runs the plugins on the chunk checked before.
+                let check = tokio::spawn(check_chunk(d, chunk, replays.clone()));
+                if let Some(previous) = checked.take() {
+                    done.append(pipeline.run(previous).await);
                 }
-                let Some(check) = check else { break };
                 let (back, chunk, result) = match check.await {
                     Ok(joined) => joined,
                     Err(e) => std::panic::resume_unwind(e.into_panic()),
                 };
-                dedup = Some(back);
+                d = back;
                 if let Err(error) = result {
                     let mut events = chunk;
-                    events.extend(chunks.into_iter().rev().flatten());
+                    events.extend(chunks.flatten());
                     let unchecked = Unchecked {
                         done,
                         events,
                         replays,
                         error,
                     };
-                    return (pipeline, dedup, Err(unchecked));
+                    return (pipeline, Some(d), Err(unchecked));
                 }
                 checked = Some(chunk);
             }
-            (pipeline, dedup, Ok(done))
+            if let Some(last) = checked {
+                done.append(pipeline.run(last).await);
+            }
+            (pipeline, Some(d), Ok(done))
         })
     }
 
@@ -1198,19 +1188,13 @@ async fn check_chunk(
     (dedup, chunk, result)
 }
 
-/// `items` in chunks of `size`, the last chunk first (so that `pop` takes them in
-/// order).
+/// `items` in chunks of `size`, in order.
 fn chunked<T>(items: Vec<T>, size: usize) -> Vec<Vec<T>> {
-    let mut chunks = Vec::with_capacity(items.len().div_ceil(size));
-    let mut items = items.into_iter();
-    loop {
-        let chunk: Vec<T> = items.by_ref().take(size).collect();
-        if chunk.is_empty() {
-            break;
-        }
-        chunks.push(chunk);
+    let mut items = items.into_iter().peekable();
+    let mut chunks = Vec::new();
+    while items.peek().is_some() {
+        chunks.push(items.by_ref().take(size).collect());
     }
-    chunks.reverse();
     chunks
 }
 
@@ -1344,10 +1328,10 @@ mod tests {
 
     #[test]
     fn chunks_keep_every_item_in_order() {
-        let mut chunks = chunked((0..10).collect(), 4);
+        let chunks = chunked((0..10).collect(), 4);
         assert_eq!(chunks.len(), 3);
         let mut all = Vec::new();
-        while let Some(c) = chunks.pop() {
+        for c in chunks {
             assert!(!c.is_empty() && c.len() <= 4);
             all.extend(c);
         }
