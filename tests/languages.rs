@@ -1,8 +1,10 @@
 //! The example plugin in each language (Rust, JavaScript, Python, C), built from source
 //! by this test (`scripts/build-example-plugins.sh`; the Rust one by `build.rs`), passes
 //! the same behavioural test through the real host: every sample event gets the same
-//! outcome, reason and resulting event bytes from all four. Each language's own unit
-//! tests of the plugin's logic run natively here too.
+//! outcome, reason and resulting event bytes from all four. The Rust one is built
+//! against contract 0.2.0 (the SDK's), the others against 0.1.0, so this is also the
+//! test that the host runs both contracts alike. Each language's own unit tests of the
+//! plugin's logic run natively here too.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -85,6 +87,17 @@ fn keep(e: &Event) -> String {
 }
 
 /// Each verdict as comparable text: outcome, then reason or resulting event.
+/// The contract each example is built against: the Rust SDK's 0.2.0, the
+/// others' 0.1.0 (`wit/plugin.wit`), so their equal outcomes also show that the host
+/// runs both contracts alike.
+fn contract_of(path: &Path) -> &'static str {
+    if path == plugin_path("enrich") {
+        "0.2.0"
+    } else {
+        "0.1.0"
+    }
+}
+
 async fn run(path: &Path, config: &str, events: &[Event]) -> Vec<String> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let limits = Limits {
@@ -97,17 +110,18 @@ async fn run(path: &Path, config: &str, events: &[Event]) -> Vec<String> {
         .load("enrich", &bytes, config.into(), limits)
         .await
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(plugin.contract(), contract_of(path), "{}", path.display());
     let mut instance = plugin.instantiate().await.unwrap();
     let mut batch = events.to_vec();
     instance
         .process(&mut batch)
         .await
         .into_iter()
-        .zip(events)
-        .map(|(v, original)| match v {
-            Verdict::Pass => keep(original),
-            Verdict::Keep(e) => keep(&e),
-            Verdict::Route(..) => panic!("the enrich plugins never route"),
+        .zip(&batch)
+        .map(|(v, event)| match v {
+            // A kept event's changes are applied to it in `batch`.
+            Verdict::Pass | Verdict::Keep => keep(event),
+            Verdict::Route { .. } => panic!("the enrich plugins never route"),
             Verdict::Drop(r) => format!("drop {r}"),
             Verdict::Reject(r) => format!("reject {r}"),
             Verdict::Failed(r) => format!("failed {r}"),

@@ -50,6 +50,7 @@ extern crate self as weir_plugin_sdk;
 
 use std::cell::OnceCell;
 use std::ops::Range;
+use std::rc::Rc;
 
 pub use serde_json::{Map, Value, json};
 
@@ -57,7 +58,7 @@ pub use serde_json::{Map, Value, json};
 pub mod bindings {
     wit_bindgen::generate!({
         world: "plugin",
-        path: "../wit",
+        path: "../wit/0.2.0",
         pub_export_macro: true,
         export_macro_name: "__export_plugin",
         default_bindings_module: "weir_plugin_sdk::bindings",
@@ -69,6 +70,48 @@ pub mod bindings {
 pub use wit_bindgen as __wit_bindgen;
 
 pub use bindings::weir::plugin::host::Level;
+use bindings::weir::plugin::types as wit;
+
+/// The text of one field of an event: a slice of the batch's text as the host sent it
+/// (shared, not copied), or the plugin's own once it sets the field.
+#[derive(Debug, Clone)]
+enum Text {
+    Batch(Rc<str>, Range<usize>),
+    Owned(String),
+}
+
+impl Text {
+    fn as_str(&self) -> &str {
+        match self {
+            Text::Batch(text, range) => &text[range.clone()],
+            Text::Owned(s) => s,
+        }
+    }
+
+    /// The text, to change: copied out of the batch first.
+    fn to_mut(&mut self) -> &mut String {
+        if let Text::Batch(..) = self {
+            *self = Text::Owned(self.as_str().to_owned());
+        }
+        match self {
+            Text::Owned(s) => s,
+            Text::Batch(..) => unreachable!("copied above"),
+        }
+    }
+
+    fn into_string(self) -> String {
+        match self {
+            Text::Batch(..) => self.as_str().to_owned(),
+            Text::Owned(s) => s,
+        }
+    }
+}
+
+impl From<String> for Text {
+    fn from(s: String) -> Self {
+        Text::Owned(s)
+    }
+}
 
 /// A JSON object field of an event (`properties`, `context`), kept as the host's text.
 ///
@@ -83,7 +126,7 @@ pub use bindings::weir::plugin::host::Level;
 /// after `properties_mut()` the object is written back from the map (keys sorted).
 #[derive(Debug, Clone)]
 struct JsonObject {
-    raw: String,
+    raw: Text,
     /// The top-level members of `raw`, scanned on the first read by key; an empty list
     /// when `raw` is not a JSON object (it then reads as `{}`, as the map API does).
     members: OnceCell<Vec<Member>>,
@@ -108,9 +151,9 @@ struct Member {
 }
 
 impl JsonObject {
-    fn from_raw(raw: String) -> Self {
+    fn from_raw(raw: impl Into<Text>) -> Self {
         Self {
-            raw,
+            raw: raw.into(),
             members: OnceCell::new(),
             map: OnceCell::new(),
             map_dirty: false,
@@ -120,15 +163,16 @@ impl JsonObject {
 
     fn members(&self) -> &[Member] {
         self.members
-            .get_or_init(|| scan_object(&self.raw).unwrap_or_default())
+            .get_or_init(|| scan_object(self.raw.as_str()).unwrap_or_default())
     }
 
     /// The index of the last member named `key`.
     fn find(&self, key: &str) -> Option<usize> {
         self.members().iter().rposition(|m| {
-            let text = &self.raw[m.key.clone()];
+            let raw = self.raw.as_str();
+            let text = &raw[m.key.clone()];
             if m.key_escaped {
-                let quoted = &self.raw[m.key.start - 1..m.key.end + 1];
+                let quoted = &raw[m.key.start - 1..m.key.end + 1];
                 serde_json::from_str::<String>(quoted).is_ok_and(|k| k == key)
             } else {
                 text == key
@@ -143,7 +187,7 @@ impl JsonObject {
         let member = &self.members()[self.find(key)?];
         member
             .parsed
-            .get_or_init(|| serde_json::from_str(&self.raw[member.value.clone()]).ok())
+            .get_or_init(|| serde_json::from_str(&self.raw.as_str()[member.value.clone()]).ok())
             .as_ref()
     }
 
@@ -155,9 +199,9 @@ impl JsonObject {
                 .insert(key, value);
             return;
         }
-        if self.members().is_empty() && scan_object(&self.raw).is_none() {
+        if self.members().is_empty() && scan_object(self.raw.as_str()).is_none() {
             // Not an object: it reads as `{}`, so it is written as one.
-            self.raw = "{}".into();
+            self.raw = Text::Owned("{}".into());
             self.members = OnceCell::new();
         }
         let text = serde_json::to_string(&value).expect("a Value always serialises");
@@ -166,7 +210,7 @@ impl JsonObject {
         match found {
             Some(i) => {
                 let old = members[i].value.clone();
-                self.raw.replace_range(old.clone(), &text);
+                self.raw.to_mut().replace_range(old.clone(), &text);
                 let new_end = old.start + text.len();
                 members[i].value = old.start..new_end;
                 members[i].parsed = OnceCell::from(Some(value));
@@ -179,7 +223,7 @@ impl JsonObject {
                 // After the last member, or before the closing `}` of an empty object.
                 let at = members
                     .last()
-                    .map_or(self.raw.trim_end().len() - 1, |m| m.value.end);
+                    .map_or(self.raw.as_str().trim_end().len() - 1, |m| m.value.end);
                 let key_text = serde_json::to_string(&key).expect("a string always serialises");
                 let mut member = String::with_capacity(key_text.len() + text.len() + 2);
                 if !members.is_empty() {
@@ -191,7 +235,7 @@ impl JsonObject {
                 member.push(':');
                 let value_start = at + member.len();
                 member.push_str(&text);
-                self.raw.insert_str(at, &member);
+                self.raw.to_mut().insert_str(at, &member);
                 members.push(Member {
                     key: key_start..key_end,
                     key_escaped: key_text.contains('\\'),
@@ -206,7 +250,7 @@ impl JsonObject {
 
     fn map(&self) -> &Map<String, Value> {
         self.map
-            .get_or_init(|| serde_json::from_str(&self.raw).unwrap_or_default())
+            .get_or_init(|| serde_json::from_str(self.raw.as_str()).unwrap_or_default())
     }
 
     fn map_mut(&mut self) -> &mut Map<String, Value> {
@@ -222,8 +266,10 @@ impl JsonObject {
 
     fn into_raw(self) -> String {
         match (self.map_dirty, self.map.into_inner()) {
-            (true, Some(map)) => serde_json::to_string(&map).unwrap_or(self.raw),
-            _ => self.raw,
+            (true, Some(map)) => {
+                serde_json::to_string(&map).unwrap_or_else(|_| self.raw.into_string())
+            }
+            _ => self.raw.into_string(),
         }
     }
 }
@@ -341,19 +387,23 @@ fn skip_value(b: &[u8], mut i: usize) -> Option<usize> {
 }
 
 /// One event, as the host hands it to the plugin. Fields are read through methods and
-/// changed through setters, so the SDK knows whether the plugin changed the event: an
-/// unchanged event is answered with the WIT `pass` outcome and nothing crosses back.
+/// changed through setters, so the SDK knows what the plugin changed: an unchanged
+/// event is answered with the WIT `pass` outcome (nothing crosses back), a changed one
+/// with its changed fields only. The event's strings are slices of the batch the host
+/// sent until the plugin sets them.
 #[derive(Debug, Clone)]
 pub struct Event {
-    event_id: String,
-    app: String,
-    name: String,
-    user_id: Option<String>,
+    event_id: Text,
+    app: Text,
+    name: Text,
+    user_id: Option<Text>,
     timestamp_ms: i64,
     properties: JsonObject,
     context: JsonObject,
     /// Set by the setters of `name`, `user_id` and `timestamp_ms`.
-    changed: bool,
+    name_changed: bool,
+    user_changed: bool,
+    timestamp_changed: bool,
     /// Rows and counts sent along with the event.
     outputs: Vec<Emitted>,
 }
@@ -377,21 +427,23 @@ impl Event {
     /// A new event with empty properties and context (for tests).
     pub fn new(name: impl Into<String>) -> Self {
         Self {
-            event_id: "test-event".into(),
-            app: "test-app".into(),
-            name: name.into(),
+            event_id: Text::Owned("test-event".into()),
+            app: Text::Owned("test-app".into()),
+            name: Text::Owned(name.into()),
             user_id: None,
             timestamp_ms: 0,
-            properties: JsonObject::from_raw("{}".into()),
-            context: JsonObject::from_raw("{}".into()),
-            changed: false,
+            properties: JsonObject::from_raw(String::from("{}")),
+            context: JsonObject::from_raw(String::from("{}")),
+            name_changed: false,
+            user_changed: false,
+            timestamp_changed: false,
             outputs: Vec::new(),
         }
     }
 
     /// Builder: sets the user id.
     pub fn with_user(mut self, user_id: impl Into<String>) -> Self {
-        self.user_id = Some(user_id.into());
+        self.user_id = Some(Text::Owned(user_id.into()));
         self
     }
 
@@ -406,34 +458,34 @@ impl Event {
 
     /// Unique id of the event (the host keeps its own: it cannot be changed).
     pub fn event_id(&self) -> &str {
-        &self.event_id
+        self.event_id.as_str()
     }
 
     /// The app that sent the event (cannot be changed).
     pub fn app(&self) -> &str {
-        &self.app
+        self.app.as_str()
     }
 
     /// The event name.
     pub fn name(&self) -> &str {
-        &self.name
+        self.name.as_str()
     }
 
     /// Renames the event. The new name must match `[A-Za-z0-9_.:-]{1,128}`, or the host
     /// fails the event.
     pub fn set_name(&mut self, name: impl Into<String>) {
-        self.name = name.into();
-        self.changed = true;
+        self.name = Text::Owned(name.into());
+        self.name_changed = true;
     }
 
     /// The user the event is about.
     pub fn user_id(&self) -> Option<&str> {
-        self.user_id.as_deref()
+        self.user_id.as_ref().map(Text::as_str)
     }
 
     pub fn set_user_id(&mut self, user_id: Option<String>) {
-        self.user_id = user_id;
-        self.changed = true;
+        self.user_id = user_id.map(Text::Owned);
+        self.user_changed = true;
     }
 
     /// When it happened, ms since the Unix epoch.
@@ -443,7 +495,7 @@ impl Event {
 
     pub fn set_timestamp_ms(&mut self, timestamp_ms: i64) {
         self.timestamp_ms = timestamp_ms;
-        self.changed = true;
+        self.timestamp_changed = true;
     }
 
     /// The event's properties, parsed whole. To read a few members, [`Event::property`]
@@ -477,8 +529,8 @@ impl Event {
     /// # use weir_plugin_sdk::{Event, json};
     /// let mut event = Event::new("post_liked").with_properties(json!({"n": 1.0}));
     /// event.set_property("checked", true);
-    /// # let wit = event.into_wit();
-    /// assert_eq!(wit.properties, r#"{"n":1.0,"checked":true}"#);
+    /// # let changes = event.into_changes();
+    /// assert_eq!(changes.properties.as_deref(), Some(r#"{"n":1.0,"checked":true}"#));
     /// ```
     pub fn set_property(&mut self, key: impl Into<String>, value: impl Into<Value>) {
         self.properties.set(key.into(), value.into());
@@ -548,34 +600,49 @@ impl Event {
 
     /// True if the plugin changed anything (or asked for mutable access to the JSON).
     pub fn is_changed(&self) -> bool {
-        self.changed || self.properties.is_changed() || self.context.is_changed()
+        self.name_changed
+            || self.user_changed
+            || self.timestamp_changed
+            || self.properties.is_changed()
+            || self.context.is_changed()
     }
 
+    /// The event the host sent as `e`, its strings slices of the batch's `text`.
     #[doc(hidden)]
-    pub fn from_wit(e: bindings::Event) -> Self {
+    pub fn from_batch(text: &Rc<str>, e: wit::Event) -> Self {
+        let slice = |span: wit::Span| {
+            let start = span.offset as usize;
+            Text::Batch(text.clone(), start..start + span.len as usize)
+        };
         Self {
-            event_id: e.event_id,
-            app: e.app,
-            name: e.name,
-            user_id: e.user_id,
+            event_id: slice(e.event_id),
+            app: slice(e.app),
+            name: slice(e.name),
+            user_id: e.user_id.map(slice),
             timestamp_ms: e.timestamp_ms,
-            properties: JsonObject::from_raw(e.properties),
-            context: JsonObject::from_raw(e.context),
-            changed: false,
+            properties: JsonObject::from_raw(slice(e.properties)),
+            context: JsonObject::from_raw(slice(e.context)),
+            name_changed: false,
+            user_changed: false,
+            timestamp_changed: false,
             outputs: Vec::new(),
         }
     }
 
+    /// What the plugin changed, for the host (the unchanged fields stay `none`).
     #[doc(hidden)]
-    pub fn into_wit(self) -> bindings::Event {
-        bindings::Event {
-            event_id: self.event_id,
-            app: self.app,
-            name: self.name,
-            user_id: self.user_id,
-            timestamp_ms: self.timestamp_ms,
-            properties: self.properties.into_raw(),
-            context: self.context.into_raw(),
+    pub fn into_changes(self) -> wit::Changes {
+        wit::Changes {
+            name: self.name_changed.then(|| self.name.into_string()),
+            user_id: self
+                .user_changed
+                .then(|| self.user_id.map(Text::into_string)),
+            timestamp_ms: self.timestamp_changed.then_some(self.timestamp_ms),
+            properties: self
+                .properties
+                .is_changed()
+                .then(|| self.properties.into_raw()),
+            context: self.context.is_changed().then(|| self.context.into_raw()),
         }
     }
 }
@@ -616,7 +683,6 @@ impl Outcome {
 
     #[doc(hidden)]
     pub fn into_wit(self) -> bindings::Outcome {
-        use bindings::weir::plugin::types as wit;
         match self {
             Outcome::Keep(mut e) if !e.outputs.is_empty() => {
                 let outputs = std::mem::take(&mut e.outputs)
@@ -637,11 +703,11 @@ impl Outcome {
                         Emitted::Forward(sink) => wit::Output::Forward(sink),
                     })
                     .collect();
-                let event = e.is_changed().then(|| e.into_wit());
-                bindings::Outcome::Route(wit::Routed { event, outputs })
+                let changes = e.is_changed().then(|| e.into_changes());
+                bindings::Outcome::Route(wit::Routed { changes, outputs })
             }
             Outcome::Keep(e) if !e.is_changed() => bindings::Outcome::Pass,
-            Outcome::Keep(e) => bindings::Outcome::Keep(e.into_wit()),
+            Outcome::Keep(e) => bindings::Outcome::Keep(e.into_changes()),
             Outcome::Drop(r) => bindings::Outcome::Drop(r),
             Outcome::Reject(r) => bindings::Outcome::Reject(r),
         }
@@ -709,12 +775,25 @@ pub fn __load_config<C: serde::de::DeserializeOwned>() -> Result<C, String> {
 
 #[doc(hidden)]
 pub fn __run_batch(
-    events: Vec<bindings::Event>,
+    batch: bindings::Batch,
     mut handler: impl FnMut(Event) -> Outcome,
 ) -> Vec<bindings::Outcome> {
-    events
+    let text: Rc<str> = match String::from_utf8(batch.text) {
+        Ok(text) => text.into(),
+        Err(e) => {
+            // The host sends UTF-8: this is a host bug, made visible in dead letters.
+            let reason = format!("the batch's text is not UTF-8: {e}");
+            return batch
+                .events
+                .iter()
+                .map(|_| bindings::Outcome::Reject(reason.clone()))
+                .collect();
+        }
+    };
+    batch
+        .events
         .into_iter()
-        .map(|e| handler(Event::from_wit(e)).into_wit())
+        .map(|e| handler(Event::from_batch(&text, e)).into_wit())
         .collect()
 }
 
@@ -733,9 +812,9 @@ macro_rules! plugin {
 
         impl $crate::bindings::Guest for __WeirPlugin {
             fn process(
-                events: ::std::vec::Vec<$crate::bindings::Event>,
+                batch: $crate::bindings::Batch,
             ) -> ::std::vec::Vec<$crate::bindings::Outcome> {
-                $crate::__run_batch(events, $handler)
+                $crate::__run_batch(batch, $handler)
             }
         }
 
@@ -747,13 +826,13 @@ macro_rules! plugin {
 
         impl $crate::bindings::Guest for __WeirPlugin {
             fn process(
-                events: ::std::vec::Vec<$crate::bindings::Event>,
+                batch: $crate::bindings::Batch,
             ) -> ::std::vec::Vec<$crate::bindings::Outcome> {
                 static CONFIG: ::std::sync::OnceLock<::std::result::Result<$config, ::std::string::String>> =
                     ::std::sync::OnceLock::new();
                 match CONFIG.get_or_init($crate::__load_config::<$config>) {
-                    Ok(config) => $crate::__run_batch(events, |e| $handler(e, config)),
-                    Err(reason) => $crate::__run_batch(events, |_| $crate::Outcome::reject(reason.clone())),
+                    Ok(config) => $crate::__run_batch(batch, |e| $handler(e, config)),
+                    Err(reason) => $crate::__run_batch(batch, |_| $crate::Outcome::reject(reason.clone())),
                 }
             }
         }
@@ -766,23 +845,98 @@ macro_rules! plugin {
 mod tests {
     use super::*;
 
+    /// A batch as the host encodes it: each event's strings back to back, the app once.
+    fn batch(events: &[(&str, Option<&str>, &str)]) -> bindings::Batch {
+        let mut text = Vec::new();
+        let mut put = |s: &str| {
+            let offset = text.len() as u32;
+            text.extend_from_slice(s.as_bytes());
+            wit::Span {
+                offset,
+                len: s.len() as u32,
+            }
+        };
+        let app = put("a");
+        let events = events
+            .iter()
+            .enumerate()
+            .map(|(i, (name, user, properties))| wit::Event {
+                event_id: put(&format!("e{i}")),
+                app,
+                name: put(name),
+                user_id: user.map(&mut put),
+                timestamp_ms: i as i64,
+                properties: put(properties),
+                context: put("{}"),
+            })
+            .collect();
+        bindings::Batch { text, events }
+    }
+
     #[test]
-    fn untouched_properties_keep_their_text() {
-        let e = Event::from_wit(bindings::Event {
-            event_id: "e".into(),
-            app: "a".into(),
-            name: "n".into(),
-            user_id: None,
-            timestamp_ms: 1,
-            properties: r#"{"b":1,  "a":2}"#.into(),
-            context: "{}".into(),
+    fn events_read_from_the_batch_and_only_changes_go_back() {
+        let b = batch(&[
+            ("n", None, r#"{"b":1,  "a":2}"#),
+            ("m", Some("u1"), r#"{"k":"v"}"#),
+            ("renamed", None, "{}"),
+        ]);
+        let mut seen = Vec::new();
+        let outcomes = __run_batch(b, |mut e| {
+            seen.push((
+                e.event_id().to_owned(),
+                e.app().to_owned(),
+                e.name().to_owned(),
+                e.user_id().map(str::to_owned),
+                e.timestamp_ms(),
+            ));
+            match e.name() {
+                "m" => e.set_property("k", "w"),
+                "renamed" => e.set_name("new_name"),
+                _ => assert_eq!(e.property("a"), Some(&json!(2))),
+            }
+            Outcome::keep(e)
         });
-        assert_eq!(e.property("a"), Some(&json!(2)));
-        assert!(!e.is_changed());
-        assert!(matches!(
-            Outcome::keep(e).into_wit(),
-            bindings::Outcome::Pass
-        ));
+        assert_eq!(
+            seen,
+            [
+                ("e0".into(), "a".into(), "n".into(), None, 0),
+                ("e1".into(), "a".into(), "m".into(), Some("u1".into()), 1),
+                ("e2".into(), "a".into(), "renamed".into(), None, 2),
+            ]
+        );
+        assert!(matches!(outcomes[0], bindings::Outcome::Pass));
+        match &outcomes[1] {
+            bindings::Outcome::Keep(c) => {
+                assert_eq!(c.properties.as_deref(), Some(r#"{"k":"w"}"#));
+                assert!(c.name.is_none() && c.user_id.is_none() && c.context.is_none());
+                assert!(c.timestamp_ms.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        match &outcomes[2] {
+            bindings::Outcome::Keep(c) => {
+                assert_eq!(c.name.as_deref(), Some("new_name"));
+                assert!(c.properties.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_removed_user_is_a_change() {
+        let outcomes = __run_batch(batch(&[("n", Some("u1"), "{}")]), |mut e| {
+            e.set_user_id(None);
+            Outcome::keep(e)
+        });
+        assert!(matches!(&outcomes[0], bindings::Outcome::Keep(c) if c.user_id == Some(None)));
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_rejects_the_batch() {
+        let mut b = batch(&[("n", None, "{}")]);
+        b.text.push(0xff);
+        let outcomes = __run_batch(b, Outcome::keep);
+        assert!(matches!(&outcomes[0], bindings::Outcome::Reject(r) if r.contains("not UTF-8")));
     }
 
     #[test]
@@ -792,7 +946,7 @@ mod tests {
         e.emit_row("profile_viewed", &json!({"profile_id": "p1"}));
         match Outcome::keep(e).into_wit() {
             bindings::Outcome::Route(r) => {
-                assert!(r.event.is_none());
+                assert!(r.changes.is_none());
                 assert_eq!(r.outputs.len(), 2);
             }
             other => panic!("{other:?}"),
@@ -802,7 +956,7 @@ mod tests {
         e.count("profile_views", "p1", 1);
         assert!(matches!(
             Outcome::keep(e).into_wit(),
-            bindings::Outcome::Route(r) if r.event.is_some()
+            bindings::Outcome::Route(r) if r.changes.is_some()
         ));
     }
 
@@ -811,16 +965,23 @@ mod tests {
         let mut e = Event::new("n");
         e.set_property("k", "v");
         assert!(e.is_changed());
-        assert_eq!(e.into_wit().properties, r#"{"k":"v"}"#);
+        assert_eq!(properties(e), r#"{"k":"v"}"#);
         let mut e = Event::new("n");
         e.set_name("m");
-        assert!(matches!(Outcome::keep(e).into_wit(), bindings::Outcome::Keep(w) if w.name == "m"));
+        assert!(
+            matches!(Outcome::keep(e).into_wit(), bindings::Outcome::Keep(c) if c.name.as_deref() == Some("m"))
+        );
     }
 
     fn with_raw_properties(raw: &str) -> Event {
         let mut e = Event::new("n");
-        e.properties = JsonObject::from_raw(raw.into());
+        e.properties = JsonObject::from_raw(String::from(raw));
         e
+    }
+
+    /// The properties' text the host gets back (the event must have changed them).
+    fn properties(e: Event) -> String {
+        e.into_changes().properties.expect("properties changed")
     }
 
     #[test]
@@ -837,7 +998,7 @@ mod tests {
         assert_eq!(e.property("added"), Some(&json!({"k": [true]})));
         assert!(e.is_changed());
         assert_eq!(
-            e.into_wit().properties,
+            properties(e),
             r#"{ "n": 18446744073709551616, "f": 2, "s": "a}\"b", "o": {"x": [1, "]"]}, "t": "yes","added":{"k":[true]} }"#
         );
     }
@@ -852,10 +1013,7 @@ mod tests {
         e.set_property("q\"", 1);
         assert_eq!(e.property("a"), Some(&json!(9)));
         assert_eq!(e.property("q\""), Some(&json!(1)));
-        assert_eq!(
-            e.into_wit().properties,
-            r#"{"a":1,"\u0061":9,"b\"":3,"q\"":1}"#
-        );
+        assert_eq!(properties(e), r#"{"a":1,"\u0061":9,"b\"":3,"q\"":1}"#);
     }
 
     #[test]
@@ -865,11 +1023,11 @@ mod tests {
             assert_eq!(e.property("a"), None, "{raw}");
             assert!(e.properties().is_empty(), "{raw}");
             e.set_property("k", 1);
-            assert_eq!(e.into_wit().properties, r#"{"k":1}"#, "{raw}");
+            assert_eq!(properties(e), r#"{"k":1}"#, "{raw}");
         }
         let mut e = with_raw_properties(" { } ");
         e.set_property("k", 1);
-        assert_eq!(e.into_wit().properties, r#" { "k":1} "#);
+        assert_eq!(properties(e), r#" { "k":1} "#);
     }
 
     #[test]
@@ -880,14 +1038,14 @@ mod tests {
         e.properties_mut().remove("z");
         e.set_property("b", 4);
         assert_eq!(e.property("b"), Some(&json!(4)));
-        assert_eq!(e.into_wit().properties, r#"{"a":2,"b":4,"m":3}"#);
+        assert_eq!(properties(e), r#"{"a":2,"b":4,"m":3}"#);
         let mut e = with_raw_properties(r#"{"z":1}"#);
         e.set_context_value("locale", "fr");
         assert_eq!(e.context_value("locale"), Some(&json!("fr")));
-        let wit = e.into_wit();
+        let changes = e.into_changes();
         assert_eq!(
-            (wit.properties.as_str(), wit.context.as_str()),
-            (r#"{"z":1}"#, r#"{"locale":"fr"}"#)
+            (changes.properties.as_deref(), changes.context.as_deref()),
+            (None, Some(r#"{"locale":"fr"}"#))
         );
     }
 

@@ -6,10 +6,14 @@
 //! Also instantiation, with memory on demand and with the pooling allocator.
 //!
 //! Run: `cargo bench -p weir-tests --bench plugin_call`. Figures go in BENCHMARKS.md.
+//! `WEIR_BENCH_PLUGINS=label=path.wasm,...` adds other builds to the call benchmark
+//! (e.g. a plugin built against an older SDK, to compare contract versions).
 
 use std::time::Duration;
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use std::path::PathBuf;
+
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use weir::model::{Event, Limits};
 use weir::runtime::Runtime;
 use weir_tests::plugin_path;
@@ -46,20 +50,35 @@ fn bench(c: &mut Criterion) {
         deadline: Duration::from_secs(1),
         memory_bytes: 64 << 20,
     };
-    for plugin in ["passthrough", "enrich"] {
-        let bytes = std::fs::read(plugin_path(plugin)).unwrap();
+    let mut plugins: Vec<(String, PathBuf)> = ["passthrough", "enrich"]
+        .map(|p| (p.to_owned(), plugin_path(p)))
+        .into();
+    if let Ok(extra) = std::env::var("WEIR_BENCH_PLUGINS") {
+        for item in extra.split(',').filter(|i| !i.is_empty()) {
+            let (label, path) = item
+                .split_once('=')
+                .expect("WEIR_BENCH_PLUGINS is label=path.wasm,...");
+            plugins.push((label.to_owned(), path.into()));
+        }
+    }
+    for (plugin, path) in plugins {
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let loaded = rt
-            .block_on(runtime.load(plugin, &bytes, "{}".into(), limits))
+            .block_on(runtime.load(&plugin, &bytes, "{}".into(), limits))
             .unwrap();
         let mut instance = rt.block_on(loaded.instantiate()).unwrap();
-        let mut group = c.benchmark_group(format!("plugin_call/{plugin}"));
+        let mut group = c.benchmark_group(format!("plugin_call/{plugin}@{}", loaded.contract()));
         for batch in [1usize, 64, 256, 1024] {
-            // The plugin hands the events back as they were: the same batch serves
-            // every iteration.
-            let mut input = events(batch);
+            // A fresh copy per iteration (not timed): the plugin's changes are applied
+            // to the events it keeps.
+            let input = events(batch);
             group.throughput(Throughput::Elements(batch as u64));
             group.bench_function(BenchmarkId::from_parameter(batch), |b| {
-                b.iter(|| rt.block_on(instance.process(&mut input)))
+                b.iter_batched_ref(
+                    || input.clone(),
+                    |batch| rt.block_on(instance.process(batch)),
+                    BatchSize::SmallInput,
+                )
             });
         }
         group.finish();

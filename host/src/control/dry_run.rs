@@ -115,16 +115,19 @@ pub async fn run(
                     report.kept += 1;
                     json!({"index": index, "event_id": id, "outcome": "keep", "changed": false, "event": as_json(event)})
                 }
-                Verdict::Keep(kept) => {
+                Verdict::Keep => {
                     report.kept += 1;
-                    json!({"index": index, "event_id": id, "outcome": "keep", "changed": true, "event": as_json(&kept)})
+                    json!({"index": index, "event_id": id, "outcome": "keep", "changed": true, "event": as_json(event)})
                 }
-                Verdict::Route(kept, outputs) => {
+                Verdict::Route { changes, outputs } => {
                     report.kept += 1;
-                    let changed = kept.is_some();
-                    let kept = as_json(kept.as_ref().unwrap_or(event));
+                    let changed = changes.is_some();
+                    let mut kept = event.clone();
+                    if let Some(changes) = changes {
+                        changes.apply(&mut kept);
+                    }
                     let outputs: Vec<Value> = outputs.iter().map(output_json).collect();
-                    json!({"index": index, "event_id": id, "outcome": "keep", "changed": changed, "event": kept, "outputs": outputs})
+                    json!({"index": index, "event_id": id, "outcome": "keep", "changed": changed, "event": as_json(&kept), "outputs": outputs})
                 }
                 Verdict::Drop(reason) => {
                     report.dropped += 1;

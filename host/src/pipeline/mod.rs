@@ -131,7 +131,7 @@ impl Stage {
         for v in &verdicts {
             counts[match v {
                 Verdict::Pass => 0,
-                Verdict::Keep(_) | Verdict::Route(..) => 1,
+                Verdict::Keep | Verdict::Route { .. } => 1,
                 Verdict::Drop(_) => 2,
                 Verdict::Reject(_) => 3,
                 Verdict::Failed(f) => {
@@ -388,20 +388,20 @@ impl Pipeline {
                 let verdicts = stage.run(&mut batch).await;
                 let plugin = stage.instance.plugin();
                 let items = origins.into_iter().zip(batch).zip(fanouts).zip(verdicts);
-                for (((origin, original), mut fanout), verdict) in items {
+                for (((origin, mut event), mut fanout), verdict) in items {
                     let reason = match verdict {
-                        Verdict::Pass => {
-                            next.push((origin, original, fanout));
-                            continue;
-                        }
-                        Verdict::Keep(event) => {
+                        // A kept event's changes are in it already.
+                        Verdict::Pass | Verdict::Keep => {
                             next.push((origin, event, fanout));
                             continue;
                         }
-                        Verdict::Route(event, outputs) => {
+                        Verdict::Route { changes, outputs } => {
                             match self.routes.resolve(outputs, &mut fanout) {
                                 Ok(()) => {
-                                    next.push((origin, event.unwrap_or(original), fanout));
+                                    if let Some(changes) = changes {
+                                        changes.apply(&mut event);
+                                    }
+                                    next.push((origin, event, fanout));
                                     continue;
                                 }
                                 Err(why) => {
@@ -421,7 +421,7 @@ impl Pipeline {
                             }
                         }
                         Verdict::Drop(reason) => {
-                            debug!(plugin = %plugin.name(), event_id = %original.event_id, %reason, "event dropped");
+                            debug!(plugin = %plugin.name(), event_id = %event.event_id, %reason, "event dropped");
                             out.dropped += 1;
                             continue;
                         }
@@ -429,7 +429,7 @@ impl Pipeline {
                         Verdict::Failed(failure) => failure.message,
                     };
                     out.dead.push(
-                        DeadLetter::of(origin, original, model::Stage::Plugin, reason)
+                        DeadLetter::of(origin, event, model::Stage::Plugin, reason)
                             .by(plugin.name(), plugin.version()),
                     );
                 }

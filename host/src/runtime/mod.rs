@@ -1,5 +1,7 @@
-//! The WebAssembly runtime: the one wasmtime [`Engine`], the one `bindgen!`, and the
-//! sandbox every plugin call runs in.
+//! The WebAssembly runtime: the one wasmtime [`Engine`], a `bindgen!` per version of
+//! the plugin contract (`weir:plugin@0.1.0` in `wit/plugin.wit`, `0.2.0` in
+//! `wit/0.2.0/plugin.wit`: a plugin of either runs here), and the sandbox every plugin
+//! call runs in.
 //!
 //! Plugins are hostile until proven otherwise. Every call runs under a wall-clock
 //! deadline (epoch interruption), a linear-memory cap and a stack cap, with WASI
@@ -20,6 +22,7 @@ use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+/// `weir:plugin@0.1.0`: events cross as records of strings, changed events whole.
 mod bindings {
     wasmtime::component::bindgen!({
         world: "plugin",
@@ -30,10 +33,25 @@ mod bindings {
     });
 }
 
+/// `weir:plugin@0.2.0`: a batch crosses as one text buffer and spans of it, a changed
+/// event as what changed.
+mod bindings_v2 {
+    wasmtime::component::bindgen!({
+        world: "plugin",
+        path: "../wit/0.2.0",
+        exports: { default: async },
+    });
+}
+
 use bindings::weir::plugin::host::Level;
 use bindings::weir::plugin::types::{Count, Event, Outcome, Output, Routed, Row};
+use bindings_v2::weir::plugin::types as v2;
 
 use crate::model::{self, FailureKind, Limits, PluginFailure, PluginOutput};
+
+/// `WEIR_WASM_PROFILER=perfmap`: write a perf map of compiled plugin code, so that
+/// `perf record`/`perf top` name the plugin functions weir's CPU goes to.
+pub const PROFILER_ENV: &str = "WEIR_WASM_PROFILER";
 
 /// How often the epoch advances: the granularity of call deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -86,6 +104,11 @@ impl Runtime {
         config.wasm_component_model(true);
         config.epoch_interruption(true);
         config.max_wasm_stack(MAX_WASM_STACK);
+        // `perf` sees compiled plugin code as anonymous memory; with a perf map
+        // (`/tmp/perf-PID.map`) it names each plugin function.
+        if std::env::var_os(PROFILER_ENV).is_some_and(|v| v == "perfmap") {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         if pooling {
             let mut pool = wasmtime::PoolingAllocationConfig::default();
             pool.total_component_instances(64)
@@ -100,6 +123,7 @@ impl Runtime {
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(setup)?;
         bindings::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(setup)?;
+        bindings_v2::Plugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(setup)?;
 
         let weak = engine.weak();
         std::thread::Builder::new()
@@ -180,7 +204,13 @@ impl Runtime {
         };
         // Instantiate once now, so a plugin that cannot start fails at load, not mid-stream.
         plugin.instantiate().await?;
-        info!(plugin = %name, version = %plugin.version(), size = compiled.size, "plugin loaded");
+        info!(
+            plugin = %name,
+            version = %plugin.version(),
+            contract = plugin.contract(),
+            size = compiled.size,
+            "plugin loaded"
+        );
         Ok(plugin)
     }
 
@@ -229,11 +259,9 @@ impl Runtime {
             })
     }
 
-    fn check_world(
-        &self,
-        name: &str,
-        component: Component,
-    ) -> Result<bindings::PluginPre<HostState>, RuntimeError> {
+    /// The contract a component exports: 0.2.0 if it does, else 0.1.0, else an error
+    /// that says why it is neither (against 0.1.0's `process`, the older contract).
+    fn check_world(&self, name: &str, component: Component) -> Result<Pre, RuntimeError> {
         let invalid = |reason: String| RuntimeError::Invalid {
             name: name.to_owned(),
             reason,
@@ -242,9 +270,27 @@ impl Runtime {
             .linker
             .instantiate_pre(&component)
             .map_err(|e| invalid(format!("{e:#}")))?;
-        bindings::PluginPre::new(pre)
-            .map_err(|e| invalid(format!("not a component of the weir:plugin world: {e:#}")))
+        if let Ok(v2) = bindings_v2::PluginPre::new(pre.clone()) {
+            return Ok(Pre::V2(v2));
+        }
+        bindings::PluginPre::new(pre).map(Pre::V1).map_err(|e| {
+            invalid(format!(
+                "not a component of the weir:plugin world (0.1.0 or 0.2.0): {e:#}"
+            ))
+        })
     }
+}
+
+/// A component checked against one version of the contract, ready to instantiate.
+enum Pre {
+    V1(bindings::PluginPre<HostState>),
+    V2(bindings_v2::PluginPre<HostState>),
+}
+
+/// The exports of one instance, by contract version.
+enum Exports {
+    V1(bindings::Plugin),
+    V2(bindings_v2::Plugin),
 }
 
 /// A compiled component, not yet checked against the weir world. Cheap to clone.
@@ -276,7 +322,7 @@ struct PluginInner {
     config: String,
     limits: Limits,
     engine: Engine,
-    pre: bindings::PluginPre<HostState>,
+    pre: Pre,
 }
 
 impl Plugin {
@@ -287,6 +333,14 @@ impl Plugin {
     /// Content address of the component: the first 12 hex digits of its sha256.
     pub fn version(&self) -> &str {
         &self.inner.version
+    }
+
+    /// The version of the plugin contract the component exports: `0.1.0` or `0.2.0`.
+    pub fn contract(&self) -> &'static str {
+        match self.inner.pre {
+            Pre::V1(_) => "0.1.0",
+            Pre::V2(_) => "0.2.0",
+        }
     }
 
     /// Makes a fresh instance in its own store.
@@ -314,18 +368,22 @@ impl Plugin {
         // A generous deadline for start-up code; calls set their own.
         store.set_epoch_deadline(ticks(p.limits.deadline).max(200));
         store.epoch_deadline_trap();
-        let bindings =
-            p.pre
-                .instantiate_async(&mut store)
-                .await
-                .map_err(|e| RuntimeError::Instantiate {
-                    name: p.name.clone(),
-                    reason: format!("{e:#}"),
-                })?;
+        let exports = match &p.pre {
+            Pre::V1(pre) => pre.instantiate_async(&mut store).await.map(Exports::V1),
+            Pre::V2(pre) => pre.instantiate_async(&mut store).await.map(Exports::V2),
+        }
+        .map_err(|e| RuntimeError::Instantiate {
+            name: p.name.clone(),
+            reason: format!("{e:#}"),
+        })?;
         Ok(PluginInstance {
             plugin: self.clone(),
             store,
-            bindings,
+            exports,
+            batch: v2::Batch {
+                text: Vec::new(),
+                events: Vec::new(),
+            },
         })
     }
 }
@@ -336,15 +394,21 @@ fn ticks(d: Duration) -> u64 {
         .max(1)
 }
 
-/// What became of one event in one plugin.
+/// What became of one event in one plugin. For `Keep`, the event in the batch passed
+/// to [`PluginInstance::process`] now holds the plugin's changes; for every other
+/// verdict it is as it was.
 #[derive(Debug, Clone)]
 pub enum Verdict {
-    /// Kept unchanged: the caller still holds the event.
+    /// Kept unchanged.
     Pass,
-    /// Kept, changed by the plugin.
-    Keep(model::Event),
-    /// Kept (changed when `Some`) and fanned out to tables and counters.
-    Route(Option<model::Event>, Vec<PluginOutput>),
+    /// Kept, changed by the plugin (the changes are applied to the event).
+    Keep,
+    /// Kept, with these changes if any (not yet applied: the caller applies them once
+    /// it accepted the outputs), and fanned out to tables and counters.
+    Route {
+        changes: Option<Changes>,
+        outputs: Vec<PluginOutput>,
+    },
     Drop(String),
     Reject(String),
     /// The plugin failed on this event: a trap (deadline, memory, stack, panic) or an
@@ -352,11 +416,98 @@ pub enum Verdict {
     Failed(PluginFailure),
 }
 
+/// What a plugin answered for one event, checked, before it is applied to the event.
+enum Answer {
+    Pass,
+    Keep(Changes),
+    Route(Option<Changes>, Vec<PluginOutput>),
+    Drop(String),
+    Reject(String),
+    Failed(PluginFailure),
+}
+
+impl Answer {
+    fn apply(self, event: &mut model::Event) -> Verdict {
+        match self {
+            Answer::Pass => Verdict::Pass,
+            Answer::Keep(changes) => {
+                changes.apply(event);
+                Verdict::Keep
+            }
+            Answer::Route(changes, outputs) => Verdict::Route { changes, outputs },
+            Answer::Drop(reason) => Verdict::Drop(reason),
+            Answer::Reject(reason) => Verdict::Reject(reason),
+            Answer::Failed(failure) => Verdict::Failed(failure),
+        }
+    }
+}
+
+/// The fields a plugin changed in an event (checked); `None` leaves one as it was.
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    name: Option<String>,
+    user_id: Option<Option<String>>,
+    timestamp_ms: Option<i64>,
+    properties: Option<String>,
+    context: Option<String>,
+}
+
+impl Changes {
+    /// Changes `e` as the plugin did.
+    pub fn apply(self, e: &mut model::Event) {
+        if let Some(name) = self.name {
+            e.name = name;
+        }
+        if let Some(user_id) = self.user_id {
+            e.user_id = user_id;
+        }
+        if let Some(timestamp_ms) = self.timestamp_ms {
+            e.timestamp_ms = timestamp_ms;
+        }
+        if let Some(properties) = self.properties {
+            e.properties = properties;
+        }
+        if let Some(context) = self.context {
+            e.context = context;
+        }
+    }
+}
+
+/// The events of one call, in the type of the instance's contract.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    /// Moved into 0.1.0's records for the whole batch (so a bisection copies nothing).
+    V1(&'a [Event]),
+    /// Encoded into 0.2.0's batch per call.
+    V2(&'a [model::Event]),
+}
+
+impl Input<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Input::V1(e) => e.len(),
+            Input::V2(e) => e.len(),
+        }
+    }
+
+    fn range(&self, start: usize, end: usize) -> Self {
+        match self {
+            Input::V1(e) => Input::V1(&e[start..end]),
+            Input::V2(e) => Input::V2(&e[start..end]),
+        }
+    }
+}
+
+/// Above this, the text buffer of a 0.2.0 batch is not kept for the next call.
+const KEEP_TEXT_CAPACITY: usize = 8 << 20;
+
 /// One live instance. Not shared between threads; the processor owns one per plugin.
 pub struct PluginInstance {
     plugin: Plugin,
     store: Store<HostState>,
-    bindings: bindings::Plugin,
+    exports: Exports,
+    /// The 0.2.0 batch of the current call, its buffers kept from call to call.
+    batch: v2::Batch,
 }
 
 /// Why one batch call did not produce outcomes.
@@ -383,48 +534,61 @@ impl PluginInstance {
         self.store.data().limiter.peak_memory
     }
 
-    /// Runs a batch. Returns one verdict per event; `events` is handed back as it
-    /// was (its events cross the sandbox boundary by move, not by copy). Never fails
-    /// as a whole: when a call traps, the instance is replaced and the batch bisected
-    /// on fresh instances, so only the events that cause the trap fail.
+    /// Runs a batch. Returns one verdict per event, and applies the plugin's changes to
+    /// the events it kept changed (the others are handed back as they were). Never
+    /// fails as a whole: when a call traps, the instance is replaced and the batch
+    /// bisected on fresh instances, so only the events that cause the trap fail.
     pub async fn process(&mut self, events: &mut Vec<model::Event>) -> Vec<Verdict> {
-        let wit: Vec<Event> = events.drain(..).map(to_wit).collect();
-        let verdicts = self.process_wit(&wit).await;
-        events.extend(wit.into_iter().map(from_wit));
-        verdicts
+        let answers = if matches!(self.exports, Exports::V1(_)) {
+            // 0.1.0 lowers records of strings: the events move into them and back.
+            let wit: Vec<Event> = events.drain(..).map(to_wit).collect();
+            let answers = self.bisect(Input::V1(&wit)).await;
+            events.extend(wit.into_iter().map(from_wit));
+            answers
+        } else {
+            self.bisect(Input::V2(events)).await
+        };
+        events
+            .iter_mut()
+            .zip(answers)
+            .map(|(event, answer)| answer.apply(event))
+            .collect()
     }
 
-    async fn process_wit(&mut self, events: &[Event]) -> Vec<Verdict> {
-        let mut out: Vec<Option<Verdict>> = vec![None; events.len()];
+    async fn bisect(&mut self, input: Input<'_>) -> Vec<Answer> {
+        let mut out: Vec<Option<Answer>> =
+            std::iter::repeat_with(|| None).take(input.len()).collect();
         // Ranges still to run; popped from the end, so pushed right half first.
-        let mut work = vec![(0, events.len())];
+        let mut work = vec![(0, input.len())];
         while let Some((start, end)) = work.pop() {
             if start == end {
                 continue;
             }
-            let slice = &events[start..end];
-            match self.call(slice).await {
-                Ok(outcomes) => {
-                    for (i, (outcome, original)) in outcomes.into_iter().zip(slice).enumerate() {
-                        out[start + i] = Some(check_outcome(outcome, original));
+            let fail = |out: &mut [Option<Answer>], reason: &PluginFailure| {
+                for slot in out {
+                    *slot = Some(Answer::Failed(reason.clone()));
+                }
+            };
+            match self.call(input.range(start, end)).await {
+                Ok(answers) => {
+                    for (slot, answer) in out[start..end].iter_mut().zip(answers) {
+                        *slot = Some(answer);
                     }
                 }
-                Err(CallFailure::Mismatch(reason)) => {
-                    out[start..end].fill(Some(Verdict::Failed(reason)));
-                }
+                Err(CallFailure::Mismatch(reason)) => fail(&mut out[start..end], &reason),
                 Err(CallFailure::Trap(reason)) => {
                     warn!(
                         plugin = %self.plugin.name(),
                         version = %self.plugin.version(),
-                        events = slice.len(),
+                        events = end - start,
                         kind = reason.kind.as_str(),
                         reason = %reason,
                         "plugin failed; isolating the offending events"
                     );
-                    if !self.replace().await || slice.len() == 1 {
-                        out[start..end].fill(Some(Verdict::Failed(reason)));
+                    if !self.replace().await || end - start == 1 {
+                        fail(&mut out[start..end], &reason);
                     } else {
-                        let mid = start + slice.len() / 2;
+                        let mid = start + (end - start) / 2;
                         work.push((mid, end));
                         work.push((start, mid));
                     }
@@ -453,7 +617,8 @@ impl PluginInstance {
         }
     }
 
-    async fn call(&mut self, events: &[Event]) -> Result<Vec<Outcome>, CallFailure> {
+    /// One call of the plugin on `input`, its outcomes checked.
+    async fn call(&mut self, input: Input<'_>) -> Result<Vec<Answer>, CallFailure> {
         // A call runs on this thread without yielding until it returns (epochs trap at
         // the deadline, they do not yield): let the task's other work run first, so
         // that a chain of calls (a large batch, or a failing one being split) does not
@@ -464,36 +629,112 @@ impl PluginInstance {
         self.store.data_mut().limiter.denied = None;
         // Epochs stop wasm code at the deadline; the timeout stops a call that waits in a
         // host function (a WASI sleep or poll), which epochs cannot interrupt.
-        let call = self.bindings.call_process(&mut self.store, events);
-        let result = match tokio::time::timeout(limits.deadline + HOST_CALL_GRACE, call).await {
-            Ok(result) => result,
-            Err(_) => {
-                return Err(CallFailure::Trap(PluginFailure::new(
-                    FailureKind::Deadline,
-                    format!(
-                        "deadline exceeded: the call waited in a host call for longer than {} ms",
-                        limits.deadline.as_millis()
-                    ),
-                )));
+        let wait = limits.deadline + HOST_CALL_GRACE;
+        match (&self.exports, input) {
+            (Exports::V1(exports), Input::V1(events)) => {
+                let call = exports.call_process(&mut self.store, events);
+                let result = tokio::time::timeout(wait, call).await;
+                let outcomes = self.finish(result, events.len())?;
+                Ok(outcomes
+                    .into_iter()
+                    .zip(events)
+                    .map(|(outcome, original)| answer_v1(outcome, original))
+                    .collect())
             }
-        };
+            (Exports::V2(exports), Input::V2(events)) => {
+                encode(events, &mut self.batch).map_err(CallFailure::Trap)?;
+                let call = exports.call_process(&mut self.store, &self.batch);
+                let result = tokio::time::timeout(wait, call).await;
+                if self.batch.text.capacity() > KEEP_TEXT_CAPACITY {
+                    self.batch.text = Vec::new();
+                }
+                let outcomes = self.finish(result, events.len())?;
+                Ok(outcomes.into_iter().map(answer_v2).collect())
+            }
+            _ => unreachable!("a call's input is built for the instance's contract"),
+        }
+    }
+
+    /// The outcomes of a call that was to return `expected` of them, or why not.
+    fn finish<T>(
+        &self,
+        result: Result<wasmtime::Result<Vec<T>>, tokio::time::error::Elapsed>,
+        expected: usize,
+    ) -> Result<Vec<T>, CallFailure> {
+        let limits = self.plugin.inner.limits;
         match result {
-            Ok(outcomes) if outcomes.len() == events.len() => Ok(outcomes),
-            Ok(outcomes) => Err(CallFailure::Mismatch(PluginFailure::new(
+            Err(_) => Err(CallFailure::Trap(PluginFailure::new(
+                FailureKind::Deadline,
+                format!(
+                    "deadline exceeded: the call waited in a host call for longer than {} ms",
+                    limits.deadline.as_millis()
+                ),
+            ))),
+            Ok(Ok(outcomes)) if outcomes.len() == expected => Ok(outcomes),
+            Ok(Ok(outcomes)) => Err(CallFailure::Mismatch(PluginFailure::new(
                 FailureKind::BadOutcome,
                 format!(
                     "plugin returned {} outcomes for {} events",
                     outcomes.len(),
-                    events.len()
+                    expected
                 ),
             ))),
-            Err(e) => Err(CallFailure::Trap(describe_trap(
+            Ok(Err(e)) => Err(CallFailure::Trap(describe_trap(
                 &e,
                 limits,
                 self.store.data().limiter.denied,
             ))),
         }
     }
+}
+
+/// Writes `events` into a 0.2.0 batch: their strings back to back in `batch.text`
+/// (an app shared by consecutive events once), each event as spans of it. Fails when
+/// the text does not fit the spans' 32-bit offsets (the batch is then split).
+fn encode(events: &[model::Event], batch: &mut v2::Batch) -> Result<(), PluginFailure> {
+    fn put(text: &mut Vec<u8>, s: &str) -> v2::Span {
+        let offset = text.len() as u32;
+        text.extend_from_slice(s.as_bytes());
+        v2::Span {
+            offset,
+            len: s.len() as u32,
+        }
+    }
+    let (text, spans) = (&mut batch.text, &mut batch.events);
+    text.clear();
+    spans.clear();
+    spans.reserve(events.len());
+    let mut app: Option<(&str, v2::Span)> = None;
+    for e in events {
+        let app_span = match app {
+            Some((a, span)) if a == e.app => span,
+            _ => {
+                let span = put(text, &e.app);
+                app = Some((&e.app, span));
+                span
+            }
+        };
+        spans.push(v2::Event {
+            event_id: put(text, &e.event_id),
+            app: app_span,
+            name: put(text, &e.name),
+            user_id: e.user_id.as_deref().map(|u| put(text, u)),
+            timestamp_ms: e.timestamp_ms,
+            properties: put(text, &e.properties),
+            context: put(text, &e.context),
+        });
+    }
+    if u32::try_from(text.len()).is_err() {
+        return Err(PluginFailure::new(
+            FailureKind::MemoryCap,
+            format!(
+                "a batch of {} events holds {} MiB of text, more than one call can take (4 GiB)",
+                events.len(),
+                text.len() >> 20
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Extra time a call may spend inside host functions beyond its deadline.
@@ -592,57 +833,88 @@ impl ResourceLimiter for Limiter {
 /// Most elements of one table.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 
-/// Checks what a plugin returned for one event.
-fn check_outcome(outcome: Outcome, original: &Event) -> Verdict {
-    let bad = |why| Verdict::Failed(PluginFailure::new(FailureKind::BadOutcome, why));
+/// Checks what a 0.1.0 plugin returned for one event.
+fn answer_v1(outcome: Outcome, original: &Event) -> Answer {
+    let bad = |why| Answer::Failed(PluginFailure::new(FailureKind::BadOutcome, why));
     match outcome {
-        Outcome::Keep(event) => match check_event(event, original) {
-            Ok(event) => Verdict::Keep(from_wit(event)),
+        Outcome::Keep(event) => match changes_v1(event, original) {
+            Ok(changes) => Answer::Keep(changes),
             Err(why) => bad(why),
         },
         Outcome::Route(Routed { event, outputs }) => {
             let outputs = outputs.into_iter().map(output_from_wit).collect();
-            match event {
-                None => Verdict::Route(None, outputs),
-                Some(event) => match check_event(event, original) {
-                    Ok(event) => Verdict::Route(Some(from_wit(event)), outputs),
-                    Err(why) => bad(why),
-                },
+            match event.map(|e| changes_v1(e, original)).transpose() {
+                Ok(changes) => Answer::Route(changes, outputs),
+                Err(why) => bad(why),
             }
         }
-        Outcome::Pass => Verdict::Pass,
-        Outcome::Drop(reason) => Verdict::Drop(reason),
-        Outcome::Reject(reason) => Verdict::Reject(reason),
+        Outcome::Pass => Answer::Pass,
+        Outcome::Drop(reason) => Answer::Drop(reason),
+        Outcome::Reject(reason) => Answer::Reject(reason),
     }
 }
 
-/// Checks an event a plugin returned changed; restores the fields it may not change.
-fn check_event(mut event: Event, original: &Event) -> Result<Event, String> {
-    if event.name != original.name
-        && let Err(why) = crate::model::check_name(&event.name)
+/// What a 0.1.0 plugin changed in an event it returned whole, checked. The app and
+/// event id are the host's: a changed value is ignored.
+fn changes_v1(event: Event, original: &Event) -> Result<Changes, String> {
+    let changed = |new: String, old: &String| (new != *old).then_some(new);
+    check_changes(Changes {
+        name: changed(event.name, &original.name),
+        user_id: (event.user_id != original.user_id).then_some(event.user_id),
+        timestamp_ms: (event.timestamp_ms != original.timestamp_ms).then_some(event.timestamp_ms),
+        properties: changed(event.properties, &original.properties),
+        context: changed(event.context, &original.context),
+    })
+}
+
+/// Checks what a 0.2.0 plugin returned for one event.
+fn answer_v2(outcome: v2::Outcome) -> Answer {
+    let bad = |why| Answer::Failed(PluginFailure::new(FailureKind::BadOutcome, why));
+    match outcome {
+        v2::Outcome::Keep(changes) => match check_changes(changes_v2(changes)) {
+            Ok(changes) => Answer::Keep(changes),
+            Err(why) => bad(why),
+        },
+        v2::Outcome::Route(v2::Routed { changes, outputs }) => {
+            let outputs = outputs.into_iter().map(output_from_v2).collect();
+            match changes.map(|c| check_changes(changes_v2(c))).transpose() {
+                Ok(changes) => Answer::Route(changes, outputs),
+                Err(why) => bad(why),
+            }
+        }
+        v2::Outcome::Pass => Answer::Pass,
+        v2::Outcome::Drop(reason) => Answer::Drop(reason),
+        v2::Outcome::Reject(reason) => Answer::Reject(reason),
+    }
+}
+
+fn changes_v2(c: v2::Changes) -> Changes {
+    Changes {
+        name: c.name,
+        user_id: c.user_id,
+        timestamp_ms: c.timestamp_ms,
+        properties: c.properties,
+        context: c.context,
+    }
+}
+
+/// Checks the fields a plugin changed: a new name follows the name rule, new
+/// properties and context are JSON objects.
+fn check_changes(changes: Changes) -> Result<Changes, String> {
+    if let Some(name) = &changes.name
+        && let Err(why) = crate::model::check_name(name)
     {
         return Err(format!("plugin renamed the event badly: {why}"));
     }
-    let changed_not_object =
-        |text: &String, original: &String| text != original && !is_json_object(text);
-    for (field, bad) in [
-        (
-            "properties",
-            changed_not_object(&event.properties, &original.properties),
-        ),
-        (
-            "context",
-            changed_not_object(&event.context, &original.context),
-        ),
+    for (field, text) in [
+        ("properties", &changes.properties),
+        ("context", &changes.context),
     ] {
-        if bad {
+        if text.as_deref().is_some_and(|t| !is_json_object(t)) {
             return Err(format!("plugin returned {field} that is not a JSON object"));
         }
     }
-    // The app and event id are the host's: a plugin cannot reassign them.
-    event.app.clone_from(&original.app);
-    event.event_id.clone_from(&original.event_id);
-    Ok(event)
+    Ok(changes)
 }
 
 /// The host's event as the WIT type (fields moved, not copied).
@@ -668,6 +940,22 @@ fn from_wit(e: Event) -> model::Event {
         timestamp_ms: e.timestamp_ms,
         properties: e.properties,
         context: e.context,
+    }
+}
+
+fn output_from_v2(o: v2::Output) -> PluginOutput {
+    match o {
+        v2::Output::Row(v2::Row { table, columns }) => PluginOutput::Row { table, columns },
+        v2::Output::Count(v2::Count {
+            counter,
+            key,
+            delta,
+        }) => PluginOutput::Count {
+            counter,
+            key,
+            delta,
+        },
+        v2::Output::Forward(name) => PluginOutput::Forward(name),
     }
 }
 
@@ -713,9 +1001,47 @@ impl WasiView for HostState {
 }
 
 impl bindings::weir::plugin::types::Host for HostState {}
+impl bindings_v2::weir::plugin::types::Host for HostState {}
 
 impl bindings::weir::plugin::host::Host for HostState {
-    fn log(&mut self, level: Level, mut message: String) {
+    fn log(&mut self, level: Level, message: String) {
+        self.write_log(level, message);
+    }
+
+    fn config(&mut self) -> String {
+        self.config.clone()
+    }
+
+    fn counter_add(&mut self, name: String, delta: u64) {
+        self.add_to_counter(name, delta);
+    }
+}
+
+/// 0.2.0's host interface is 0.1.0's.
+impl bindings_v2::weir::plugin::host::Host for HostState {
+    fn log(&mut self, level: bindings_v2::weir::plugin::host::Level, message: String) {
+        use bindings_v2::weir::plugin::host::Level as L;
+        let level = match level {
+            L::Trace => Level::Trace,
+            L::Debug => Level::Debug,
+            L::Info => Level::Info,
+            L::Warn => Level::Warn,
+            L::Error => Level::Error,
+        };
+        self.write_log(level, message);
+    }
+
+    fn config(&mut self) -> String {
+        self.config.clone()
+    }
+
+    fn counter_add(&mut self, name: String, delta: u64) {
+        self.add_to_counter(name, delta);
+    }
+}
+
+impl HostState {
+    fn write_log(&mut self, level: Level, mut message: String) {
         if message.len() > MAX_LOG_LINE {
             let mut cut = MAX_LOG_LINE;
             while !message.is_char_boundary(cut) {
@@ -733,16 +1059,147 @@ impl bindings::weir::plugin::host::Host for HostState {
         }
     }
 
-    fn config(&mut self) -> String {
-        self.config.clone()
-    }
-
-    fn counter_add(&mut self, name: String, delta: u64) {
+    fn add_to_counter(&mut self, name: String, delta: u64) {
         if !self.counters.contains_key(&name) && self.counters.len() >= MAX_COUNTERS {
             warn!(plugin = %self.plugin, counter = %name, "plugin exceeds {MAX_COUNTERS} counters; ignored");
             return;
         }
         let slot = self.counters.entry(name).or_insert(0);
         *slot = slot.saturating_add(delta);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(i: usize, app: &str, user: Option<&str>) -> model::Event {
+        model::Event {
+            event_id: format!("e{i}"),
+            app: app.into(),
+            name: "post_liked".into(),
+            user_id: user.map(str::to_owned),
+            timestamp_ms: i as i64,
+            properties: format!(r#"{{"i":{i}}}"#),
+            context: "{}".into(),
+        }
+    }
+
+    fn text(batch: &v2::Batch, span: v2::Span) -> &str {
+        let start = span.offset as usize;
+        std::str::from_utf8(&batch.text[start..start + span.len as usize]).unwrap()
+    }
+
+    #[test]
+    fn a_batch_encodes_every_string_as_a_span_and_an_app_once_per_run() {
+        let events = [
+            event(0, "a", Some("u0")),
+            event(1, "a", None),
+            event(2, "bé", Some("ü")),
+        ];
+        let mut batch = v2::Batch {
+            text: b"left over".to_vec(),
+            events: Vec::new(),
+        };
+        encode(&events, &mut batch).unwrap();
+        assert_eq!(batch.events.len(), 3);
+        for (e, s) in events.iter().zip(&batch.events) {
+            assert_eq!(text(&batch, s.event_id), e.event_id);
+            assert_eq!(text(&batch, s.app), e.app);
+            assert_eq!(text(&batch, s.name), e.name);
+            assert_eq!(s.user_id.map(|u| text(&batch, u)), e.user_id.as_deref());
+            assert_eq!(s.timestamp_ms, e.timestamp_ms);
+            assert_eq!(text(&batch, s.properties), e.properties);
+            assert_eq!(text(&batch, s.context), e.context);
+        }
+        let (a0, a1) = (batch.events[0].app, batch.events[1].app);
+        assert_eq!((a0.offset, a0.len), (a1.offset, a1.len));
+        assert!(!batch.text.starts_with(b"left over"));
+        let strings: usize = events
+            .iter()
+            .map(|e| {
+                e.event_id.len()
+                    + e.name.len()
+                    + e.user_id.as_ref().map_or(0, String::len)
+                    + e.properties.len()
+                    + e.context.len()
+            })
+            .sum();
+        assert_eq!(batch.text.len(), strings + "a".len() + "bé".len());
+    }
+
+    #[test]
+    fn changes_are_checked_and_applied_field_by_field() {
+        let keep = |c: v2::Changes| answer_v2(v2::Outcome::Keep(c));
+        let none = v2::Changes {
+            name: None,
+            user_id: None,
+            timestamp_ms: None,
+            properties: None,
+            context: None,
+        };
+        let mut e = event(1, "a", Some("u1"));
+        let original = e.clone();
+        let answer = keep(v2::Changes {
+            user_id: Some(None),
+            properties: Some(r#"{"i":1,"seen":true}"#.into()),
+            ..none.clone()
+        });
+        assert!(matches!(answer.apply(&mut e), Verdict::Keep));
+        assert_eq!(e.user_id, None);
+        assert_eq!(e.properties, r#"{"i":1,"seen":true}"#);
+        assert_eq!((&e.name, &e.context), (&original.name, &original.context));
+        assert_eq!(e.timestamp_ms, original.timestamp_ms);
+
+        for (changes, why) in [
+            (
+                v2::Changes {
+                    name: Some("bad name".into()),
+                    ..none.clone()
+                },
+                "renamed the event badly",
+            ),
+            (
+                v2::Changes {
+                    properties: Some("[1]".into()),
+                    ..none.clone()
+                },
+                "properties that is not a JSON object",
+            ),
+            (
+                v2::Changes {
+                    context: Some("{".into()),
+                    ..none.clone()
+                },
+                "context that is not a JSON object",
+            ),
+        ] {
+            let mut e = original.clone();
+            match keep(changes).apply(&mut e) {
+                Verdict::Failed(f) => {
+                    assert_eq!(f.kind, FailureKind::BadOutcome);
+                    assert!(f.message.contains(why), "{f}");
+                }
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(e, original, "a refused change is not applied");
+        }
+    }
+
+    #[test]
+    fn a_whole_event_from_0_1_0_becomes_its_changes_and_keeps_the_host_ids() {
+        let original = to_wit(event(1, "a", Some("u1")));
+        let mut returned = original.clone();
+        returned.app = "other".into();
+        returned.event_id = "forged".into();
+        returned.timestamp_ms = 99;
+        let changes = changes_v1(returned, &original).unwrap();
+        assert_eq!(changes.timestamp_ms, Some(99));
+        assert!(changes.name.is_none() && changes.user_id.is_none());
+        assert!(changes.properties.is_none() && changes.context.is_none());
+        let mut e = from_wit(original);
+        changes.apply(&mut e);
+        assert_eq!((e.app.as_str(), e.event_id.as_str()), ("a", "e1"));
+        assert_eq!(e.timestamp_ms, 99);
     }
 }
