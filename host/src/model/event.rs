@@ -27,8 +27,9 @@ impl Event {
             name: e.name,
             user_id: e.user_id,
             timestamp_ms: e.timestamp_ms,
-            properties: e.properties.get().to_owned(),
-            context: e.context.get().to_owned(),
+            // The raw JSON's buffer becomes the string: no copy.
+            properties: Box::<str>::from(e.properties).into(),
+            context: Box::<str>::from(e.context).into(),
         }
     }
 

@@ -163,16 +163,23 @@ impl Dedup {
 
     /// The Redis key of an event: fixed length whatever the event id's (up to 256
     /// bytes), so that the window's memory depends only on how many events it holds.
+    #[cfg(test)]
     fn key(&self, app: &str, event_id: &str) -> Vec<u8> {
+        let mut key = Vec::new();
+        self.write_key(&mut key, app, event_id);
+        key
+    }
+
+    /// Writes the key of an event into `key` (cleared first).
+    fn write_key(&self, key: &mut Vec<u8>, app: &str, event_id: &str) {
         let mut h = Sha256::new();
         h.update(app.as_bytes());
         h.update([0]);
         h.update(event_id.as_bytes());
         let digest = h.finalize();
-        let mut key = Vec::with_capacity(self.key_prefix.len() + 16);
+        key.clear();
         key.extend_from_slice(&self.key_prefix);
         key.extend_from_slice(&digest[..16]);
-        key
     }
 
     /// Removes from `events` every event that another record claimed within the window,
@@ -231,21 +238,24 @@ impl Dedup {
         if events.is_empty() {
             return Ok(0);
         }
-        let mut pipe = redis::pipe();
+        let mut pipe = redis::Pipeline::with_capacity(events.len() + 1);
         pipe.cmd("SET")
             .arg(&self.marker)
             .arg(crate::model::now_ms())
             .arg("NX")
             .arg("GET");
+        // Each command sized up front: 7 arguments, the key, the claim and ~24 bytes.
+        let mut key = Vec::with_capacity(self.key_prefix.len() + 16);
+        let size = self.key_prefix.len() + 16 + 16 + 24;
         for (origin, app, e) in events.iter() {
-            let cmd = pipe
-                .cmd("SET")
-                .arg(self.key(app, &e.event_id))
-                .arg(&claim(origin)[..]);
+            self.write_key(&mut key, app, &e.event_id);
+            let mut cmd = redis::Cmd::with_capacity(7, size);
+            cmd.arg("SET").arg(&key[..]).arg(&claim(origin)[..]);
             if !replays.contains(&(origin.partition, origin.offset)) {
                 cmd.arg("NX");
             }
             cmd.arg("GET").arg("EX").arg(self.window_secs);
+            pipe.add_command(cmd);
         }
         let replies: Vec<Option<Vec<u8>>> =
             pipe.query_async(&mut self.conn).await.map_err(|source| {

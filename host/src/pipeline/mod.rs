@@ -482,7 +482,8 @@ pub fn decode(
 ) -> Result<Decoded, Box<DeadLetter>> {
     match IngestRecord::decode(payload) {
         Ok(record) => {
-            let app = record.app;
+            let n = record.events.len();
+            let mut app = Some(record.app);
             let events = record
                 .events
                 .into_iter()
@@ -494,7 +495,13 @@ pub fn decode(
                         index: i as u32,
                         received_ms: record.received_ms,
                     };
-                    (origin, app.clone(), e)
+                    // The last event takes the record's app, the others a copy.
+                    let app = if i + 1 == n {
+                        app.take().unwrap_or_default()
+                    } else {
+                        app.clone().unwrap_or_default()
+                    };
+                    (origin, app, e)
                 })
                 .collect();
             Ok(Decoded {
