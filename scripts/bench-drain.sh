@@ -7,7 +7,10 @@
 # clock runs from its start until ClickHouse holds every event (rows in `events` plus
 # dead letters). Printed per round and as the median: events/s, weir's CPU per event,
 # the CPU of weir, ClickHouse and the broker over the drain, the machine's busy cores
-# (/proc/stat), weir's peak RSS; then `count()` and `uniqExact(event_id)` of the table.
+# (/proc/stat), weir's peak RSS; the same rate and busy cores from the first row in
+# ClickHouse on (the clock from the start includes joining the consumer group, about
+# 3 s with Tansu for weir and Vector alike); then `count()` and `uniqExact(event_id)`
+# of the table.
 #
 # With --vector PATH (a Vector binary, or the .xz it ships in) and --vector-config
 # TEMPLATE (its pipeline, with @GROUP@ @BROKERS@ @TOPIC@ @CH_URL@ @CH_COMPRESSION@
@@ -90,12 +93,15 @@ TANSU_PID=$(cat "$STACK_DIR/tansu.pid")
 REDIS_PID=$(cat "$STACK_DIR/redis.pid")
 
 # Waits until the sum of the count queries ($@) reaches EVENTS (a query that fails,
-# before weir made its tables, counts 0); fails after 900 s from START_NS.
+# before weir made its tables, counts 0); fails after 900 s from START_NS. Sets
+# FIRST_NS and FIRST_M (the machine's jiffies) when the first row shows up.
 wait_for_all() {
   local n q
+  FIRST_NS="" FIRST_M=""
   while true; do
     n=0
     for q in "$@"; do n=$(( n + $(curl -sf "$CH/" --data-binary "$q" 2>/dev/null || echo 0) )); done
+    if [ -z "$FIRST_NS" ] && [ "$n" -gt 0 ]; then FIRST_NS=$(date +%s%N); FIRST_M=$(machine); fi
     [ "$n" -ge "$EVENTS" ] && break
     [ $(( $(date +%s%N) - START_NS )) -lt 900000000000 ] || die "only $n of $EVENTS events after 900 s"
     kill -0 "$PID" 2>/dev/null || die "the process under test exited (log: $LOG)"
@@ -104,7 +110,7 @@ wait_for_all() {
 }
 
 RESULTS="$STACK_DIR/bench-drain.tsv"
-printf 'system\tround\tseconds\tevents_per_s\tcpu_us_per_event\tcpu_cores\tclickhouse_cores\tbroker_cores\tmachine_cores\trss_mib\tredis_cores\n' > "$RESULTS"
+printf 'system\tround\tseconds\tevents_per_s\tcpu_us_per_event\tcpu_cores\tclickhouse_cores\tbroker_cores\tmachine_cores\trss_mib\tredis_cores\tsteady_events_per_s\tsteady_machine_cores\n' > "$RESULTS"
 
 # Measures one drain of the process $PID started at START_NS, until the count
 # queries (the arguments after the first six) reach EVENTS.
@@ -118,12 +124,14 @@ measure() {
   rss=$(awk '/^VmHWM/ { print int($2 / 1024) }' "/proc/$PID/status")
   awk -v s="$system" -v r="$round" -v ns=$((end_ns - START_NS)) -v n="$EVENTS" -v hz="$HZ" \
       -v w=$((w1 - w0)) -v c=$((c1 - c0)) -v t=$((t1 - t0)) -v red=$((r1 - r0)) -v rss="$rss" -v cores="$(nproc)" \
-      -v mb="$(( ${m1% *} - ${m0% *} ))" -v mt="$(( ${m1#* } - ${m0#* } ))" 'BEGIN {
-    secs = ns / 1e9
-    printf "%s\t%d\t%.2f\t%.0f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%d\t%.2f\n", s, r, secs, n / secs,
-      w / hz / n * 1e6, w / hz / secs, c / hz / secs, t / hz / secs, mb / mt * cores, rss, red / hz / secs
+      -v mb="$(( ${m1% *} - ${m0% *} ))" -v mt="$(( ${m1#* } - ${m0#* } ))" \
+      -v sns=$((end_ns - FIRST_NS)) -v sb="$(( ${m1% *} - ${FIRST_M% *} ))" -v st="$(( ${m1#* } - ${FIRST_M#* } ))" 'BEGIN {
+    secs = ns / 1e9; steady = sns > 0 ? sns / 1e9 : secs; if (st <= 0) { sb = mb; st = mt }
+    printf "%s\t%d\t%.2f\t%.0f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%d\t%.2f\t%.0f\t%.2f\n", s, r, secs, n / secs,
+      w / hz / n * 1e6, w / hz / secs, c / hz / secs, t / hz / secs, mb / mt * cores, rss, red / hz / secs,
+      n / steady, sb / st * cores
   }' >> "$RESULTS"
-  tail -n 1 "$RESULTS" | awk -F'\t' '{ printf "%s round %s: %s s, %s events/s, %s us CPU/event; cores busy: %s (%s), %s (ClickHouse), %s (broker), %s (Redis), %s (machine); peak RSS %s MiB\n", $1, $2, $3, $4, $5, $6, $1, $7, $8, $11, $9, $10 }'
+  tail -n 1 "$RESULTS" | awk -F'\t' '{ printf "%s round %s: %s s, %s events/s, %s us CPU/event; cores busy: %s (%s), %s (ClickHouse), %s (broker), %s (Redis), %s (machine); peak RSS %s MiB; from the first row on: %s events/s, %s cores busy (machine)\n", $1, $2, $3, $4, $5, $6, $1, $7, $8, $11, $9, $10, $12, $13 }'
 }
 
 stop() {
@@ -191,7 +199,7 @@ for system in weir vector; do
   awk -F'\t' -v s="$system" '$1 == s' "$RESULTS" | sort -t$'\t' -k4,4n | awk -F'\t' -v n="$ROUNDS" '
     { rows[NR] = $0; rate[NR] = $4 }
     END { split(rows[int((NR + 1) / 2)], m, "\t");
-          printf "%-7s %s events/s (%s-%s), %s us CPU/event, cores busy %s (own) / %s (machine), ClickHouse %s, broker %s, Redis %s, peak RSS %s MiB\n",
-            m[1], m[4], rate[1], rate[NR], m[5], m[6], m[9], m[7], m[8], m[11], m[10] }'
+          printf "%-7s %s events/s (%s-%s), %s us CPU/event, cores busy %s (own) / %s (machine), ClickHouse %s, broker %s, Redis %s, peak RSS %s MiB; from the first row on: %s events/s, %s cores busy (machine)\n",
+            m[1], m[4], rate[1], rate[NR], m[5], m[6], m[9], m[7], m[8], m[11], m[10], m[12], m[13] }'
 done
 echo "(per round: $RESULTS)"

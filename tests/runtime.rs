@@ -261,6 +261,76 @@ async fn a_plugin_that_keeps_failing_is_quarantined_fail_open() {
     assert_eq!(out.kept[0].event.properties, "{}");
 }
 
+/// `per_partition` events named `name` in each of `partitions` partitions, interleaved.
+fn wire_partitions(
+    name: &str,
+    partitions: i32,
+    per_partition: usize,
+) -> Vec<(Origin, String, weir::model::WireEvent)> {
+    let mut out = Vec::new();
+    for offset in 0..per_partition {
+        for partition in 0..partitions {
+            let (_, app, mut e) = wire_batch(&[name]).pop().unwrap();
+            e.event_id = format!("p{partition}-{offset}");
+            let origin = Origin {
+                partition,
+                offset: offset as i64,
+                index: 0,
+                received_ms: 0,
+            };
+            out.push((origin, app, e));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn lanes_run_whole_partitions_in_instances_of_their_own() {
+    let mut pipeline = quarantine_pipeline(FailurePolicy::Closed)
+        .await
+        .with_lanes(2)
+        .await
+        .unwrap();
+    assert_eq!(pipeline.lanes(), 2);
+    let out = pipeline.run(wire_partitions("tally", 2, 32)).await;
+    assert!(out.dead.is_empty(), "{:?}", out.dead);
+    assert_eq!(out.kept.len(), 64);
+    // Each partition went, in order, through one instance that saw nothing else: its
+    // tally counts 1..=32 (one instance for both would count to 64).
+    for partition in 0..2 {
+        let nth: Vec<u64> = out
+            .kept
+            .iter()
+            .filter(|k| k.origin.partition == partition)
+            .map(|k| {
+                let p: Value = serde_json::from_str(&k.event.properties).unwrap();
+                assert_eq!(
+                    k.event.event_id,
+                    format!("p{partition}-{}", p["nth"].as_u64().unwrap() - 1)
+                );
+                p["nth"].as_u64().unwrap()
+            })
+            .collect();
+        assert_eq!(nth, (1..=32).collect::<Vec<_>>(), "partition {partition}");
+    }
+}
+
+#[tokio::test]
+async fn lanes_share_one_breaker_per_plugin() {
+    let mut pipeline = quarantine_pipeline(FailurePolicy::Closed)
+        .await
+        .with_lanes(2)
+        .await
+        .unwrap();
+    // One failing call in each lane: two in all, which is quarantine_after.
+    let out = pipeline.run(wire_partitions("panic", 2, 16)).await;
+    assert_eq!(out.dead.len(), 32);
+    assert!(pipeline.stages()[0].is_quarantined());
+    let out = pipeline.run(wire_partitions("ok", 2, 16)).await;
+    assert_eq!(out.dead.len(), 32);
+    assert!(out.dead.iter().all(|d| d.reason.contains("quarantined")));
+}
+
 #[tokio::test]
 async fn isolated_failures_alone_do_not_quarantine() {
     let mut pipeline = quarantine_pipeline(FailurePolicy::Closed).await;

@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::control::client::AdminClient;
 use crate::control::dry_run;
 use crate::model::Limits;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, Shape};
 use crate::runtime::Runtime;
 
 #[derive(Parser)]
@@ -275,7 +275,7 @@ pub fn main() -> anyhow::Result<()> {
             let pipeline = rt.block_on(Pipeline::load(
                 &runtime,
                 &config.pipeline,
-                config.processor.plugin_batch_size,
+                Shape::of(&config.processor),
             ))?;
             println!(
                 "config ok; pipeline {} runs [{}]",

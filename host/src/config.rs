@@ -312,6 +312,14 @@ impl Config {
                 "processor.flush_max_events, flush_interval_ms and plugin_batch_size must be positive",
             ));
         }
+        if let Some(lanes) = p.plugin_lanes
+            && !(1..=crate::pipeline::MAX_LANES).contains(&lanes)
+        {
+            return Err(invalid(format!(
+                "processor.plugin_lanes must be 1-{}, not {lanes}",
+                crate::pipeline::MAX_LANES
+            )));
+        }
         let range = crate::pipeline::config::WRITE_TIMEOUT_MS;
         if !range.contains(&p.write_timeout_ms) {
             return Err(invalid(format!(
@@ -512,6 +520,18 @@ mod tests {
         assert_eq!(c.clickhouse.compression, InsertCompression::None);
         let err = Config::parse("[clickhouse]\ncompression = \"zstd\"").unwrap_err();
         assert!(err.to_string().contains("zstd"), "{err}");
+        assert!(c.processor.plugin_lanes.is_none());
+        assert!((1..=crate::pipeline::config::DEFAULT_MAX_LANES).contains(&c.processor.lanes()));
+        let c = Config::parse("[processor]\nplugin_lanes = 3").unwrap();
+        assert_eq!(c.processor.lanes(), 3);
+        for lanes in [0, 65] {
+            let err = Config::parse(&format!("[processor]\nplugin_lanes = {lanes}")).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains(&format!("processor.plugin_lanes must be 1-64, not {lanes}")),
+                "{err}"
+            );
+        }
         let err = Config::parse("[kafka]\nlinger_ms = 1001").unwrap_err();
         assert!(
             err.to_string().contains("linger_ms must be 0-1000"),

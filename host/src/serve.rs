@@ -18,6 +18,7 @@ use crate::control::dead_letters::DeadLetters;
 use crate::control::store::Store;
 use crate::ingest::{self, CounterSource, Counters, Ingest};
 use crate::model::Counter;
+use crate::pipeline::Shape;
 use crate::pipeline::dedup::Dedup;
 use crate::pipeline::route::Routes;
 use crate::pipeline::worker::{Running, SharedRoutes, Worker};
@@ -59,7 +60,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         runtime.clone(),
         config.pipeline.clone(),
         routes.clone(),
-        config.processor.plugin_batch_size,
+        Shape::of(&config.processor),
     );
     let (mut agent, pipeline) = Agent::start(
         store.clone(),

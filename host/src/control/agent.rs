@@ -27,7 +27,7 @@ use crate::metrics::events::{InternalEvent, PipelinePrepared, SwapRefused};
 use crate::pipeline::route::{RouteError, Routes};
 use crate::pipeline::schema::{SchemaError, Schemas};
 use crate::pipeline::worker::{Running, Swap};
-use crate::pipeline::{Pipeline, PipelineError, Stage, Tag};
+use crate::pipeline::{Pipeline, PipelineError, Shape, Stage, Tag};
 use crate::runtime::{Compiled, Runtime, RuntimeError};
 use crate::sinks::clickhouse::{ClickHouseError, ClickHouseSink, Table, same_tables};
 
@@ -50,7 +50,8 @@ pub struct Preparer {
     prepared_tables: Option<Arc<[Table]>>,
     /// To create the tables of a new version before it is swapped in.
     sink: Option<ClickHouseSink>,
-    batch_size: usize,
+    /// Events per plugin call and lanes of the pipelines it builds.
+    shape: Shape,
     /// Compiled components by sha256: each version is compiled once, when it is
     /// uploaded (see [`Preparer::warm`]), so a switch to it or a rollback does not wait
     /// for the compiler.
@@ -68,14 +69,14 @@ impl Preparer {
         runtime: Runtime,
         file: PipelineConfig,
         routes: Arc<Routes>,
-        batch_size: usize,
+        shape: Shape,
     ) -> Self {
         Self {
             store,
             runtime,
             file,
             routes,
-            batch_size,
+            shape,
             prepared_tables: None,
             sink: None,
             compiled: HashMap::new(),
@@ -164,7 +165,7 @@ impl Preparer {
             pipeline_version,
         };
         let Some(pv) = &key.pipeline else {
-            let p = Pipeline::load(&self.runtime, &self.file, self.batch_size).await?;
+            let p = Pipeline::load(&self.runtime, &self.file, self.shape).await?;
             return Ok(p.with_tag(tag(0)));
         };
         let name = self.file.name.clone();
@@ -229,10 +230,12 @@ impl Preparer {
                 .expect("key from this state");
             schemas.put(event, &sv.schema, sv.version)?;
         }
-        Ok(Pipeline::new(name, chain, routes, self.batch_size)
+        Ok(Pipeline::new(name, chain, routes, self.shape.batch_size)
             .with_schemas(schemas)
             .with_events(&pv.doc.events)
-            .with_tag(tag(pv.version)))
+            .with_tag(tag(pv.version))
+            .with_lanes(self.shape.lanes)
+            .await?)
     }
 }
 

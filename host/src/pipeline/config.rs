@@ -25,6 +25,11 @@ pub struct ProcessorConfig {
     pub flush_interval_ms: u64,
     /// Events per plugin call. Default 256.
     pub plugin_batch_size: usize,
+    /// Lanes a batch is spread over: each has its own instance of every plugin, and
+    /// all the events of one partition go to one lane, so the plugins of different
+    /// partitions run on different cores at once. Default: one per CPU core (at most
+    /// 8); 1-64.
+    pub plugin_lanes: Option<usize>,
     /// Delay before retrying a failed ClickHouse insert, in milliseconds (doubles up to
     /// 30 s). The batch is retried until it succeeds; offsets do not move meanwhile.
     /// Default 500.
@@ -61,12 +66,28 @@ impl Default for ProcessorConfig {
             flush_max_events: 10_000,
             flush_interval_ms: 1000,
             plugin_batch_size: 256,
+            plugin_lanes: None,
             retry_backoff_ms: 500,
             drain_timeout_ms: 15_000,
             write_timeout_ms: 60_000,
         }
     }
 }
+
+impl ProcessorConfig {
+    /// `plugin_lanes`, or one lane per CPU core this process may use (at most
+    /// [`DEFAULT_MAX_LANES`]).
+    pub fn lanes(&self) -> usize {
+        self.plugin_lanes.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(DEFAULT_MAX_LANES)
+        })
+    }
+}
+
+/// Most lanes [`ProcessorConfig::lanes`] picks by itself.
+pub const DEFAULT_MAX_LANES: usize = 8;
 
 /// `[pipeline]`: the plugin chain every event runs through, in order.
 #[derive(Debug, Clone, Deserialize)]

@@ -7,7 +7,8 @@
 //! when nothing else was read meanwhile (no latency is added when the processor keeps
 //! up), and otherwise while the next batch is processed. Batches are written and
 //! committed strictly in order, so a partition's offsets never pass a batch that was
-//! not written; a rebalance drops the revoked partitions from every batch, in flight,
+//! not written (within a batch, the pipeline runs partitions in parallel lanes: see
+//! [`super::Pipeline`]); a rebalance drops the revoked partitions from every batch, in flight,
 //! processed or buffered. A hot swap waits for the batch in flight; a processed batch
 //! keeps the pipeline version that made it.
 //!
@@ -794,11 +795,7 @@ impl Worker {
                     }
                 }
                 msg = self.consumer.recv(), if reading => {
-                    absorb_revoked(&self.consumer, &mut self.early, &mut revoked);
-                    match msg {
-                        Ok(m) => self.early.push(&m),
-                        Err(e) => warn!(error = %e, "Kafka consume error during plugin work"),
-                    }
+                    receive_early(&self.consumer, &mut self.early, &mut revoked, msg, "during plugin work");
                     if full_since.is_none() && self.early.events >= self.cfg.flush_max_events {
                         full_since = Some(Instant::now());
                     }
@@ -1035,14 +1032,7 @@ impl Worker {
                 _ = tokio::time::sleep_until(until) => break false,
                 _ = shutdown.changed() => break true,
                 msg = self.consumer.recv() => {
-                    // A rebalance is served inside `recv` before the record it
-                    // returns: what was received earlier from a revoked partition is
-                    // stale, `msg` is not.
-                    absorb_revoked(&self.consumer, &mut self.early, &mut revoked);
-                    match msg {
-                        Ok(m) => self.early.push(&m),
-                        Err(e) => warn!(error = %e, "Kafka consume error while paused"),
-                    }
+                    receive_early(&self.consumer, &mut self.early, &mut revoked, msg, "while paused");
                 }
             }
         };
@@ -1171,6 +1161,24 @@ fn absorb_revoked(consumer: &Consumer, early: &mut Early, revoked: &mut HashSet<
     RevokedMidFlush { partitions: &list }.emit();
     early.drop_partitions(&gone);
     revoked.extend(gone);
+}
+
+/// Takes a record received while a flush runs into `early`. A rebalance is served
+/// inside `recv` before the record it returns: what was received earlier from a
+/// revoked partition is stale (dropped, and the partition added to `revoked`), `msg`
+/// is not.
+fn receive_early(
+    consumer: &Consumer,
+    early: &mut Early,
+    revoked: &mut HashSet<i32>,
+    msg: rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>,
+    during: &str,
+) {
+    absorb_revoked(consumer, early, revoked);
+    match msg {
+        Ok(m) => early.push(&m),
+        Err(e) => warn!(error = %e, "Kafka consume error {during}"),
+    }
 }
 
 /// Checks `chunk` in Redis; the deduplication state and the chunk come back with

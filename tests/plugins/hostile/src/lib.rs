@@ -6,9 +6,12 @@
 //! - `panic`: panics, which traps;
 //! - `sleep`: sleeps for an hour inside a WASI host call (epochs cannot interrupt host
 //!   code: the host must abandon the call at its deadline);
+//! - `tally`: kept, with `properties.nth` = how many `tally` events this instance has
+//!   seen (instances share nothing: this tells them apart);
 //! - anything else: kept, with `properties.seen = true`.
 
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
 use weir_plugin_sdk::{Event, Outcome, plugin};
 
 plugin!(misbehave);
@@ -32,6 +35,10 @@ pub fn misbehave(mut event: Event) -> Outcome {
         }
         "panic" => panic!("hostile plugin panics on event {}", event.event_id()),
         "sleep" => std::thread::sleep(std::time::Duration::from_secs(3600)),
+        "tally" => {
+            static TALLY: AtomicU64 = AtomicU64::new(0);
+            event.set_property("nth", TALLY.fetch_add(1, Ordering::Relaxed) + 1);
+        }
         _ => {}
     }
     event.set_property("seen", true);
