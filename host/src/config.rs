@@ -222,6 +222,35 @@ impl Config {
                 "ingest.max_event_bytes cannot exceed ingest.max_body_bytes",
             ));
         }
+        for (name, value, range) in [
+            (
+                "header_timeout_ms",
+                ingest.header_timeout_ms,
+                crate::ingest::HEADER_TIMEOUT_MS,
+            ),
+            (
+                "body_timeout_ms",
+                ingest.body_timeout_ms,
+                crate::ingest::BODY_TIMEOUT_MS,
+            ),
+        ] {
+            if !range.contains(&value) {
+                return Err(invalid(format!(
+                    "ingest.{name} must be {}-{}, not {value}",
+                    range.start(),
+                    range.end()
+                )));
+            }
+        }
+        let range = crate::ingest::MAX_CONNECTIONS;
+        if !range.contains(&ingest.max_connections) {
+            return Err(invalid(format!(
+                "ingest.max_connections must be {}-{}, not {}",
+                range.start(),
+                range.end(),
+                ingest.max_connections
+            )));
+        }
         if ingest.max_events_per_request == 0 || ingest.max_depth == 0 {
             return Err(invalid(
                 "ingest.max_events_per_request and ingest.max_depth must be positive",
@@ -497,6 +526,26 @@ mod tests {
         assert_eq!(c.ingest.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.ingest.max_body_bytes, 1 << 20);
         assert_eq!(c.ingest.max_event_bytes, 32 << 10);
+        assert_eq!(c.ingest.max_connections, 4096);
+        assert_eq!(c.ingest.header_timeout_ms, 10_000);
+        assert_eq!(c.ingest.body_timeout_ms, 15_000);
+        for (line, want) in [
+            (
+                "max_connections = 0",
+                "ingest.max_connections must be 1-1000000, not 0",
+            ),
+            (
+                "header_timeout_ms = 50",
+                "ingest.header_timeout_ms must be 100-300000, not 50",
+            ),
+            (
+                "body_timeout_ms = 700000",
+                "ingest.body_timeout_ms must be 100-600000, not 700000",
+            ),
+        ] {
+            let err = Config::parse(&format!("[ingest]\n{line}")).unwrap_err();
+            assert!(err.to_string().contains(want), "{line}: {err}");
+        }
         assert_eq!(c.ingest.max_events_per_request, 1000);
         assert_eq!(c.ingest.max_depth, 32);
         assert_eq!(c.kafka.brokers, "127.0.0.1:9092");

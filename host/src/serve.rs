@@ -30,6 +30,16 @@ use crate::sinks::topic::TopicSink;
 use crate::sinks::webhook::WebhookSink;
 
 /// Runs weir until `shutdown` resolves.
+/// The admin port's bounds: a few operators and the CLI, never the public.
+const ADMIN_LIMITS: crate::http::ServerLimits = crate::http::ServerLimits {
+    max_connections: 256,
+    header_timeout: Duration::from_secs(10),
+};
+
+/// Open files weir needs besides its HTTP connections (Kafka, ClickHouse, Redis, the
+/// control-plane store, logs).
+const RESERVED_FILES: u64 = 512;
+
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let keys = config.write_keys();
     if keys.is_empty() {
@@ -185,11 +195,16 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
                 .with_context(|| format!("cannot listen on {} (admin)", admin_cfg.listen))?;
             info!(addr = %admin_cfg.listen, "admin API listening");
             let mut stop = stop_rx.clone();
-            let server =
-                axum::serve(listener, admin::app(state)).with_graceful_shutdown(async move {
+            let server = crate::http::serve(
+                "admin",
+                listener,
+                admin::app(state),
+                ADMIN_LIMITS,
+                async move {
                     let _ = stop.wait_for(|s| *s).await;
-                });
-            Some(tokio::spawn(async move { server.await }))
+                },
+            );
+            Some(tokio::spawn(server))
         }
         None => None,
     };
@@ -210,18 +225,33 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         .with_context(|| format!("cannot listen on {}", config.ingest.listen))?;
     info!(addr = %config.ingest.listen, "ingest listening");
 
+    let limits = config.ingest.server_limits();
+    let wanted = (limits.max_connections + ADMIN_LIMITS.max_connections) as u64 + RESERVED_FILES;
+    match crate::http::raise_open_files_limit(wanted) {
+        Ok(limit) if limit < wanted => warn!(
+            limit,
+            wanted,
+            "the open-files limit (ulimit -n, hard) is below ingest.max_connections plus what weir needs for itself: at the limit, accepting fails instead of answering 503; raise it or lower ingest.max_connections"
+        ),
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot read or raise the open-files limit"),
+    }
     let mut http_stop = stop_rx.clone();
-    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
-        let _ = http_stop.wait_for(|s| *s).await;
-    });
-    let server = tokio::spawn(async move { server.await });
+    let server = tokio::spawn(crate::http::serve(
+        "ingest",
+        listener,
+        router,
+        limits,
+        async move {
+            let _ = http_stop.wait_for(|s| *s).await;
+        },
+    ));
 
     shutdown.await;
     info!("shutting down");
     let _ = stop_tx.send(true);
     match tokio::time::timeout(Duration::from_secs(30), server).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => warn!(error = %e, "ingest server error"),
+        Ok(Ok(())) => {}
         Ok(Err(e)) => warn!(error = %e, "ingest server task failed"),
         Err(_) => warn!("ingest did not drain within 30 s"),
     }

@@ -21,6 +21,34 @@ pub struct IngestConfig {
     /// Origins allowed to post from a browser (CORS), e.g. `["https://app.example.com"]`;
     /// `["*"]` allows any. Default: none.
     pub cors_origins: Vec<String>,
+    /// Most connections open at once; beyond it a new connection is answered `503`
+    /// with `Retry-After: 1` and closed at once. weir raises its open-files limit to
+    /// fit, up to the hard limit. Default 4096; 1-1000000.
+    pub max_connections: usize,
+    /// Longest a client may take to send a request's headers, and longest a kept-alive
+    /// connection may stay idle, in milliseconds: the connection is then closed.
+    /// Default 10000; 100-300000.
+    pub header_timeout_ms: u64,
+    /// Longest a client may take to send a request's body, in milliseconds (408
+    /// beyond). Default 15000; 100-600000.
+    pub body_timeout_ms: u64,
+}
+
+/// The range of [`IngestConfig::max_connections`].
+pub const MAX_CONNECTIONS: std::ops::RangeInclusive<usize> = 1..=1_000_000;
+/// The range of [`IngestConfig::header_timeout_ms`].
+pub const HEADER_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=300_000;
+/// The range of [`IngestConfig::body_timeout_ms`].
+pub const BODY_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=600_000;
+
+impl IngestConfig {
+    /// What the ingest server bounds per connection.
+    pub fn server_limits(&self) -> crate::http::ServerLimits {
+        crate::http::ServerLimits {
+            max_connections: self.max_connections,
+            header_timeout: std::time::Duration::from_millis(self.header_timeout_ms),
+        }
+    }
 }
 
 impl Default for IngestConfig {
@@ -32,6 +60,9 @@ impl Default for IngestConfig {
             max_events_per_request: 1000,
             max_depth: 32,
             cors_origins: Vec::new(),
+            max_connections: 4096,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 15_000,
         }
     }
 }

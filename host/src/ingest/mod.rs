@@ -7,7 +7,7 @@
 mod config;
 pub mod envelope;
 
-pub use config::IngestConfig;
+pub use config::{BODY_TIMEOUT_MS, HEADER_TIMEOUT_MS, IngestConfig, MAX_CONNECTIONS};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -56,8 +56,16 @@ pub struct Ingest<S> {
     keys: HashMap<String, String>,
     limits: Limits,
     max_body_bytes: usize,
+    /// Longest a client may take to send a body (408 beyond).
+    body_timeout: Duration,
     counters: Option<Counters>,
+    /// The last readiness probe and when it was made: `/readyz` asks the broker at
+    /// most once per [`READY_CACHE`], however often it is called.
+    ready: tokio::sync::Mutex<Option<(std::time::Instant, bool)>>,
 }
+
+/// How long a readiness probe's answer is reused.
+const READY_CACHE: Duration = Duration::from_secs(1);
 
 /// What the counters API reads: the counters the pipeline in force declares, and
 /// their values. `serve` implements it over the processor's pipeline and Redis; ingest
@@ -96,7 +104,9 @@ impl<S: Sink> Ingest<S> {
                 max_depth: cfg.max_depth,
             },
             max_body_bytes: cfg.max_body_bytes,
+            body_timeout: Duration::from_millis(cfg.body_timeout_ms),
             counters: None,
+            ready: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -347,6 +357,7 @@ async fn read_body(
     body: Body,
     headers: &HeaderMap,
     limit: usize,
+    deadline: Duration,
 ) -> Result<bytes::Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
@@ -362,7 +373,19 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let read = tokio::time::timeout(deadline, axum::body::to_bytes(body, limit))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} ms",
+                    deadline.as_millis()
+                ),
+            )
+        })?;
+    read.map_err(|e| {
         let is_limit = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if is_limit || e.to_string().contains("length limit") {
@@ -401,7 +424,7 @@ async fn accept<S: Sink>(
 ) -> Result<Response, ApiError> {
     let app = authenticate(state, headers)?.to_owned();
     let format = body_format(headers)?;
-    let bytes = read_body(body, headers, state.max_body_bytes).await?;
+    let bytes = read_body(body, headers, state.max_body_bytes, state.body_timeout).await?;
     let now_ms = crate::model::now_ms();
     let events = envelope::parse_body(&bytes, format, &state.limits, now_ms, || {
         uuid::Uuid::now_v7().to_string()
@@ -443,7 +466,19 @@ async fn accept<S: Sink>(
 }
 
 async fn readyz<S: Sink>(State(state): State<Arc<Ingest<S>>>) -> Response {
-    if state.sink.is_ready().await {
+    let ready = {
+        // One probe at a time; the callers meanwhile wait for its answer.
+        let mut last = state.ready.lock().await;
+        match *last {
+            Some((at, ready)) if at.elapsed() < READY_CACHE => ready,
+            _ => {
+                let ready = state.sink.is_ready().await;
+                *last = Some((std::time::Instant::now(), ready));
+                ready
+            }
+        }
+    };
+    if ready {
         (StatusCode::OK, "ready").into_response()
     } else {
         ApiError {
@@ -475,6 +510,7 @@ mod tests {
     #[derive(Default)]
     struct Recorder {
         records: Mutex<Vec<(IngestRecord, String)>>,
+        probes: std::sync::atomic::AtomicUsize,
     }
 
     impl Sink for Arc<Recorder> {
@@ -484,6 +520,8 @@ mod tests {
         }
 
         async fn is_ready(&self) -> bool {
+            self.probes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             true
         }
     }
@@ -590,6 +628,52 @@ mod tests {
                 .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
                 .is_none()
         );
+    }
+
+    #[tokio::test]
+    async fn readiness_asks_the_broker_at_most_once_a_second() {
+        let (app, recorder) = router(&[]);
+        let calls = (0..50).map(|_| {
+            app.clone()
+                .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
+        });
+        for resp in futures::future::join_all(calls).await {
+            assert_eq!(resp.unwrap().status(), StatusCode::OK);
+        }
+        let probes = || recorder.probes.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(probes(), 1);
+        tokio::time::sleep(READY_CACHE + Duration::from_millis(50)).await;
+        let resp = app
+            .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(probes(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_does_not_arrive_in_time_is_answered_408() {
+        let recorder = Arc::new(Recorder::default());
+        let keys = HashMap::from([(KEY.to_owned(), "unit".to_owned())]);
+        let cfg = IngestConfig {
+            body_timeout_ms: 200,
+            ..IngestConfig::default()
+        };
+        let app = app(Arc::new(Ingest::new(&cfg, keys, recorder.clone())), &[]);
+        use futures::StreamExt as _;
+        // A body whose first bytes come and whose rest never does.
+        let stream =
+            futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"[{"))])
+                .chain(futures::stream::pending());
+        let started = std::time::Instant::now();
+        let resp = app
+            .oneshot(post().body(Body::from_stream(stream)).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(json_body(resp).await["error"]["code"], "body_timeout");
+        assert!(recorder.records.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

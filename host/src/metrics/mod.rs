@@ -69,6 +69,20 @@ pub static INGEST_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["app"],
     )
 });
+pub static HTTP_CONNECTIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge_vec(
+        "weir_http_connections",
+        "Open HTTP connections, by server (ingest, admin)",
+        &["server"],
+    )
+});
+pub static HTTP_CONNECTIONS_SHED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "weir_http_connections_shed_total",
+        "Connections answered 503 and closed at once because the server was at its connection limit, by server",
+        &["server"],
+    )
+});
 pub static INGEST_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
     histogram(
         "weir_ingest_request_duration_seconds",
@@ -353,6 +367,8 @@ pub fn render() -> String {
     LazyLock::force(&INGEST_REQUESTS);
     LazyLock::force(&INGEST_EVENTS);
     LazyLock::force(&INGEST_DURATION);
+    LazyLock::force(&HTTP_CONNECTIONS);
+    LazyLock::force(&HTTP_CONNECTIONS_SHED);
     LazyLock::force(&PRODUCE_DURATION);
     LazyLock::force(&BATCH_EVENTS);
     LazyLock::force(&PLUGIN_CALL_DURATION);
