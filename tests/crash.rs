@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use weir_tests::{
     AnswerCutter, ClickHouse, KafkaCutter, Lcg, Redis, Tansu, WRITE_KEY, Weir, engagement_pipeline,
@@ -297,6 +297,94 @@ async fn a_crash_between_write_and_commit_does_not_double_rows() -> Result<()> {
         "{before} rows written before the crash; the replay skipped them, {} rows in all",
         ids.len()
     );
+    Ok(())
+}
+
+/// A bug that panics the processor (a failpoint, after its 2nd write) stops the whole
+/// process with a failure status, instead of leaving ingest answering 202 with nothing
+/// processing behind it; once restarted, every accepted event lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_processor_stops_the_process_and_the_restart_loses_nothing() -> Result<()> {
+    let tansu = Tansu::start()?;
+    tansu.create_topic("weir.events", 4)?;
+    let clickhouse = ClickHouse::start()?;
+    let redis = Redis::start()?;
+    let mut weir = Weir::start_with_env(
+        &config(&tansu, &clickhouse, &redis, true),
+        &[("WEIR_FAILPOINT", "panic_after_write:2")],
+    )?;
+    weir.wait_for_partitions(Duration::from_secs(30))?;
+    let http = reqwest::Client::new();
+    let (mut accepted, mut sent) = (BTreeSet::new(), BTreeSet::new());
+    let started = Instant::now();
+    // Post until the process is gone (ingest goes down with the processor).
+    for chunk in 0.. {
+        let batch: Vec<Value> = (0..50)
+            .map(|i| json!({"name": "app_opened", "event_id": format!("p{:05}", chunk * 50 + i)}))
+            .collect();
+        sent.extend(
+            batch
+                .iter()
+                .map(|e| e["event_id"].as_str().unwrap().to_owned()),
+        );
+        let answer = http
+            .post(weir.events_url())
+            .header("Authorization", format!("Bearer {WRITE_KEY}"))
+            .json(&batch)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        match answer {
+            Ok(resp) if resp.status() == 202 => {
+                accepted.extend(
+                    batch
+                        .iter()
+                        .map(|e| e["event_id"].as_str().unwrap().to_owned()),
+                );
+            }
+            Ok(resp) => bail!("ingest answered {}", resp.status()),
+            Err(_) => break,
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "weir still answers 60 s after its processor panicked:\n{}",
+                weir.log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = tokio::task::block_in_place(|| weir.wait_for_exit(Duration::from_secs(60)))?;
+    assert!(
+        !status.success(),
+        "weir exited with {status} after the panic"
+    );
+    assert!(
+        accepted.len() >= 100,
+        "{} accepted before the panic",
+        accepted.len()
+    );
+
+    weir.env.clear();
+    tokio::task::block_in_place(|| weir.restart())?;
+    let want = accepted.len() as u64;
+    clickhouse
+        .wait_for_count(
+            "SELECT count() FROM crash.events",
+            want,
+            Duration::from_secs(90),
+        )
+        .await
+        .with_context(|| weir.log())?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rows = clickhouse
+        .query("SELECT event_id FROM crash.events ORDER BY event_id")
+        .await?;
+    let ids: Vec<String> = rows.lines().map(str::to_owned).collect();
+    let unique: BTreeSet<String> = ids.iter().cloned().collect();
+    assert_eq!(ids.len(), unique.len(), "rows doubled after the restart");
+    // Every accepted event; a request cut off by the stop may have landed too.
+    assert!(unique.is_superset(&accepted), "accepted events lost");
+    assert!(unique.is_subset(&sent));
     Ok(())
 }
 

@@ -5,6 +5,8 @@
 //! - `after_counter_dead_letters:N`: abort right after the Nth write of the dead
 //!   letters of increments Redis refused, before the rest of the partition is
 //!   applied;
+//! - `panic_after_write:N`: panic in the processor right after the Nth flush was
+//!   written (a bug in the processor: the process must stop, not ingest alone go on);
 //! - `insert_error:TABLE:N`: the Nth INSERT into TABLE fails as if ClickHouse had
 //!   refused it (after the INSERTs before it in the same flush succeeded).
 //!
@@ -34,7 +36,11 @@ fn points() -> Option<&'static Points> {
             for item in spec.split(',') {
                 let parts: Vec<&str> = item.trim().split(':').collect();
                 match parts.as_slice() {
-                    [point @ ("after_write" | "after_counter_dead_letters"), n] => {
+                    [
+                        point
+                        @ ("after_write" | "after_counter_dead_letters" | "panic_after_write"),
+                        n,
+                    ] => {
                         if let Ok(n) = n.parse() {
                             p.crash.insert((*point).to_owned(), n);
                         }
@@ -60,9 +66,16 @@ fn count(p: &Points, key: &str) -> u64 {
     *n
 }
 
-/// `after_write:N`: aborts the process at the Nth call.
+/// `after_write:N`: aborts the process at the Nth call; `panic_after_write:N`: panics
+/// at the Nth call.
 pub fn after_write() {
     crash_at("after_write");
+    let Some(p) = points() else { return };
+    if let Some(&at) = p.crash.get("panic_after_write")
+        && count(p, "panic_after_write") == at
+    {
+        panic!("WEIR_FAILPOINT panic_after_write:{at} reached");
+    }
 }
 
 /// `after_counter_dead_letters:N`: aborts the process at the Nth call.

@@ -9,6 +9,8 @@ use anyhow::Context as _;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use crate::metrics::events::{InternalEvent, PartStopped};
+
 use crate::bus::{self, Producer};
 use crate::config::{Config, DEV_ADMIN_TOKEN, DEV_WRITE_KEY};
 use crate::control::Control;
@@ -247,13 +249,32 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         },
     ));
 
-    shutdown.await;
+    // Every part runs until the shutdown signal; one that ends before it (a panic, a
+    // bug) stops the whole process with an error, so that its supervisor restarts it,
+    // rather than leave ingest answering 202 with nothing processing behind it.
+    let (mut worker, mut agent, mut server) = (worker, Some(agent), Some(server));
+    let failed = tokio::select! {
+        _ = shutdown => None,
+        ended = finished(&mut worker) => Some(("the processor", ended)),
+        ended = finished(&mut agent) => Some(("the control agent", ended)),
+        ended = finished(&mut server) => Some(("the ingest server", ended)),
+    };
+    let failed = failed.map(|(part, ended)| {
+        let why = match ended {
+            Ok(()) => "it returned".to_owned(),
+            Err(e) => describe_join_error(e),
+        };
+        PartStopped { part, why: &why }.emit();
+        anyhow::anyhow!("{part} stopped unexpectedly ({why})")
+    });
     info!("shutting down");
     let _ = stop_tx.send(true);
-    match tokio::time::timeout(Duration::from_secs(30), server).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!(error = %e, "ingest server task failed"),
-        Err(_) => warn!("ingest did not drain within 30 s"),
+    if let Some(server) = server {
+        match tokio::time::timeout(Duration::from_secs(30), server).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(error = %e, "ingest server task failed"),
+            Err(_) => warn!("ingest did not drain within 30 s"),
+        }
     }
     producer.flush(Duration::from_secs(10));
     if let Some(worker) = worker
@@ -266,9 +287,37 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     if let Some(admin) = admin_server {
         let _ = tokio::time::timeout(Duration::from_secs(5), admin).await;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(5), agent).await;
+    if let Some(agent) = agent {
+        let _ = tokio::time::timeout(Duration::from_secs(5), agent).await;
+    }
     info!("stopped");
-    Ok(())
+    failed.map_or(Ok(()), Err)
+}
+
+/// Waits for the task in `handle` to end (never, if there is none), and takes it.
+async fn finished<T>(
+    handle: &mut Option<tokio::task::JoinHandle<T>>,
+) -> Result<T, tokio::task::JoinError> {
+    let ended = match handle {
+        Some(h) => h.await,
+        None => std::future::pending().await,
+    };
+    *handle = None;
+    ended
+}
+
+/// A panic's message, or why else the task ended.
+fn describe_join_error(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return e.to_string();
+    }
+    let payload = e.into_panic();
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned());
+    format!("panicked: {message}")
 }
 
 /// The counters API's source: the counters of the pipeline in force (replaced by the

@@ -196,6 +196,13 @@ impl Proc {
         }
     }
 
+    /// How the process ended; None while it runs.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
     /// SIGTERM, then waits up to `grace` before SIGKILL. Returns whether it exited by itself.
     pub fn stop(&mut self, grace: Duration) -> bool {
         let Some(mut child) = self.child.take() else {
@@ -681,18 +688,21 @@ impl Weir {
             .collect()
     }
 
-    /// Waits until the current process exits by itself.
-    pub fn wait_for_exit(&mut self, timeout: Duration) -> Result<()> {
+    /// Waits until the current process exits by itself; how it ended.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
         let proc = self.proc.as_mut().context("weir is not running")?;
         let start = Instant::now();
-        while proc.is_running() {
+        let status = loop {
+            if let Some(status) = proc.exit_status() {
+                break status;
+            }
             if start.elapsed() > timeout {
                 bail!("weir still running after {timeout:?}");
             }
             std::thread::sleep(Duration::from_millis(20));
-        }
+        };
         self.proc = None;
-        Ok(())
+        Ok(status)
     }
 
     /// The current value of metric `name` (summed over the series with `labels`) in

@@ -380,7 +380,9 @@ impl Agent {
                         Err(e) => warn!(error = %e, "cannot read the control-plane version"),
                     }
                 }
-                changed = self.running.changed() => {
+                // Only an instance with a processor has one to watch (without, the
+                // channel's sender is gone from the start).
+                changed = self.running.changed(), if self.swaps.is_some() => {
                     if changed.is_err() {
                         // The processor stopped.
                         break;

@@ -248,6 +248,23 @@ impl InternalEvent for EventsRefused<'_> {
     }
 }
 
+/// A part of weir (the processor, the control agent, the ingest server) ended before
+/// the shutdown signal: weir stops, with an error, so that its supervisor restarts it.
+pub struct PartStopped<'a> {
+    pub part: &'static str,
+    pub why: &'a str,
+}
+
+impl InternalEvent for PartStopped<'_> {
+    fn emit(self) {
+        error!(
+            part = self.part,
+            why = self.why,
+            "stopped before the shutdown signal; weir stops"
+        );
+    }
+}
+
 /// The processor stopped gracefully: what the sinks delivered is committed; the
 /// partitions still held have events the next owner delivers again.
 pub struct ShutdownDrained {
