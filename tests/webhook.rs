@@ -357,6 +357,81 @@ async fn an_endpoint_that_keeps_failing_sends_events_to_dead_letters() -> Result
     Ok(())
 }
 
+/// A webhook whose URL carries a token, answered with a redirect to another host: weir
+/// does not follow it (the redirect would carry the webhook's secret headers to that
+/// host), dead-letters the events with a reason that says so, and neither the reason
+/// nor weir's log holds the token; the same for a webhook whose server is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_not_followed_and_webhook_urls_stay_out_of_dead_letters() -> Result<()> {
+    const TOKEN: &str = "s3cr3t-t0ken-in-the-path";
+    let tansu = Tansu::start()?;
+    tansu.create_topic("weir.events", 4)?;
+    let clickhouse = ClickHouse::start()?;
+    let redis = Redis::start()?;
+    // Where the redirect points: it must never be called.
+    let (target, target_seen) = endpoint(Some(Duration::ZERO)).await?;
+    let location = format!("http://{target}/hook");
+    let redirector = axum::Router::new().route(
+        &format!("/hook/{TOKEN}"),
+        axum::routing::post(move || {
+            let location = location.clone();
+            async move {
+                (
+                    StatusCode::TEMPORARY_REDIRECT,
+                    [(axum::http::header::LOCATION, location)],
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let redirecting = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, redirector).await });
+    let down = weir_tests::free_port();
+    let config = config(&tansu, &clickhouse, "redirects", redirecting, 2)
+        .replace("/hook\"", &format!("/hook/{TOKEN}\""))
+        + &format!(
+            r#"[[pipeline.webhook]]
+name = "down"
+url = "http://127.0.0.1:{down}/hook/{TOKEN}"
+events = ["signup_completed"]
+max_attempts = 2
+retry_backoff_ms = 100
+"#
+        )
+        + &redis.section();
+    let weir = Weir::start(&config)?;
+    weir.wait_for_partitions(Duration::from_secs(30))?;
+    let signups = post_events(&weir, 300).await?;
+    let want = 2 * signups as u64;
+    clickhouse
+        .wait_for_count(
+            "SELECT count() FROM redirects.dead_letters WHERE stage = 'webhook'",
+            want,
+            Duration::from_secs(60),
+        )
+        .await?;
+    let reasons = clickhouse
+        .query("SELECT plugin, any(reason) FROM redirects.dead_letters WHERE stage = 'webhook' GROUP BY plugin ORDER BY plugin")
+        .await?;
+    assert!(!reasons.contains(TOKEN), "{reasons}");
+    let lines: Vec<&str> = reasons.lines().collect();
+    assert_eq!(lines.len(), 2, "{reasons}");
+    assert!(
+        lines[0].starts_with(
+            "crm\twebhook crm answered 307 Temporary Redirect: weir does not follow redirects"
+        ),
+        "{reasons}"
+    );
+    assert!(lines[1].starts_with("down\twebhook down: "), "{reasons}");
+    assert!(
+        !weir.log().contains(TOKEN),
+        "the log holds the webhook's token"
+    );
+    assert!(target_seen.seen.lock().unwrap().accepted.is_empty());
+    assert_eq!(target_seen.seen.lock().unwrap().refused, 0);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_sink_forwards_each_event_of_its_names_once() -> Result<()> {
     let tansu = Tansu::start()?;

@@ -102,7 +102,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
                 Err(e @ ClickHouseError::Schema(_)) => return Err(e.into()),
                 Err(e) => warn!(
                     error = %e,
-                    url = %config.clickhouse.url,
+                    url = %crate::model::redact_url(&config.clickhouse.url),
                     "ClickHouse is unreachable; starting anyway: the processor creates its tables before the first write and holds its events until then"
                 ),
             }

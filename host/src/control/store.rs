@@ -330,6 +330,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 /// notices on channel `<prefix>:control`.
 #[derive(Clone)]
 pub struct RedisStore {
+    /// For messages: the password redacted.
     url: String,
     client: redis::Client,
     conn: ConnectionManager,
@@ -358,7 +359,7 @@ impl RedisStore {
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(rd("connect"))?;
         Ok(Self {
-            url: cfg.url.clone(),
+            url: crate::model::redact_url(&cfg.url),
             client,
             conn,
             prefix: cfg.key_prefix.clone(),

@@ -11,6 +11,7 @@ mod batch;
 mod event;
 mod names;
 mod record;
+mod secrets;
 
 pub use batch::{
     Batch, CountRow, Counter, DeadLetter, FailureKind, Kept, PluginFailure, RoutedRow, Stage,
@@ -19,6 +20,7 @@ pub use batch::{
 pub use event::{Event, Origin, PluginOutput, Slot};
 pub use names::{MAX_COUNTER_KEY, MAX_EVENT_NAME, check_name, is_identifier};
 pub use record::{DecodeError, IngestRecord, RECORD_VERSION, WireEvent};
+pub use secrets::redact_url;
 
 use std::time::Duration;
 

@@ -144,13 +144,13 @@ impl Dedup {
         retry_backoff: Duration,
     ) -> Result<Self, DedupError> {
         let conn = connect(redis).map_err(|source| DedupError::Redis {
-            url: redis.url.clone(),
+            url: crate::model::redact_url(&redis.url),
             source,
         })?;
         let marker = format!("{}:d:{group}", redis.key_prefix);
         Ok(Self {
             conn,
-            url: redis.url.clone(),
+            url: crate::model::redact_url(&redis.url),
             key_prefix: format!("{marker}:").into_bytes(),
             marker,
             window_secs: cfg.window_secs,

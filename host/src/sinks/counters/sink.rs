@@ -202,7 +202,7 @@ pub fn connect(cfg: &RedisConfig) -> Result<ConnectionManager, redis::RedisError
 /// [`connect`], its error named as the counters' own.
 fn connect_counters(cfg: &RedisConfig) -> Result<ConnectionManager, CounterError> {
     connect(cfg).map_err(|source| CounterError::Redis {
-        url: cfg.url.clone(),
+        url: crate::model::redact_url(&cfg.url),
         source,
     })
 }
@@ -260,7 +260,7 @@ impl CounterSink {
     ) -> Result<Self, CounterError> {
         Ok(Self {
             conn: connect_counters(cfg)?,
-            url: cfg.url.clone(),
+            url: crate::model::redact_url(&cfg.url),
             offsets_key: format!("{}:offsets:{group}:{topic}", cfg.key_prefix),
             prefix: cfg.key_prefix.clone(),
             max_pending: cfg.max_pending,
@@ -740,7 +740,7 @@ impl CounterReader {
     pub fn new(cfg: &RedisConfig) -> Result<Self, CounterError> {
         Ok(Self {
             conn: connect_counters(cfg)?,
-            url: cfg.url.clone(),
+            url: crate::model::redact_url(&cfg.url),
             prefix: cfg.key_prefix.clone(),
         })
     }

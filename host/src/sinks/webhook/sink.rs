@@ -67,6 +67,9 @@ impl WebhookSink {
         }
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.timeout_ms))
+            // A redirect would carry the configured headers (secrets, often) to another
+            // address: it is answered as a refusal instead (see `Delivery::post`).
+            .redirect(reqwest::redirect::Policy::none())
             .default_headers(headers)
             .user_agent(concat!("weir/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -317,10 +320,14 @@ impl Delivery {
             .await;
         match resp {
             Ok(r) if r.status().is_success() => Answer::Delivered,
+            Ok(r) if r.status().is_redirection() => Answer::Refused(format!(
+                "webhook {} answered {}: weir does not follow redirects (they would carry the webhook's headers to another address); set its url to the final address",
+                self.name,
+                r.status()
+            )),
             Ok(r) => {
                 let status = r.status();
-                let text = r.text().await.unwrap_or_default();
-                let text: String = text.chars().take(200).collect();
+                let text = error_text(r).await;
                 let why = format!("webhook {} answered {status}: {text}", self.name);
                 if status.is_client_error() && status != 408 && status != 429 {
                     Answer::Refused(why)
@@ -328,7 +335,9 @@ impl Delivery {
                     Answer::Retry(why)
                 }
             }
-            Err(e) => Answer::Retry(format!("webhook {}: {e}", self.name)),
+            // Without the URL: it may hold a token (in its path or query), and this
+            // reason goes to logs and to dead_letters.reason.
+            Err(e) => Answer::Retry(format!("webhook {}: {}", self.name, e.without_url())),
         }
     }
 
@@ -375,4 +384,25 @@ impl Delivery {
                 .inc_by(dead.len() as u64);
         }
     }
+}
+
+/// Most bytes of an error answer's body read (and quoted, up to [`ERROR_TEXT_CHARS`]
+/// characters, in the reason): an endpoint cannot make weir read an endless body.
+const ERROR_BODY_BYTES: usize = 4096;
+const ERROR_TEXT_CHARS: usize = 200;
+
+/// The start of an error answer's body, read up to [`ERROR_BODY_BYTES`].
+async fn error_text(mut r: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    while body.len() < ERROR_BODY_BYTES {
+        match r.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    body.truncate(ERROR_BODY_BYTES);
+    String::from_utf8_lossy(&body)
+        .chars()
+        .take(ERROR_TEXT_CHARS)
+        .collect()
 }
