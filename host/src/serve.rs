@@ -225,7 +225,12 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
     let listener = tokio::net::TcpListener::bind(config.ingest.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.ingest.listen))?;
-    info!(addr = %config.ingest.listen, "ingest listening");
+    info!(addr = %config.ingest.listen, metrics = config.ingest.serves_metrics(), "ingest listening");
+    if !config.ingest.serves_metrics() && config.admin.is_none() {
+        warn!(
+            "GET /metrics is served nowhere: the ingest port listens beyond loopback (ingest.metrics = \"auto\") and there is no [admin] port; add one, or set ingest.metrics = \"yes\" to expose the metrics publicly"
+        );
+    }
 
     let limits = config.ingest.server_limits();
     let wanted = (limits.max_connections + ADMIN_LIMITS.max_connections) as u64 + RESERVED_FILES;

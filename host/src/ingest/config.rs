@@ -32,6 +32,20 @@ pub struct IngestConfig {
     /// Longest a client may take to send a request's body, in milliseconds (408
     /// beyond). Default 15000; 100-600000.
     pub body_timeout_ms: u64,
+    /// Whether the ingest port serves `GET /metrics` (it names every app, plugin and
+    /// sink): `auto` (default) when `listen` is a loopback address, `yes`, or `no`.
+    /// The admin port serves it in every case.
+    pub metrics: MetricsOnIngest,
+}
+
+/// See [`IngestConfig::metrics`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricsOnIngest {
+    #[default]
+    Auto,
+    Yes,
+    No,
 }
 
 /// The range of [`IngestConfig::max_connections`].
@@ -42,6 +56,15 @@ pub const HEADER_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=300_000;
 pub const BODY_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 100..=600_000;
 
 impl IngestConfig {
+    /// Whether the ingest port serves `/metrics` (see [`IngestConfig::metrics`]).
+    pub fn serves_metrics(&self) -> bool {
+        match self.metrics {
+            MetricsOnIngest::Auto => self.listen.ip().is_loopback(),
+            MetricsOnIngest::Yes => true,
+            MetricsOnIngest::No => false,
+        }
+    }
+
     /// What the ingest server bounds per connection.
     pub fn server_limits(&self) -> crate::http::ServerLimits {
         crate::http::ServerLimits {
@@ -63,6 +86,7 @@ impl Default for IngestConfig {
             max_connections: 4096,
             header_timeout_ms: 10_000,
             body_timeout_ms: 15_000,
+            metrics: MetricsOnIngest::Auto,
         }
     }
 }

@@ -7,7 +7,9 @@
 mod config;
 pub mod envelope;
 
-pub use config::{BODY_TIMEOUT_MS, HEADER_TIMEOUT_MS, IngestConfig, MAX_CONNECTIONS};
+pub use config::{
+    BODY_TIMEOUT_MS, HEADER_TIMEOUT_MS, IngestConfig, MAX_CONNECTIONS, MetricsOnIngest,
+};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -58,6 +60,8 @@ pub struct Ingest<S> {
     max_body_bytes: usize,
     /// Longest a client may take to send a body (408 beyond).
     body_timeout: Duration,
+    /// `GET /metrics` is served here (see [`IngestConfig::metrics`]).
+    serves_metrics: bool,
     counters: Option<Counters>,
     /// The last readiness probe and when it was made: `/readyz` asks the broker at
     /// most once per [`READY_CACHE`], however often it is called.
@@ -105,6 +109,7 @@ impl<S: Sink> Ingest<S> {
             },
             max_body_bytes: cfg.max_body_bytes,
             body_timeout: Duration::from_millis(cfg.body_timeout_ms),
+            serves_metrics: cfg.serves_metrics(),
             counters: None,
             ready: tokio::sync::Mutex::new(None),
         }
@@ -118,14 +123,17 @@ impl<S: Sink> Ingest<S> {
 }
 
 /// The ingest router: `/v1/events`, `/v1/counters/{counter}/{key}`, `/healthz`,
-/// `/readyz`, `/metrics`.
+/// `/readyz`, and `/metrics` where [`IngestConfig::metrics`] says so.
 pub fn app<S: Sink>(state: Arc<Ingest<S>>, cors_origins: &[String]) -> Router {
-    let router = Router::new()
+    let mut router = Router::new()
         .route("/v1/events", post(post_events::<S>))
         .route("/v1/counters/{counter}/{key}", get(get_counter::<S>))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz::<S>))
-        .route("/metrics", get(|| async { crate::metrics::render() }))
+        .route("/readyz", get(readyz::<S>));
+    if state.serves_metrics {
+        router = router.route("/metrics", get(|| async { crate::metrics::render() }));
+    }
+    let router = router
         // The handler enforces the body limit itself, to answer in JSON.
         .layer(DefaultBodyLimit::disable())
         .with_state(state);
@@ -677,14 +685,41 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn metrics_are_served() {
-        let (app, _) = router(&[]);
-        let resp = app
-            .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
-        let text = resp.into_body().collect().await.unwrap().to_bytes();
-        assert!(String::from_utf8_lossy(&text).contains("weir_ingest_requests_total"));
+    async fn metrics_are_served_on_loopback_and_where_asked_only() {
+        let public = || IngestConfig {
+            listen: "0.0.0.0:8080".parse().unwrap(),
+            ..IngestConfig::default()
+        };
+        for (cfg, served) in [
+            (IngestConfig::default(), true),
+            (public(), false),
+            (
+                IngestConfig {
+                    metrics: MetricsOnIngest::Yes,
+                    ..public()
+                },
+                true,
+            ),
+            (
+                IngestConfig {
+                    metrics: MetricsOnIngest::No,
+                    ..IngestConfig::default()
+                },
+                false,
+            ),
+        ] {
+            let state = Ingest::new(&cfg, HashMap::new(), Arc::new(Recorder::default()));
+            let resp = app(Arc::new(state), &[])
+                .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            if served {
+                assert_eq!(resp.status(), StatusCode::OK, "{cfg:?}");
+                let text = resp.into_body().collect().await.unwrap().to_bytes();
+                assert!(String::from_utf8_lossy(&text).contains("weir_ingest_requests_total"));
+            } else {
+                assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{cfg:?}");
+            }
+        }
     }
 }
