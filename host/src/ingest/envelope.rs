@@ -198,6 +198,13 @@ fn check_event(
             ),
         ));
     }
+    if let Some(key) = fields.repeated {
+        return Err(EnvelopeError::field(
+            "duplicate_key",
+            key,
+            format!("field {key:?} is given twice"),
+        ));
+    }
     let fields = fields.values;
     let get = |name: &str| {
         let i = EVENT_FIELDS.iter().position(|f| *f == name)?;
@@ -270,6 +277,8 @@ fn check_event(
 struct Fields<'a> {
     values: [Option<&'a RawValue>; EVENT_FIELDS.len()],
     unknown: Option<String>,
+    /// The first field given twice.
+    repeated: Option<&'static str>,
 }
 
 impl<'de: 'a, 'a> serde::Deserialize<'de> for Fields<'a> {
@@ -287,11 +296,16 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for Fields<'a> {
                 let mut fields = Fields {
                     values: [None; EVENT_FIELDS.len()],
                     unknown: None,
+                    repeated: None,
                 };
                 while let Some(Key(key)) = map.next_key::<Key>()? {
                     let value: &'de RawValue = map.next_value()?;
                     match EVENT_FIELDS.iter().position(|f| *f == key) {
-                        Some(i) => fields.values[i] = Some(value),
+                        Some(i) => {
+                            if fields.values[i].replace(value).is_some() {
+                                fields.repeated.get_or_insert(EVENT_FIELDS[i]);
+                            }
+                        }
                         None => {
                             fields.unknown.get_or_insert_with(|| key.into_owned());
                         }
@@ -398,15 +412,129 @@ fn json_object(raw: Option<&RawValue>, field: &str) -> Result<Box<RawValue>, Env
         return Ok(RawValue::from_string("{}".into()).expect("valid JSON"));
     };
     match raw.get().as_bytes().first() {
-        Some(b'{') => Ok(match compact(raw.get()) {
-            Some(text) => RawValue::from_string(text).expect("compacted valid JSON is valid"),
-            None => raw.to_owned(),
-        }),
+        Some(b'{') => {
+            check_unambiguous(raw.get(), field)?;
+            Ok(match compact(raw.get()) {
+                Some(text) => RawValue::from_string(text).expect("compacted valid JSON is valid"),
+                None => raw.to_owned(),
+            })
+        }
         Some(b'n') => Ok(RawValue::from_string("{}".into()).expect("valid JSON")),
         _ => {
             let value: Value = serde_json::from_str(raw.get()).map_err(json_error)?;
             Err(wrong_type(field, "an object", &value))
         }
+    }
+}
+
+/// Refuses JSON that later stages would read differently: a key repeated in one object
+/// (the schemas and the SDK read the last copy, ClickHouse's `visitParamExtract*` the
+/// first, so a schema could be bypassed), a number beyond what a double holds (`1e400`:
+/// a schema would see no number at all), a `\u` escape of a lone surrogate (not a
+/// character: no later stage can read the string). One pass, no value built.
+fn check_unambiguous(text: &str, field: &str) -> Result<(), EnvelopeError> {
+    use serde::de::DeserializeSeed as _;
+    let mut path = vec![field.to_owned()];
+    let mut de = serde_json::Deserializer::from_str(text);
+    let result = Checked { path: &mut path }.deserialize(&mut de);
+    result.map_err(|e| {
+        let code = match e.classify() {
+            // The visitor's own: a repeated key.
+            serde_json::error::Category::Data => "duplicate_key",
+            // serde_json's: a number out of range, a lone surrogate.
+            _ => "invalid_field",
+        };
+        let message = e.to_string();
+        // serde_json adds " at line L column C": of the field's text, not the body's.
+        let message = message
+            .rsplit_once(" at line ")
+            .map_or(message.as_str(), |(m, _)| m)
+            .to_owned();
+        EnvelopeError::field(code, field, format!("{}: {message}", path.concat()))
+    })
+}
+
+/// Walks a JSON value (see [`check_unambiguous`]), keeping the path to where it is.
+struct Checked<'p> {
+    path: &'p mut Vec<String>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Checked<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+/// Keys per object looked up in a list; a larger object gets a hash set.
+const SMALL_OBJECT: usize = 16;
+
+impl<'de> serde::de::Visitor<'de> for Checked<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    // A number beyond a double's range never gets here: serde_json refuses it.
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0usize;
+        loop {
+            self.path.push(format!("[{i}]"));
+            let more = seq.next_element_seed(Checked {
+                path: &mut *self.path,
+            })?;
+            self.path.pop();
+            if more.is_none() {
+                return Ok(());
+            }
+            i += 1;
+        }
+    }
+    fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
+        let mut keys: Vec<std::borrow::Cow<'de, str>> = Vec::new();
+        let mut large: Option<std::collections::HashSet<std::borrow::Cow<'de, str>>> = None;
+        while let Some(Key(key)) = map.next_key::<Key>()? {
+            let repeated = match &mut large {
+                Some(set) => !set.insert(key.clone()),
+                None => {
+                    let seen = keys.contains(&key);
+                    keys.push(key.clone());
+                    if keys.len() > SMALL_OBJECT {
+                        large = Some(keys.drain(..).collect());
+                    }
+                    seen
+                }
+            };
+            self.path.push(format!(".{key}"));
+            if repeated {
+                // The only error of this visitor (`Category::Data`); the path stays.
+                return Err(serde::de::Error::custom(
+                    "the key is given twice in one object",
+                ));
+            }
+            map.next_value_seed(Checked {
+                path: &mut *self.path,
+            })?;
+            self.path.pop();
+        }
+        Ok(())
     }
 }
 
@@ -554,13 +682,13 @@ mod tests {
         assert_eq!(e.context.get(), r#"{"b":2,"a":1}"#);
         let e = &parse(r#"{"name":"x","properties":null}"#, BodyFormat::Json).unwrap()[0];
         assert_eq!(e.properties.get(), "{}");
-        // Keys are compared decoded; a repeated member counts once (the last).
-        let e = &parse(
-            r#"{"n\u0061me":"x","name":"y","user_id":"u"}"#,
-            BodyFormat::Json,
-        )
-        .unwrap()[0];
-        assert_eq!((e.name.as_str(), e.user_id.as_deref()), ("y", Some("u")));
+        // Keys are compared decoded: a member repeated under another spelling is
+        // repeated.
+        let e = err(r#"{"n\u0061me":"x","name":"y","user_id":"u"}"#);
+        assert_eq!(
+            (e.code, e.field.as_deref()),
+            ("duplicate_key", Some("name"))
+        );
         let err = err(r#"{"name":"x","z\u00e9":1,"other":2}"#);
         assert_eq!(
             (err.code, err.field.as_deref()),
@@ -569,6 +697,66 @@ mod tests {
         // Brackets inside strings do not count as nesting.
         assert_eq!(depth(r#"{"a":"[[[{{{","b":[{}]}"#), 3);
         assert_eq!(depth("1"), 0);
+    }
+
+    #[test]
+    fn json_that_later_stages_would_read_differently_is_refused() {
+        for (body, code, field, at) in [
+            (
+                r#"{"name":"a","properties":{"plan":"free","x":1,"plan":"pro"}}"#,
+                "duplicate_key",
+                "properties",
+                "properties.plan: the key is given twice",
+            ),
+            (
+                r#"{"name":"a","context":{"o":{"a":[1,{"k":1,"k":2}]}}}"#,
+                "duplicate_key",
+                "context",
+                "context.o.a[1].k: the key is given twice",
+            ),
+            (
+                r#"{"name":"a","properties":{"n":[1,1e400]}}"#,
+                "invalid_field",
+                "properties",
+                "properties.n[1]: number out of range",
+            ),
+            (
+                r#"{"name":"a","properties":{"s":"\ud800x"}}"#,
+                "invalid_field",
+                "properties",
+                "properties.s: ",
+            ),
+            (
+                r#"{"name":"a","name":"b"}"#,
+                "duplicate_key",
+                "name",
+                "field \"name\" is given twice",
+            ),
+        ] {
+            let e = err(body);
+            assert_eq!(
+                (e.code, e.field.as_deref()),
+                (code, Some(field)),
+                "{body}: {e:?}"
+            );
+            assert!(e.message.starts_with(at), "{body}: {}", e.message);
+        }
+        // Escaped spellings of one key are the same key; distinct keys pass, in any
+        // number; a surrogate pair is a character.
+        let e = err(r#"{"name":"a","properties":{"a":1,"\u0061":2}}"#);
+        assert_eq!(e.code, "duplicate_key");
+        let many: Vec<String> = (0..100).map(|i| format!(r#""k{i}":{i}"#)).collect();
+        let body = format!(
+            r#"{{"name":"a","properties":{{{},"s":"\ud83d\ude00"}}}}"#,
+            many.join(",")
+        );
+        let events = parse(&body, BodyFormat::Json).unwrap();
+        assert!(events[0].properties.get().contains("k99"));
+        let repeated = format!(
+            r#"{{"name":"a","properties":{{{},"k7":0}}}}"#,
+            many.join(",")
+        );
+        assert_eq!(err(&repeated).code, "duplicate_key");
     }
 
     #[test]

@@ -202,21 +202,26 @@ impl Schemas {
         let Some(schema) = self.by_name.get(&event.name) else {
             return Ok(());
         };
-        // A field the schema cannot see is not parsed: `{}` stands in for it.
-        let parse = |reads: bool, text: &str| {
-            if reads {
-                serde_json::from_str::<Value>(text).unwrap_or(Value::Null)
-            } else {
-                Value::Object(serde_json::Map::new())
+        // A field the schema cannot see is not parsed: `{}` stands in for it. One that
+        // does not parse (ingest refuses such JSON; a record from elsewhere may hold
+        // it) fails the check: validating something else in its place would let it by.
+        let parse = |reads: bool, field: &str, text: &str| {
+            if !reads {
+                return Ok(Value::Object(serde_json::Map::new()));
             }
+            serde_json::from_str::<Value>(text).map_err(|e| Violation {
+                event: event.name.clone(),
+                errors: vec![format!("/{field}: not readable as JSON: {e}")],
+                more: 0,
+            })
         };
         let instance = serde_json::json!({
             "event_id": event.event_id,
             "name": event.name,
             "user_id": event.user_id,
             "timestamp": event.timestamp_ms,
-            "properties": parse(schema.reads_properties, &event.properties),
-            "context": parse(schema.reads_context, &event.context),
+            "properties": parse(schema.reads_properties, "properties", &event.properties)?,
+            "context": parse(schema.reads_context, "context", &event.context)?,
         });
         let mut errors = schema.validator.iter_errors(&instance).peekable();
         if errors.peek().is_none() {
@@ -297,6 +302,19 @@ mod tests {
         assert!(err.contains("/properties/position: "), "{err}");
         // No schema: no check.
         assert!(s.check(&event("app_opened", None, "{}")).is_ok());
+        // A field that does not parse fails, rather than something else being checked.
+        let err = s
+            .check(&event(
+                "profile_viewed",
+                Some("u"),
+                r#"{"profile_id":"p","n":1e400}"#,
+            ))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/properties: not readable as JSON: number out of range"),
+            "{err}"
+        );
     }
 
     #[test]
