@@ -431,13 +431,17 @@ fn json_object(raw: Option<&RawValue>, field: &str) -> Result<Box<RawValue>, Env
 /// (the schemas and the SDK read the last copy, ClickHouse's `visitParamExtract*` the
 /// first, so a schema could be bypassed), a number beyond what a double holds (`1e400`:
 /// a schema would see no number at all), a `\u` escape of a lone surrogate (not a
-/// character: no later stage can read the string). One pass, no value built.
+/// character: no later stage can read the string). One pass, no value built, keys
+/// borrowed from the text.
 fn check_unambiguous(text: &str, field: &str) -> Result<(), EnvelopeError> {
     use serde::de::DeserializeSeed as _;
-    let mut path = vec![field.to_owned()];
+    let (mut path, mut keys) = (Vec::new(), Vec::new());
     let mut de = serde_json::Deserializer::from_str(text);
-    let result = Checked { path: &mut path }.deserialize(&mut de);
-    result.map_err(|e| {
+    let checked = Checked {
+        path: &mut path,
+        keys: &mut keys,
+    };
+    checked.deserialize(&mut de).map_err(|e| {
         let code = match e.classify() {
             // The visitor's own: a repeated key.
             serde_json::error::Category::Data => "duplicate_key",
@@ -448,28 +452,46 @@ fn check_unambiguous(text: &str, field: &str) -> Result<(), EnvelopeError> {
         // serde_json adds " at line L column C": of the field's text, not the body's.
         let message = message
             .rsplit_once(" at line ")
-            .map_or(message.as_str(), |(m, _)| m)
-            .to_owned();
-        EnvelopeError::field(code, field, format!("{}: {message}", path.concat()))
+            .map_or(message.as_str(), |(m, _)| m);
+        let mut at = field.to_owned();
+        for seg in &path {
+            match seg {
+                Seg::Key(k) => {
+                    at.push('.');
+                    at.push_str(k);
+                }
+                Seg::Index(i) => at.push_str(&format!("[{i}]")),
+            }
+        }
+        EnvelopeError::field(code, field, format!("{at}: {message}"))
     })
 }
 
-/// Walks a JSON value (see [`check_unambiguous`]), keeping the path to where it is.
-struct Checked<'p> {
-    path: &'p mut Vec<String>,
+/// One step of the path to where [`Checked`] is.
+enum Seg<'de> {
+    Key(std::borrow::Cow<'de, str>),
+    Index(usize),
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for Checked<'_> {
+/// Walks a JSON value (see [`check_unambiguous`]). `path` is where it is (left as it
+/// was at an error); `keys` holds the keys of the objects open around it, each
+/// object's after its parents', so that no object allocates a list of its own.
+struct Checked<'p, 'de> {
+    path: &'p mut Vec<Seg<'de>>,
+    keys: &'p mut Vec<std::borrow::Cow<'de, str>>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Checked<'_, 'de> {
     type Value = ();
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_any(self)
     }
 }
 
-/// Keys per object looked up in a list; a larger object gets a hash set.
+/// Keys per object compared one by one; a larger object gets a hash set.
 const SMALL_OBJECT: usize = 16;
 
-impl<'de> serde::de::Visitor<'de> for Checked<'_> {
+impl<'de> serde::de::Visitor<'de> for Checked<'_, 'de> {
     type Value = ();
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a JSON value")
@@ -496,9 +518,10 @@ impl<'de> serde::de::Visitor<'de> for Checked<'_> {
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut i = 0usize;
         loop {
-            self.path.push(format!("[{i}]"));
+            self.path.push(Seg::Index(i));
             let more = seq.next_element_seed(Checked {
                 path: &mut *self.path,
+                keys: &mut *self.keys,
             })?;
             self.path.pop();
             if more.is_none() {
@@ -508,21 +531,21 @@ impl<'de> serde::de::Visitor<'de> for Checked<'_> {
         }
     }
     fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
-        let mut keys: Vec<std::borrow::Cow<'de, str>> = Vec::new();
+        let start = self.keys.len();
         let mut large: Option<std::collections::HashSet<std::borrow::Cow<'de, str>>> = None;
         while let Some(Key(key)) = map.next_key::<Key>()? {
             let repeated = match &mut large {
                 Some(set) => !set.insert(key.clone()),
                 None => {
-                    let seen = keys.contains(&key);
-                    keys.push(key.clone());
-                    if keys.len() > SMALL_OBJECT {
-                        large = Some(keys.drain(..).collect());
+                    let seen = self.keys[start..].contains(&key);
+                    self.keys.push(key.clone());
+                    if self.keys.len() - start > SMALL_OBJECT {
+                        large = Some(self.keys.drain(start..).collect());
                     }
                     seen
                 }
             };
-            self.path.push(format!(".{key}"));
+            self.path.push(Seg::Key(key));
             if repeated {
                 // The only error of this visitor (`Category::Data`); the path stays.
                 return Err(serde::de::Error::custom(
@@ -531,9 +554,11 @@ impl<'de> serde::de::Visitor<'de> for Checked<'_> {
             }
             map.next_value_seed(Checked {
                 path: &mut *self.path,
+                keys: &mut *self.keys,
             })?;
             self.path.pop();
         }
+        self.keys.truncate(start);
         Ok(())
     }
 }
