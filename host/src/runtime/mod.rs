@@ -59,6 +59,11 @@ const EPOCH_TICK: Duration = Duration::from_millis(5);
 pub const MAX_WASM_STACK: usize = 512 * 1024;
 /// Most distinct counters one instance may create.
 const MAX_COUNTERS: usize = 256;
+/// Longest counter name of `counter-add`, in bytes (a longer one is ignored).
+const MAX_COUNTER_NAME: usize = 128;
+/// Most outputs (rows, counts, forwards) one event may route to: the event beyond
+/// fails, as a bad outcome.
+pub const MAX_OUTPUTS_PER_EVENT: usize = 64;
 /// Longest log line a plugin may write; the rest is cut.
 const MAX_LOG_LINE: usize = 4096;
 
@@ -353,11 +358,7 @@ impl Plugin {
                 .allow_ip_name_lookup(false)
                 .build(),
             table: ResourceTable::new(),
-            limiter: Limiter {
-                memory_cap: p.limits.memory_bytes,
-                peak_memory: 0,
-                denied: None,
-            },
+            limiter: Limiter::new(p.limits.memory_bytes),
             plugin: p.name.clone(),
             version: p.version.clone(),
             config: p.config.clone(),
@@ -751,7 +752,7 @@ fn describe_trap(
         return PluginFailure::new(
             FailureKind::MemoryCap,
             format!(
-                "memory cap exceeded: the plugin asked for {} MiB of linear memory, the cap is {} MiB ({})",
+                "memory cap exceeded: the plugin asked for {} MiB of linear memory (all its memories together), the cap is {} MiB ({})",
                 wanted >> 20,
                 limits.memory_bytes >> 20,
                 first_line(&detail)
@@ -785,26 +786,43 @@ fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
 }
 
-/// Caps each linear memory of an instance and remembers its peak and any refusal.
+/// Caps the linear memory of an instance, all its memories together (a component may
+/// have many: each one under the cap would otherwise get a multiple of it), and
+/// remembers its peak and any refusal.
 struct Limiter {
     memory_cap: usize,
+    /// The bytes of every linear memory of the store, together.
+    memory_total: usize,
     peak_memory: usize,
-    /// The size of the last refused growth, since the current call started.
+    /// The total the last refused growth asked for, since the current call started.
     denied: Option<usize>,
+}
+
+impl Limiter {
+    fn new(memory_cap: usize) -> Self {
+        Self {
+            memory_cap,
+            memory_total: 0,
+            peak_memory: 0,
+            denied: None,
+        }
+    }
 }
 
 impl ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.memory_cap {
-            self.denied = Some(desired);
+        let total = (self.memory_total - current.min(self.memory_total)).saturating_add(desired);
+        if total > self.memory_cap {
+            self.denied = Some(total);
             return Ok(false);
         }
-        self.peak_memory = self.peak_memory.max(desired);
+        self.memory_total = total;
+        self.peak_memory = self.peak_memory.max(total);
         Ok(true)
     }
 
@@ -833,6 +851,13 @@ impl ResourceLimiter for Limiter {
 /// Most elements of one table.
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 
+fn too_many_outputs(n: usize) -> Answer {
+    Answer::Failed(PluginFailure::new(
+        FailureKind::BadOutcome,
+        format!("bad output: {n} outputs for one event; at most {MAX_OUTPUTS_PER_EVENT}"),
+    ))
+}
+
 /// Checks what a 0.1.0 plugin returned for one event.
 fn answer_v1(outcome: Outcome, original: &Event) -> Answer {
     let bad = |why| Answer::Failed(PluginFailure::new(FailureKind::BadOutcome, why));
@@ -842,6 +867,9 @@ fn answer_v1(outcome: Outcome, original: &Event) -> Answer {
             Err(why) => bad(why),
         },
         Outcome::Route(Routed { event, outputs }) => {
+            if outputs.len() > MAX_OUTPUTS_PER_EVENT {
+                return too_many_outputs(outputs.len());
+            }
             let outputs = outputs.into_iter().map(output_from_wit).collect();
             match event.map(|e| changes_v1(e, original)).transpose() {
                 Ok(changes) => Answer::Route(changes, outputs),
@@ -876,6 +904,9 @@ fn answer_v2(outcome: v2::Outcome) -> Answer {
             Err(why) => bad(why),
         },
         v2::Outcome::Route(v2::Routed { changes, outputs }) => {
+            if outputs.len() > MAX_OUTPUTS_PER_EVENT {
+                return too_many_outputs(outputs.len());
+            }
             let outputs = outputs.into_iter().map(output_from_v2).collect();
             match changes.map(|c| check_changes(changes_v2(c))).transpose() {
                 Ok(changes) => Answer::Route(changes, outputs),
@@ -1060,6 +1091,10 @@ impl HostState {
     }
 
     fn add_to_counter(&mut self, name: String, delta: u64) {
+        if name.len() > MAX_COUNTER_NAME {
+            warn!(plugin = %self.plugin, bytes = name.len(), "plugin counter name longer than {MAX_COUNTER_NAME} bytes; ignored");
+            return;
+        }
         if !self.counters.contains_key(&name) && self.counters.len() >= MAX_COUNTERS {
             warn!(plugin = %self.plugin, counter = %name, "plugin exceeds {MAX_COUNTERS} counters; ignored");
             return;
@@ -1072,6 +1107,41 @@ impl HostState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_memory_cap_holds_for_all_memories_together() {
+        let mut l = Limiter::new(10 << 20);
+        // Two memories of 4 MiB each: 8 MiB in all.
+        assert!(l.memory_growing(0, 4 << 20, None).unwrap());
+        assert!(l.memory_growing(0, 4 << 20, None).unwrap());
+        // A third of 4 MiB would make 12: refused, though it is under the cap alone.
+        assert!(!l.memory_growing(0, 4 << 20, None).unwrap());
+        assert_eq!(l.denied, Some(12 << 20));
+        // The first growing from 4 to 6 MiB: 10 in all, at the cap.
+        assert!(l.memory_growing(4 << 20, 6 << 20, None).unwrap());
+        assert_eq!((l.memory_total, l.peak_memory), (10 << 20, 10 << 20));
+        assert!(!l.memory_growing(4 << 20, 5 << 20, None).unwrap());
+    }
+
+    #[test]
+    fn an_event_routed_to_too_many_outputs_fails() {
+        let outputs = (0..=MAX_OUTPUTS_PER_EVENT)
+            .map(|i| v2::Output::Forward(format!("t{i}")))
+            .collect();
+        let answer = answer_v2(v2::Outcome::Route(v2::Routed {
+            changes: None,
+            outputs,
+        }));
+        let Answer::Failed(f) = answer else {
+            panic!("not failed")
+        };
+        assert_eq!(f.kind, FailureKind::BadOutcome);
+        assert!(
+            f.message.contains("65 outputs for one event; at most 64"),
+            "{}",
+            f.message
+        );
+    }
 
     fn event(i: usize, app: &str, user: Option<&str>) -> model::Event {
         model::Event {
