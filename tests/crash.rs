@@ -86,6 +86,24 @@ impl Sent {
     }
 }
 
+/// The event ids in `crash.events`, checking that none is there twice (`doubled` says
+/// what a double would mean).
+async fn distinct_event_ids(clickhouse: &ClickHouse, doubled: &str) -> Result<BTreeSet<String>> {
+    let rows = clickhouse
+        .query("SELECT event_id FROM crash.events ORDER BY event_id")
+        .await?;
+    let ids: Vec<&str> = rows.lines().collect();
+    let unique: BTreeSet<String> = ids.iter().map(|s| s.to_string()).collect();
+    assert_eq!(
+        ids.len(),
+        unique.len(),
+        "{doubled}: {} rows for {} events",
+        ids.len(),
+        unique.len()
+    );
+    Ok(unique)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_flushes_loses_and_doubles_nothing() -> Result<()> {
     let tansu = Tansu::start()?;
@@ -169,18 +187,7 @@ async fn sigkill_during_flushes_loses_and_doubles_nothing() -> Result<()> {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let rows = clickhouse
-        .query("SELECT event_id FROM crash.events ORDER BY event_id")
-        .await?;
-    let ids: Vec<&str> = rows.lines().collect();
-    let unique: BTreeSet<String> = ids.iter().map(|s| s.to_string()).collect();
-    assert_eq!(
-        ids.len(),
-        unique.len(),
-        "events doubled: {} rows for {} events",
-        ids.len(),
-        unique.len()
-    );
+    let unique = distinct_event_ids(&clickhouse, "events doubled").await?;
     assert_eq!(
         &unique, kept,
         "events table differs from the accepted events"
@@ -282,12 +289,7 @@ async fn a_crash_between_write_and_commit_does_not_double_rows() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rows = clickhouse
-        .query("SELECT event_id FROM crash.events ORDER BY event_id")
-        .await?;
-    let ids: Vec<String> = rows.lines().map(str::to_owned).collect();
-    let unique: BTreeSet<String> = ids.iter().cloned().collect();
-    assert_eq!(ids.len(), unique.len(), "rows doubled by the replay");
+    let unique = distinct_event_ids(&clickhouse, "rows doubled by the replay").await?;
     assert_eq!(unique, expected);
     assert!(
         processor.metric_now("weir_replayed_rows_skipped_total", &[]) > 0.0,
@@ -295,7 +297,7 @@ async fn a_crash_between_write_and_commit_does_not_double_rows() -> Result<()> {
     );
     eprintln!(
         "{before} rows written before the crash; the replay skipped them, {} rows in all",
-        ids.len()
+        unique.len()
     );
     Ok(())
 }
@@ -376,12 +378,7 @@ async fn a_panic_in_the_processor_stops_the_process_and_the_restart_loses_nothin
         .await
         .with_context(|| weir.log())?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rows = clickhouse
-        .query("SELECT event_id FROM crash.events ORDER BY event_id")
-        .await?;
-    let ids: Vec<String> = rows.lines().map(str::to_owned).collect();
-    let unique: BTreeSet<String> = ids.iter().cloned().collect();
-    assert_eq!(ids.len(), unique.len(), "rows doubled after the restart");
+    let unique = distinct_event_ids(&clickhouse, "rows doubled after the restart").await?;
     // Every accepted event; a request cut off by the stop may have landed too.
     assert!(unique.is_superset(&accepted), "accepted events lost");
     assert!(unique.is_subset(&sent));
