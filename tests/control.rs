@@ -779,6 +779,32 @@ config = {{ require_user = ["profile_viewed"] }}
     );
     assert_eq!(run["outcomes"][1]["outcome"], "reject", "{run}");
     assert_eq!(run["summary"]["rejected"], 1, "{run}");
+    // One dry run at a time per instance (each compiles the component): the others
+    // sent meanwhile get 503 busy with Retry-After, and the next one runs.
+    let dry = || {
+        api.http
+            .post(format!("{}/admin/v1/plugins/enrich/test", api.base))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({"events": [{"name": "profile_viewed", "properties": {"profile_id": "ann"}}]}))
+            .send()
+    };
+    let answers = futures::future::join_all((0..3).map(|_| dry())).await;
+    let mut codes: Vec<u16> = Vec::new();
+    for a in answers {
+        let a = a?;
+        if a.status() == StatusCode::SERVICE_UNAVAILABLE {
+            assert_eq!(a.headers()["retry-after"], "1");
+            let body: Value = a.json().await?;
+            assert_eq!(body["error"]["code"], "busy", "{body}");
+            codes.push(503);
+        } else {
+            codes.push(a.status().as_u16());
+        }
+    }
+    codes.sort_unstable();
+    assert_eq!(codes[0], 200, "{codes:?}");
+    assert_eq!(codes[2], 503, "{codes:?}");
+    assert_eq!(dry().await?.status(), StatusCode::OK);
 
     // Nothing to roll back to yet: a clear refusal.
     let err = cli(&weir, &["pipeline", "rollback", "engagement"])

@@ -187,6 +187,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
                 app_keys,
                 max_plugin_bytes: admin_cfg.max_plugin_bytes,
                 instance_ttl: Duration::from_millis(config.control.instance_ttl_ms),
+                dry_runs: tokio::sync::Semaphore::new(1),
                 dead_letters: DeadLetters {
                     sink: ClickHouseSink::new(&config.clickhouse, routes.tables.clone()),
                     producer: producer.clone(),

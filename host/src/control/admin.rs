@@ -31,6 +31,9 @@ pub struct Admin {
     /// Instances not heard from for this long are not listed.
     pub instance_ttl: Duration,
     pub dead_letters: DeadLetters,
+    /// One dry run at a time on this instance: each compiles a component and runs it
+    /// on the cores ingest and the processor use.
+    pub dry_runs: tokio::sync::Semaphore,
 }
 
 /// The admin router.
@@ -260,6 +263,14 @@ async fn test_plugin(
     body: Body,
 ) -> Result<axum::Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
+    let Ok(_running) = admin.dry_runs.try_acquire() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "another dry run is in progress on this instance; try again shortly",
+        )
+        .retry_after(1));
+    };
     let body = read_body(body, 16 << 20, "the dry-run request").await?;
     let req: TestRequest = parse_json(&body, "the dry-run request")?;
     let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid", m);

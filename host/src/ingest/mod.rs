@@ -180,6 +180,12 @@ impl ApiError {
             retry_after: None,
         }
     }
+
+    /// The same error, telling the client to try again in `secs` seconds.
+    pub(crate) fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
 }
 
 impl From<EnvelopeError> for ApiError {
