@@ -52,6 +52,23 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// `value` of setting `name` must lie in `range`: the error names the setting, the
+/// range and the value.
+fn check_range<T: PartialOrd + std::fmt::Display>(
+    name: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<(), ConfigError> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(invalid(format!(
+        "{name} must be {}-{}, not {value}",
+        range.start(),
+        range.end()
+    )))
+}
+
 fn invalid(msg: impl Into<String>) -> ConfigError {
     ConfigError::Invalid(msg.into())
 }
@@ -222,35 +239,21 @@ impl Config {
                 "ingest.max_event_bytes cannot exceed ingest.max_body_bytes",
             ));
         }
-        for (name, value, range) in [
-            (
-                "header_timeout_ms",
-                ingest.header_timeout_ms,
-                crate::ingest::HEADER_TIMEOUT_MS,
-            ),
-            (
-                "body_timeout_ms",
-                ingest.body_timeout_ms,
-                crate::ingest::BODY_TIMEOUT_MS,
-            ),
-        ] {
-            if !range.contains(&value) {
-                return Err(invalid(format!(
-                    "ingest.{name} must be {}-{}, not {value}",
-                    range.start(),
-                    range.end()
-                )));
-            }
-        }
-        let range = crate::ingest::MAX_CONNECTIONS;
-        if !range.contains(&ingest.max_connections) {
-            return Err(invalid(format!(
-                "ingest.max_connections must be {}-{}, not {}",
-                range.start(),
-                range.end(),
-                ingest.max_connections
-            )));
-        }
+        check_range(
+            "ingest.header_timeout_ms",
+            ingest.header_timeout_ms,
+            crate::ingest::HEADER_TIMEOUT_MS,
+        )?;
+        check_range(
+            "ingest.body_timeout_ms",
+            ingest.body_timeout_ms,
+            crate::ingest::BODY_TIMEOUT_MS,
+        )?;
+        check_range(
+            "ingest.max_connections",
+            ingest.max_connections,
+            crate::ingest::MAX_CONNECTIONS,
+        )?;
         if ingest.max_events_per_request == 0 || ingest.max_depth == 0 {
             return Err(invalid(
                 "ingest.max_events_per_request and ingest.max_depth must be positive",
@@ -323,41 +326,30 @@ impl Config {
                 "kafka.partitions and kafka.replication_factor must be at least 1",
             ));
         }
-        if self.kafka.linger_ms > 1000 {
-            return Err(invalid(format!(
-                "kafka.linger_ms must be 0-1000, not {}",
-                self.kafka.linger_ms
-            )));
-        }
-        if !(1..=10_000).contains(&self.kafka.fetch_wait_max_ms) {
-            return Err(invalid(format!(
-                "kafka.fetch_wait_max_ms must be 1-10000, not {}",
-                self.kafka.fetch_wait_max_ms
-            )));
-        }
+        check_range("kafka.linger_ms", self.kafka.linger_ms, 0..=1000)?;
+        check_range(
+            "kafka.fetch_wait_max_ms",
+            self.kafka.fetch_wait_max_ms,
+            1..=10_000,
+        )?;
         let p = &self.processor;
         if p.flush_max_events == 0 || p.flush_interval_ms == 0 || p.plugin_batch_size == 0 {
             return Err(invalid(
                 "processor.flush_max_events, flush_interval_ms and plugin_batch_size must be positive",
             ));
         }
-        if let Some(lanes) = p.plugin_lanes
-            && !(1..=crate::pipeline::MAX_LANES).contains(&lanes)
-        {
-            return Err(invalid(format!(
-                "processor.plugin_lanes must be 1-{}, not {lanes}",
-                crate::pipeline::MAX_LANES
-            )));
+        if let Some(lanes) = p.plugin_lanes {
+            check_range(
+                "processor.plugin_lanes",
+                lanes,
+                1..=crate::pipeline::MAX_LANES,
+            )?;
         }
-        let range = crate::pipeline::config::WRITE_TIMEOUT_MS;
-        if !range.contains(&p.write_timeout_ms) {
-            return Err(invalid(format!(
-                "processor.write_timeout_ms must be {}-{}, not {}",
-                range.start(),
-                range.end(),
-                p.write_timeout_ms
-            )));
-        }
+        check_range(
+            "processor.write_timeout_ms",
+            p.write_timeout_ms,
+            crate::pipeline::config::WRITE_TIMEOUT_MS,
+        )?;
         if p.drain_timeout_ms > crate::pipeline::config::MAX_DRAIN_TIMEOUT_MS {
             return Err(invalid(format!(
                 "processor.drain_timeout_ms must be at most {}, not {}",
