@@ -470,9 +470,9 @@ impl Pipeline {
         }
         // Every lane but the first runs on a task of its own; the first runs here.
         let first = parts.remove(0);
-        let mut others = self.lanes.drain(1..parts.len() + 1).collect::<Vec<_>>();
+        let others: Vec<Lane> = self.lanes.drain(1..=parts.len()).collect();
         let tasks = others
-            .drain(..)
+            .into_iter()
             .zip(parts)
             .map(|(mut lane, events)| {
                 let common = self.common.clone();

@@ -816,7 +816,10 @@ impl ResourceLimiter for Limiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let total = (self.memory_total - current.min(self.memory_total)).saturating_add(desired);
+        let total = self
+            .memory_total
+            .saturating_sub(current)
+            .saturating_add(desired);
         if total > self.memory_cap {
             self.denied = Some(total);
             return Ok(false);
