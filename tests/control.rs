@@ -635,6 +635,23 @@ async fn wait_for_views(
     }
 }
 
+/// The nice value of the thread named `name` of process `pid`, if it has one now
+/// (`/proc/PID/task/TID/stat`, field 19).
+fn thread_nice(pid: u32, name: &str) -> Option<i64> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let dir = task.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        // After the command's closing parenthesis: field 3 onwards.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        return fields.get(19 - 3)?.parse().ok();
+    }
+    None
+}
+
 /// Runs the `weir` CLI against an instance's admin API; returns stdout, or the error
 /// with stderr.
 fn cli(weir: &Weir, args: &[&str]) -> Result<String> {
@@ -985,6 +1002,36 @@ config = {{ require_user = ["profile_viewed"] }}
         ))
         .await?;
     assert_eq!(n, 1, "the replayed event landed twice");
+    // A dry run runs on a thread of its own at a lower priority (not on the runtime
+    // ingest and the processor share): seen in /proc while a plugin that loops
+    // forever is stopped at its deadline, event after event.
+    let (code, _) = api
+        .push("hostile", std::fs::read(plugin_path("hostile"))?, "")
+        .await?;
+    assert_eq!(code, StatusCode::CREATED);
+    let looping: Vec<Value> = (0..8).map(|_| json!({"name": "loop"})).collect();
+    let run = api.send(
+        api.http
+            .post(format!("{}/admin/v1/plugins/hostile/test", api.base))
+            .json(&json!({"events": looping, "batch_size": 1, "deadline_ms": 250})),
+    );
+    let pid = weir.pid().context("weir runs")?;
+    let watch = async {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if let Some(nice) = thread_nice(pid, "weir-dry-run") {
+                return Some(nice);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    };
+    let ((code, run), nice) = tokio::join!(async { run.await.expect("dry run") }, watch);
+    assert_eq!(code, StatusCode::OK, "{run}");
+    assert_eq!(run["summary"]["failed"], 8, "{run}");
+    assert_eq!(run["outcomes"][7]["kind"], "deadline", "{run}");
+    assert_eq!(nice, Some(10), "the dry run's thread and its nice value");
+
     assert!(weir.stop(), "weir did not stop cleanly:\n{}", weir.log());
     Ok(())
 }

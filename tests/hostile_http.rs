@@ -1,6 +1,6 @@
 //! The ingest port against clients that hold resources on purpose: headers trickled
 //! (slowloris), connections opened and left idle, a body trickled, and more
-//! connections than the limit. Each is cut off at its documented bound, and an
+//! connections than the limit, and a plugin upload trickled to the admin port. Each is cut off at its documented bound, and an
 //! ordinary client is served meanwhile and afterwards.
 
 use std::time::{Duration, Instant};
@@ -61,6 +61,26 @@ fn ingest_metric(weir: &Weir, name: &str) -> f64 {
     weir_tests::http_get(weir.admin, "/metrics").map_or(0.0, |text| {
         weir_tests::metric(&text, name, &[("server", "ingest")])
     })
+}
+
+/// Sends `head`, then its body 10 bytes every 200 ms (for at most 5 s) until the
+/// server answers or closes; the answer and how long it took.
+async fn trickle_body(addr: std::net::SocketAddr, head: &str) -> Result<(String, Duration)> {
+    let mut trickle = TcpStream::connect(addr).await?;
+    let started = Instant::now();
+    trickle.write_all(head.as_bytes()).await?;
+    let mut answer = String::new();
+    for _ in 0..25 {
+        if trickle.write_all(b"          ").await.is_err() {
+            break;
+        }
+        let (text, closed) = read_until_closed(&mut trickle, Duration::from_millis(200)).await;
+        answer.push_str(&text);
+        if !answer.is_empty() || closed.is_some() {
+            break;
+        }
+    }
+    Ok((answer, started.elapsed()))
 }
 
 async fn post_one(weir: &Weir, id: &str) -> Result<u16> {
@@ -131,37 +151,43 @@ async fn slow_and_idle_clients_are_cut_off_at_their_deadlines() -> Result<()> {
     );
 
     // A body trickled: 10 bytes every 200 ms of a declared 1,000: 408 at 1 s.
-    let mut trickle = TcpStream::connect(weir.ingest).await?;
-    let started = Instant::now();
-    trickle
-        .write_all(
-            format!(
-                "POST /v1/events HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {WRITE_KEY}\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .await?;
-    let mut answer = String::new();
-    for _ in 0..25 {
-        if trickle.write_all(b"          ").await.is_err() {
-            break;
-        }
-        let (text, closed) = read_until_closed(&mut trickle, Duration::from_millis(200)).await;
-        answer.push_str(&text);
-        if !answer.is_empty() || closed.is_some() {
-            break;
-        }
-    }
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {WRITE_KEY}\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n"
+    );
+    let (answer, took) = trickle_body(weir.ingest, &head).await?;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
     assert!(answer.contains("body_timeout"), "{answer}");
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(took < Duration::from_secs(3), "{took:?}");
 
     // Meanwhile and afterwards, an ordinary client is served.
     assert_eq!(post_one(&weir, "after").await?, 202);
+    Ok(())
+}
+
+/// The admin port has a body deadline of its own (`admin.body_timeout_ms`): a plugin
+/// upload trickled past it is answered 408 and nothing is stored; the admin API goes
+/// on answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_trickled_to_the_admin_port_is_cut_off_at_its_deadline() -> Result<()> {
+    let tansu = Tansu::start()?;
+    tansu.create_topic(TOPIC, 1)?;
+    let weir = Weir::start(&(config(&tansu, "") + "body_timeout_ms = 1000\n"))?;
+    let head = "PUT /admin/v1/plugins/slow HTTP/1.1\r\nhost: x\r\nauthorization: Bearer at_test_1234567890abcdef\r\ncontent-type: application/wasm\r\ncontent-length: 100000\r\n\r\n";
+    let (answer, took) = trickle_body(weir.admin, head).await?;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    let plugins = reqwest::Client::new()
+        .get(format!("http://{}/admin/v1/plugins", weir.admin))
+        .bearer_auth("at_test_1234567890abcdef")
+        .send()
+        .await?;
+    assert_eq!(plugins.status(), 200);
+    let listed = plugins.text().await?;
+    assert!(!listed.contains("slow"), "nothing was stored: {listed}");
     Ok(())
 }
 

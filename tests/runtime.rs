@@ -1,5 +1,5 @@
 //! The plugin sandbox against hostile plugins (built from `tests/plugins/hostile`): an
-//! endless loop, a memory bomb, deep recursion, a trap in one event of a batch of
+//! endless loop, a memory bomb, an outcome that repeats its memory, deep recursion, a trap in one event of a batch of
 //! 1,000, and a plugin that never returns from a host call. Each time the host
 //! survives, the limit fires, only the offending events fail with a reason naming the
 //! limit, the others are processed, and the next batch runs.
@@ -117,6 +117,14 @@ async fn an_endless_loop_is_stopped_at_the_deadline() {
 async fn a_memory_bomb_is_stopped_by_the_memory_cap() {
     let (instance, _) = isolate(100, &[(99, "alloc")], "memory cap exceeded").await;
     assert!(instance.peak_memory() <= MEMORY);
+}
+
+/// An outcome that points at the same megabyte of the plugin's memory 64 times would
+/// make the host copy 64 MiB for one event (and a batch of such, gigabytes): what a
+/// call hands the host is capped at the plugin's memory cap.
+#[tokio::test]
+async fn an_outcome_that_repeats_its_memory_is_stopped_at_the_call_cap() {
+    isolate(40, &[(21, "amplify")], "more than 16 MiB").await;
 }
 
 #[tokio::test]

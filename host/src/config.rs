@@ -14,6 +14,7 @@ use serde::Deserialize;
 // Each section's struct lives with the module it configures; the file's shape is here.
 pub use crate::bus::KafkaConfig;
 pub use crate::ingest::IngestConfig;
+pub use crate::ingest::quota::Quota;
 use crate::model::is_identifier;
 pub use crate::pipeline::config::{
     FailurePolicy, PipelineConfig, PluginConfig, ProcessorConfig, SchemaConfig,
@@ -118,9 +119,18 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Bearer tokens accepted by the admin API (at least 16 characters each).
     pub tokens: Vec<String>,
-    /// Largest plugin component accepted, in bytes. Default 64 MiB.
+    /// Largest plugin component accepted, in bytes. Default 64 MiB; at most 1 GiB.
     pub max_plugin_bytes: usize,
+    /// How long a request body may take to arrive, in ms, from the end of its headers
+    /// (a plugin upload of `max_plugin_bytes` included): a body still arriving then
+    /// is answered `408 body_timeout`. Default 120000 (2 minutes); 1000-3600000.
+    pub body_timeout_ms: u64,
 }
+
+/// The range of [`AdminConfig::body_timeout_ms`].
+pub const ADMIN_BODY_TIMEOUT_MS: std::ops::RangeInclusive<u64> = 1_000..=3_600_000;
+/// The range of [`AdminConfig::max_plugin_bytes`].
+pub const MAX_PLUGIN_BYTES: std::ops::RangeInclusive<usize> = 1..=1 << 30;
 
 impl Default for AdminConfig {
     fn default() -> Self {
@@ -128,6 +138,7 @@ impl Default for AdminConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             tokens: Vec::new(),
             max_plugin_bytes: 64 << 20,
+            body_timeout_ms: 120_000,
         }
     }
 }
@@ -185,6 +196,38 @@ pub struct AppConfig {
     /// (`GET /v1/counters/...`). A write key never reads. Default none.
     #[serde(default)]
     pub read_keys: Vec<String>,
+    /// `[app.quota]`: events and bytes per second for the whole app, on each ingest
+    /// instance (429 with `Retry-After` beyond). Default: no limit.
+    #[serde(default)]
+    pub quota: Option<Quota>,
+    /// `[app.key_quota]`: the same for each of the app's write keys on its own (a
+    /// leaked key floods only its own share). Default: no limit.
+    #[serde(default)]
+    pub key_quota: Option<Quota>,
+}
+
+impl AppConfig {
+    fn validate_quotas(&self) -> Result<(), ConfigError> {
+        use crate::ingest::quota::{BURST_SECS, BYTES_PER_SEC, EVENTS_PER_SEC};
+        for (section, quota) in [("quota", &self.quota), ("key_quota", &self.key_quota)] {
+            let Some(q) = quota else { continue };
+            let name = |field: &str| format!("app {:?}: {section}.{field}", self.name);
+            if q.events_per_sec.is_none() && q.bytes_per_sec.is_none() {
+                return Err(invalid(format!(
+                    "app {:?}: {section} sets neither events_per_sec nor bytes_per_sec",
+                    self.name
+                )));
+            }
+            if let Some(v) = q.events_per_sec {
+                check_range(&name("events_per_sec"), v, EVENTS_PER_SEC)?;
+            }
+            if let Some(v) = q.bytes_per_sec {
+                check_range(&name("bytes_per_sec"), v, BYTES_PER_SEC)?;
+            }
+            check_range(&name("burst_secs"), q.burst_secs, BURST_SECS)?;
+        }
+        Ok(())
+    }
 }
 
 impl Config {
@@ -264,6 +307,7 @@ impl Config {
             if app.name.is_empty() {
                 return Err(invalid("an [[app]] has an empty name"));
             }
+            app.validate_quotas()?;
             for key in app.write_keys.iter().chain(&app.read_keys) {
                 if key.len() < 16 {
                     return Err(invalid(format!(
@@ -308,9 +352,16 @@ impl Config {
                     admin.listen
                 )));
             }
-            if admin.max_plugin_bytes == 0 {
-                return Err(invalid("admin.max_plugin_bytes must be positive"));
-            }
+            check_range(
+                "admin.max_plugin_bytes",
+                admin.max_plugin_bytes,
+                MAX_PLUGIN_BYTES,
+            )?;
+            check_range(
+                "admin.body_timeout_ms",
+                admin.body_timeout_ms,
+                ADMIN_BODY_TIMEOUT_MS,
+            )?;
         }
         let c = &self.control;
         if c.reconcile_ms == 0 || c.heartbeat_ms == 0 || c.instance_ttl_ms <= c.heartbeat_ms {
@@ -495,6 +546,18 @@ impl Config {
             .collect()
     }
 
+    /// Every app's quotas, for ingest.
+    pub fn quotas(&self) -> crate::ingest::quota::Quotas {
+        crate::ingest::quota::Quotas::new(self.apps.iter().map(|app| {
+            (
+                app.name.as_str(),
+                app.quota.as_ref(),
+                app.key_quota.as_ref(),
+                app.write_keys.as_slice(),
+            )
+        }))
+    }
+
     /// Write key -> app name.
     pub fn write_keys(&self) -> HashMap<String, String> {
         self.apps
@@ -511,6 +574,41 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quotas_are_checked_and_named_in_errors() {
+        let app = |quota: &str| {
+            format!("[[app]]\nname = \"a\"\nwrite_keys = [\"k123456789012345678\"]\n{quota}")
+        };
+        let c = Config::parse(&app(
+            "[app.quota]\nevents_per_sec = 5000\nbytes_per_sec = 5000000\n[app.key_quota]\nevents_per_sec = 1000\nburst_secs = 5\n",
+        ))
+        .unwrap();
+        let quota = c.apps[0].quota.unwrap();
+        assert_eq!((quota.events_per_sec, quota.burst_secs), (Some(5000), 1));
+        assert_eq!(c.apps[0].key_quota.unwrap().burst_secs, 5);
+        for (quota, message) in [
+            (
+                "[app.quota]\nevents_per_sec = 0\n",
+                "app \"a\": quota.events_per_sec must be 1-10000000, not 0",
+            ),
+            (
+                "[app.key_quota]\nbytes_per_sec = 100\n",
+                "app \"a\": key_quota.bytes_per_sec must be 1024-10000000000, not 100",
+            ),
+            (
+                "[app.quota]\nevents_per_sec = 10\nburst_secs = 9223372036854775807\n",
+                "app \"a\": quota.burst_secs must be 1-3600, not 9223372036854775807",
+            ),
+            (
+                "[app.quota]\nburst_secs = 2\n",
+                "app \"a\": quota sets neither events_per_sec nor bytes_per_sec",
+            ),
+        ] {
+            let err = Config::parse(&app(quota)).unwrap_err().to_string();
+            assert!(err.contains(message), "{err}");
+        }
+    }
 
     #[test]
     fn empty_config_has_documented_defaults() {
@@ -536,6 +634,24 @@ mod tests {
             ),
         ] {
             let err = Config::parse(&format!("[ingest]\n{line}")).unwrap_err();
+            assert!(err.to_string().contains(want), "{line}: {err}");
+        }
+        let admin = Config::parse("[admin]\ntokens = [\"at_test_1234567890abcdef\"]").unwrap();
+        let admin = admin.admin.expect("[admin] given");
+        assert_eq!(admin.body_timeout_ms, 120_000);
+        assert_eq!(admin.max_plugin_bytes, 64 << 20);
+        for (line, want) in [
+            (
+                "body_timeout_ms = 999",
+                "admin.body_timeout_ms must be 1000-3600000, not 999",
+            ),
+            (
+                "max_plugin_bytes = 0",
+                "admin.max_plugin_bytes must be 1-1073741824, not 0",
+            ),
+        ] {
+            let text = format!("[admin]\ntokens = [\"at_test_1234567890abcdef\"]\n{line}");
+            let err = Config::parse(&text).unwrap_err();
             assert!(err.to_string().contains(want), "{line}: {err}");
         }
         assert_eq!(c.ingest.max_events_per_request, 1000);

@@ -186,8 +186,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
                 tokens: admin_cfg.tokens.iter().cloned().collect(),
                 app_keys,
                 max_plugin_bytes: admin_cfg.max_plugin_bytes,
+                body_timeout: Duration::from_millis(admin_cfg.body_timeout_ms),
                 instance_ttl: Duration::from_millis(config.control.instance_ttl_ms),
-                dry_runs: tokio::sync::Semaphore::new(1),
+                dry_runs: Arc::new(tokio::sync::Semaphore::new(1)),
                 dead_letters: DeadLetters {
                     sink: ClickHouseSink::new(&config.clickhouse, routes.tables.clone()),
                     producer: producer.clone(),
@@ -212,7 +213,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
         None => None,
     };
 
-    let mut ingest = Ingest::new(&config.ingest, keys, producer.clone());
+    let mut ingest =
+        Ingest::new(&config.ingest, keys, producer.clone()).with_quotas(config.quotas());
     ingest = ingest.with_counters(Counters {
         read_keys: config.read_keys(),
         source: Arc::new(RedisCounters {

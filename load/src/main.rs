@@ -98,6 +98,42 @@ struct Args {
     /// The pipeline --swap-every changes.
     #[arg(long, default_value = "engagement")]
     pipeline: String,
+    /// The app of --write-key: ClickHouse rows are then counted for this app only, so
+    /// that two harnesses posting as two apps (the noisy-neighbour benchmark) each wait
+    /// for their own rows.
+    #[arg(long)]
+    app: Option<String>,
+    /// How often a freshness probe is sent, in milliseconds; 0 sends none.
+    #[arg(long, default_value_t = 200)]
+    probe_every_ms: u64,
+    /// The API the load is sent to: weir's `POST /v1/events` (`events`), or Segment's
+    /// `POST /v1/batch` with Basic auth (`segment`: the same events as track messages,
+    /// as Segment's SDKs send them). Freshness probes always use `/v1/events`.
+    #[arg(long, value_enum, default_value_t = Api::Events)]
+    api: Api,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    Events,
+    Segment,
+}
+
+impl Api {
+    fn path(self) -> &'static str {
+        match self {
+            Api::Events => "/v1/events",
+            Api::Segment => "/v1/batch",
+        }
+    }
+
+    /// The status of an accepted request.
+    fn accepted(self) -> &'static str {
+        match self {
+            Api::Events => "202",
+            Api::Segment => "200",
+        }
+    }
 }
 
 /// How long after a swap counts as "during" it.
@@ -126,7 +162,9 @@ const LOCALES: [&str; 6] = ["en-GB", "en-US", "de-DE", "fr-FR", "es-ES", "pt-BR"
 /// ~400-600 bytes. Written as text directly (no `serde_json::Value` per event): the
 /// harness shares the machine's two cores with what it measures, so its own cost per
 /// event must stay small. Every string is plain ASCII: nothing needs escaping.
-fn write_event(out: &mut String, rng: &mut Rng, users: u64) {
+/// One generated event: weir's JSON, or (`api` Segment) a Segment track message with
+/// the same content.
+fn write_event(out: &mut String, rng: &mut Rng, users: u64, api: Api) {
     use std::fmt::Write;
     let roll = rng.below(100);
     let name = match roll {
@@ -135,9 +173,13 @@ fn write_event(out: &mut String, rng: &mut Rng, users: u64) {
         70..90 => "app_opened",
         _ => "signup_step_completed",
     };
+    let (name_key, user_key) = match api {
+        Api::Events => (r#"{"name":"#, "user_id"),
+        Api::Segment => (r#"{"type":"track","event":"#, "userId"),
+    };
     let _ = write!(
         out,
-        r#"{{"name":"{name}","user_id":"user{}","properties":"#,
+        r#"{name_key}"{name}","{user_key}":"user{}","properties":"#,
         rng.below(users)
     );
     let _ = match roll {
@@ -203,8 +245,13 @@ async fn client(
     start: Instant,
     end: Instant,
 ) {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ ((id as u64 + 1) * 0x2545_f491_4f6c_dd1d));
-    let url = format!("{}/v1/events", args.url);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
+    let url = format!("{}{}", args.url, args.api.path());
+    let basic = {
+        use base64::Engine as _;
+        let key = base64::engine::general_purpose::STANDARD.encode(format!("{}:", args.write_key));
+        format!("Basic {key}")
+    };
     let interval = args
         .rate
         .map(|r| Duration::from_secs_f64(args.batch as f64 / r.max(1) as f64));
@@ -231,22 +278,29 @@ async fn client(
                 now
             }
         };
-        let mut body = String::with_capacity(args.batch * 640);
-        body.push('[');
+        let mut body = String::with_capacity(args.batch * 640 + 16);
+        body.push_str(match args.api {
+            Api::Events => "[",
+            Api::Segment => r#"{"batch":["#,
+        });
         for i in 0..args.batch {
             if i > 0 {
                 body.push(',');
             }
-            write_event(&mut body, &mut rng, args.users);
+            write_event(&mut body, &mut rng, args.users, args.api);
         }
-        body.push(']');
-        let resp = http
+        body.push_str(match args.api {
+            Api::Events => "]",
+            Api::Segment => "]}",
+        });
+        let request = http
             .post(&url)
-            .bearer_auth(&args.write_key)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await;
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        let request = match args.api {
+            Api::Events => request.bearer_auth(&args.write_key),
+            Api::Segment => request.header(reqwest::header::AUTHORIZATION, &basic),
+        };
+        let resp = request.body(body).send().await;
         let status = match resp {
             Ok(r) => {
                 let s = r.status().as_u16();
@@ -263,7 +317,7 @@ async fn client(
             by_second.push(new_histogram());
         }
         let _ = by_second[second].record(micros.max(1));
-        if status == "202" {
+        if status == args.api.accepted() {
             tally
                 .accepted
                 .fetch_add(args.batch as u64, Ordering::Relaxed);
@@ -299,6 +353,9 @@ async fn probe_loop(
     end: Instant,
     run: String,
 ) {
+    if args.probe_every_ms == 0 {
+        return;
+    }
     let mut k = 0;
     while Instant::now() < end {
         k += 1;
@@ -323,7 +380,7 @@ async fn probe_loop(
                 p.counter_pending.insert(id, sent);
             }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(args.probe_every_ms)).await;
     }
 }
 
@@ -409,9 +466,20 @@ fn proc_sample(pid: u32) -> Option<(f64, u64)> {
     Some((ticks / 100.0, rss_kib * 1024))
 }
 
-async fn clickhouse_count(http: &reqwest::Client, url: &str, db: &str) -> Result<u64> {
+async fn clickhouse_count(
+    http: &reqwest::Client,
+    url: &str,
+    db: &str,
+    app: Option<&str>,
+) -> Result<u64> {
+    let filter = app.map_or(String::new(), |app| {
+        format!(
+            " WHERE app = '{}'",
+            app.replace('\\', "\\\\").replace('\'', "\\'")
+        )
+    });
     let sql = format!(
-        "SELECT (SELECT count() FROM {db}.events) + (SELECT count() FROM {db}.dead_letters)"
+        "SELECT (SELECT count() FROM {db}.events{filter}) + (SELECT count() FROM {db}.dead_letters{filter})"
     );
     let text = http
         .post(url)
@@ -427,7 +495,7 @@ async fn clickhouse_count(http: &reqwest::Client, url: &str, db: &str) -> Result
 /// weir's metrics that the run moves.
 #[derive(Debug, Default, Clone)]
 struct WeirMetrics {
-    requests_202: f64,
+    requests_ok: f64,
     events_accepted: f64,
     rows: f64,
 }
@@ -453,7 +521,9 @@ async fn weir_metrics(http: &reqwest::Client, url: &str) -> Result<WeirMetrics> 
             .sum()
     };
     Ok(WeirMetrics {
-        requests_202: sum("weir_ingest_requests_total", Some(("status", "202"))),
+        // 202 from /v1/events, 200 from Segment's API.
+        requests_ok: sum("weir_ingest_requests_total", Some(("status", "202")))
+            + sum("weir_ingest_requests_total", Some(("status", "200"))),
         events_accepted: sum("weir_ingest_events_total", None),
         rows: sum("weir_sink_rows_total", Some(("table", "events")))
             + sum("weir_sink_rows_total", Some(("table", "dead_letters"))),
@@ -607,7 +677,7 @@ async fn main() -> Result<()> {
         .await
         .with_context(|| format!("weir does not answer at {}/metrics", args.url))?;
     let rows_before = match &args.clickhouse {
-        Some(ch) => Some(clickhouse_count(&http, ch, &args.database).await?),
+        Some(ch) => Some(clickhouse_count(&http, ch, &args.database, args.app.as_deref()).await?),
         None => None,
     };
 
@@ -687,7 +757,7 @@ async fn main() -> Result<()> {
             if let Some((_, rss)) = args.pid.and_then(proc_sample) {
                 peak_rss = peak_rss.max(rss);
             }
-            let have = clickhouse_count(&http, ch, &args.database)
+            let have = clickhouse_count(&http, ch, &args.database, args.app.as_deref())
                 .await
                 .unwrap_or(0);
             if have >= want {
@@ -806,7 +876,7 @@ async fn main() -> Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
             after = weir_metrics(&http, &args.url).await?;
         }
-        let ok_requests = statuses.get("202").copied().unwrap_or(0) + probes_sent;
+        let ok_requests = statuses.get(args.api.accepted()).copied().unwrap_or(0) + probes_sent;
         let mut problems = Vec::new();
         let mut check = |what: &str, weir: f64, harness: u64| {
             if weir != harness as f64 {
@@ -816,8 +886,8 @@ async fn main() -> Result<()> {
             }
         };
         check(
-            "requests answered 202",
-            after.requests_202 - before.requests_202,
+            "requests accepted",
+            after.requests_ok - before.requests_ok,
             ok_requests,
         );
         check(
@@ -953,7 +1023,7 @@ mod tests {
         let mut names = HashMap::new();
         for _ in 0..2000 {
             let mut text = String::new();
-            write_event(&mut text, &mut rng, 100_000);
+            write_event(&mut text, &mut rng, 100_000, Api::Events);
             let event: Value =
                 serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
             assert!(
@@ -976,5 +1046,20 @@ mod tests {
             (100..300).contains(&names["signup_step_completed"]),
             "{names:?}"
         );
+    }
+
+    #[test]
+    fn segment_messages_carry_the_same_event_as_tracks() {
+        let (mut a, mut b) = (Rng(7), Rng(7));
+        let (mut ours, mut theirs) = (String::new(), String::new());
+        write_event(&mut ours, &mut a, 1000, Api::Events);
+        write_event(&mut theirs, &mut b, 1000, Api::Segment);
+        let ours: Value = serde_json::from_str(&ours).unwrap();
+        let theirs: Value = serde_json::from_str(&theirs).unwrap();
+        assert_eq!(theirs["type"], "track");
+        assert_eq!(theirs["event"], ours["name"]);
+        assert_eq!(theirs["userId"], ours["user_id"]);
+        assert_eq!(theirs["properties"], ours["properties"]);
+        assert_eq!(theirs["context"], ours["context"]);
     }
 }

@@ -10,10 +10,12 @@
 //! Every child is killed when its handle drops, and (Linux) when the test process
 //! dies, so a failed test leaves no server behind.
 
+use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -40,12 +42,27 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1, never one this process has handed out before: the
+/// tests of a binary run in parallel, and two of their servers must not be given the
+/// same port between its release here and their bind.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind an ephemeral port");
+        if GIVEN.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
+}
+
+/// The last `lines` lines of a file ("" if it cannot be read).
+fn file_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// Waits until `check` returns true, polling every 50 ms, or fails after `timeout`.
@@ -179,13 +196,41 @@ impl Proc {
 
     /// The last lines of the process's output (for failure messages).
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        file_tail(&self.log, lines)
     }
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `ready` returns true; fails at once, quoting the process's output, if
+    /// it exits first (a port taken, a bad flag), and after `timeout` if neither happens.
+    pub fn wait_ready(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut ready: impl FnMut() -> bool,
+    ) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if ready() {
+                return Ok(());
+            }
+            if let Some(status) = self.exit_status() {
+                bail!(
+                    "{} exited ({status}) while waiting for {what}:\n{}",
+                    self.name,
+                    self.log_tail(30)
+                );
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "timed out after {timeout:?} waiting for {what}:\n{}",
+                    self.log_tail(30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// True while the process runs.
@@ -239,12 +284,17 @@ impl Drop for Proc {
     }
 }
 
+/// Where `scripts/stack.sh install` puts what it downloads: `$WEIR_CACHE`, by default
+/// `~/.cache/weir`.
+pub fn cache_dir() -> Option<PathBuf> {
+    std::env::var_os("WEIR_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/weir")))
+}
+
 /// Finds a program in `$WEIR_CACHE/bin` (default `~/.cache/weir/bin`) or on `PATH`.
 pub fn find_program(name: &str) -> Result<PathBuf> {
-    let cache = std::env::var_os("WEIR_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/weir")));
-    if let Some(p) = cache
+    if let Some(p) = cache_dir()
         .map(|c| c.join("bin").join(name))
         .filter(|p| p.exists())
     {
@@ -299,7 +349,7 @@ impl Tansu {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let advertised = format!("tcp://127.0.0.1:{}", self.advertised.unwrap_or(self.port));
         let log = self.dir.path().join(format!("tansu-{}.log", self.starts));
-        let proc = Proc::spawn(
+        let mut proc = Proc::spawn(
             "tansu",
             Command::new(find_program("tansu")?)
                 .args([
@@ -313,10 +363,9 @@ impl Tansu {
             log,
         )?;
         let port = self.port;
-        wait_until("tansu to listen", Duration::from_secs(30), || {
+        proc.wait_ready("tansu to listen", Duration::from_secs(30), || {
             port_open(port)
-        })
-        .with_context(|| proc.log_tail(30))?;
+        })?;
         self.proc = Some(proc);
         Ok(())
     }
@@ -350,6 +399,13 @@ impl Tansu {
     }
 }
 
+/// How one start of a ClickHouse server ended.
+enum Launch {
+    Up,
+    /// It exited because a port it was given is in use (the error log's line).
+    PortTaken(String),
+}
+
 /// A ClickHouse server with its state in a temp dir.
 pub struct ClickHouse {
     pub http_port: u16,
@@ -361,11 +417,36 @@ pub struct ClickHouse {
 }
 
 impl ClickHouse {
+    /// Starts a server on two free ports. A port can be taken between the moment it is
+    /// found free and the server's bind (by another test's server or an outgoing
+    /// connection's local port): the server then exits at once, and it is started again
+    /// on two other ports.
     pub fn start() -> Result<ClickHouse> {
-        let dir = TempDir::new("clickhouse");
-        let (http_port, tcp_port) = (free_port(), free_port());
+        let mut ch = ClickHouse {
+            http_port: 0,
+            dir: TempDir::new("clickhouse"),
+            config: String::new(),
+            proc: None,
+            starts: 0,
+            http: reqwest::Client::new(),
+        };
+        for attempt in 1.. {
+            ch.configure(free_port(), free_port())?;
+            match ch.launch()? {
+                Launch::Up => return Ok(ch),
+                Launch::PortTaken(why) if attempt < 4 => {
+                    eprintln!("clickhouse-server could not bind its ports ({why}); other ports");
+                }
+                Launch::PortTaken(why) => bail!("clickhouse-server could not bind: {why}"),
+            }
+        }
+        unreachable!()
+    }
+
+    /// Writes the server's config for these ports (`scripts/stack.sh clickhouse-config`).
+    fn configure(&mut self, http_port: u16, tcp_port: u16) -> Result<()> {
         let out = Command::new(repo_root().join("scripts/stack.sh"))
-            .args(["clickhouse-config", &dir.path().display().to_string()])
+            .args(["clickhouse-config", &self.dir.path().display().to_string()])
             .args([http_port.to_string(), tcp_port.to_string()])
             .output()?;
         if !out.status.success() {
@@ -374,24 +455,33 @@ impl ClickHouse {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let config = String::from_utf8(out.stdout)?.trim().to_owned();
-        let mut ch = ClickHouse {
-            http_port,
-            dir,
-            config,
-            proc: None,
-            starts: 0,
-            http: reqwest::Client::new(),
-        };
-        ch.restart()?;
-        Ok(ch)
+        self.config = String::from_utf8(out.stdout)?.trim().to_owned();
+        self.http_port = http_port;
+        Ok(())
     }
 
-    /// Starts the server (again) on the same ports and data directory.
+    /// Starts the server (again) on the same ports and data directory. A port still
+    /// held by someone else (an outgoing connection's local port) is waited for.
     pub fn restart(&mut self) -> Result<()> {
+        for attempt in 1.. {
+            match self.launch()? {
+                Launch::Up => return Ok(()),
+                Launch::PortTaken(why) if attempt < 10 => {
+                    eprintln!("clickhouse-server could not bind its ports ({why}); again in 1 s");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Launch::PortTaken(why) => bail!("clickhouse-server could not bind: {why}"),
+            }
+        }
+        unreachable!()
+    }
+
+    /// One start: up once it answers `/ping`; an exit because a port is taken is
+    /// told apart from every other failure, which is an error quoting the server's logs.
+    fn launch(&mut self) -> Result<Launch> {
         self.stop();
         self.starts += 1;
-        let proc = Proc::spawn(
+        let mut proc = Proc::spawn(
             "clickhouse-server",
             Command::new(find_program("clickhouse-server")?)
                 .arg(format!("--config-file={}", self.config))
@@ -401,14 +491,35 @@ impl ClickHouse {
                 .join(format!("server-stdout-{}.log", self.starts)),
         )?;
         let addr = SocketAddr::from(([127, 0, 0, 1], self.http_port));
-        wait_until(
+        let waited = proc.wait_ready(
             "clickhouse to answer /ping",
-            Duration::from_secs(60),
+            Duration::from_secs(90),
             || http_ok(addr, "/ping"),
+        );
+        let errors = self.error_log_tail(20);
+        match waited {
+            Ok(()) => {
+                self.proc = Some(proc);
+                Ok(Launch::Up)
+            }
+            Err(_) if proc.exit_status().is_some() && errors.contains("Address already in use") => {
+                let line = errors
+                    .lines()
+                    .find(|l| l.contains("Address already in use"));
+                Ok(Launch::PortTaken(
+                    line.unwrap_or_default().trim().to_owned(),
+                ))
+            }
+            Err(e) => Err(e.context(format!("clickhouse-server's error log:\n{errors}"))),
+        }
+    }
+
+    /// The last lines of the server's error log (it logs there, not to stdout).
+    fn error_log_tail(&self, lines: usize) -> String {
+        file_tail(
+            &self.dir.path().join("log/clickhouse-server.err.log"),
+            lines,
         )
-        .with_context(|| proc.log_tail(30))?;
-        self.proc = Some(proc);
-        Ok(())
     }
 
     /// Stops the server (SIGTERM); its data stays for the next [`ClickHouse::restart`].
@@ -526,7 +637,7 @@ impl Redis {
         self.stop();
         self.starts += 1;
         let log = self.dir.path().join(format!("redis-{}.log", self.starts));
-        let proc = Proc::spawn(
+        let mut proc = Proc::spawn(
             "redis-server",
             Command::new(find_program("redis-server")?)
                 .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
@@ -543,10 +654,9 @@ impl Redis {
             log,
         )?;
         let port = self.port;
-        wait_until("redis to listen", Duration::from_secs(30), || {
+        proc.wait_ready("redis to listen", Duration::from_secs(30), || {
             port_open(port)
-        })
-        .with_context(|| proc.log_tail(30))?;
+        })?;
         self.proc = Some(proc);
         Ok(())
     }
@@ -668,6 +778,11 @@ impl Weir {
             .take()
             .map(|mut p| p.stop(Duration::from_secs(40)))
             .unwrap_or(true)
+    }
+
+    /// The process id of the running weir.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().and_then(Proc::pid)
     }
 
     /// SIGKILL: no flush, no commit, no goodbye to the consumer group.

@@ -28,12 +28,35 @@ pub struct Admin {
     /// Apps' write and read keys: they get 403, not 401.
     pub app_keys: HashSet<String>,
     pub max_plugin_bytes: usize,
+    /// How long a request body may take to arrive (`admin.body_timeout_ms`).
+    pub body_timeout: Duration,
     /// Instances not heard from for this long are not listed.
     pub instance_ttl: Duration,
     pub dead_letters: DeadLetters,
     /// One dry run at a time on this instance: each compiles a component and runs it
     /// on the cores ingest and the processor use.
-    pub dry_runs: tokio::sync::Semaphore,
+    pub dry_runs: Arc<tokio::sync::Semaphore>,
+}
+
+/// A query string, or the JSON `400 bad_query` that says what is wrong with it (axum's
+/// own rejection is plain text). Taken after the token is checked, so that a caller
+/// without one gets 401 whatever its query.
+struct QueryOr<T>(Result<T, ApiError>);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S>
+    for QueryOr<T>
+{
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let query = Query::<T>::from_request_parts(parts, state).await;
+        Ok(Self(query.map(|Query(q)| q).map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text())
+        })))
+    }
 }
 
 /// The admin router.
@@ -103,39 +126,61 @@ async fn authorized_state(admin: &Admin, headers: &HeaderMap) -> Result<super::S
         .map_err(AdminError::from)?)
 }
 
-/// Reads an upload of at most `max` bytes; `None` if it is larger. A larger body is
-/// still read (and dropped) up to twice the limit, so that the client, still sending,
-/// gets the 413 rather than a broken connection; beyond that the connection is cut.
-async fn read_upload(mut body: Body, max: usize) -> Option<Bytes> {
-    use http_body_util::BodyExt as _;
-    let mut buf = bytes::BytesMut::new();
-    let mut total = 0usize;
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else {
-            return None;
+impl Admin {
+    /// Reads an upload of at most `max` bytes; `None` if it is larger. A larger body is
+    /// still read (and dropped) up to twice the limit, so that the client, still sending,
+    /// gets the 413 rather than a broken connection; beyond that the connection is cut.
+    /// A body still arriving at `admin.body_timeout_ms` is answered 408.
+    async fn read_upload(&self, mut body: Body, max: usize) -> Result<Option<Bytes>, ApiError> {
+        use http_body_util::BodyExt as _;
+        let read = async move {
+            let mut buf = bytes::BytesMut::new();
+            let mut total = 0usize;
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else {
+                    return None;
+                };
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                total += data.len();
+                if total <= max {
+                    buf.extend_from_slice(&data);
+                } else if total > max.saturating_mul(2) {
+                    return None;
+                }
+            }
+            (total <= max).then(|| buf.freeze())
         };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        total += data.len();
-        if total <= max {
-            buf.extend_from_slice(&data);
-        } else if total > max.saturating_mul(2) {
-            return None;
-        }
+        tokio::time::timeout(self.body_timeout, read)
+            .await
+            .map_err(|_| self.body_timeout_error())
     }
-    (total <= max).then(|| buf.freeze())
-}
 
-/// Reads a body of at most `max` bytes.
-async fn read_body(body: Body, max: usize, what: &str) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, max).await.map_err(|_| {
+    /// Reads a body of at most `max` bytes, within `admin.body_timeout_ms`.
+    async fn read_body(&self, body: Body, max: usize, what: &str) -> Result<Bytes, ApiError> {
+        tokio::time::timeout(self.body_timeout, axum::body::to_bytes(body, max))
+            .await
+            .map_err(|_| self.body_timeout_error())?
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("{what} is larger than the limit of {max} bytes"),
+                )
+            })
+    }
+
+    fn body_timeout_error(&self) -> ApiError {
         ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("{what} is larger than the limit of {max} bytes"),
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {} ms (admin.body_timeout_ms)",
+                self.body_timeout.as_millis()
+            ),
         )
-    })
+    }
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, ApiError> {
@@ -172,11 +217,12 @@ struct PushQuery {
 async fn push_plugin(
     State(admin): State<Arc<Admin>>,
     Path(name): Path<String>,
-    Query(q): Query<PushQuery>,
+    QueryOr(q): QueryOr<PushQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     authorize(&admin, &headers)?;
+    let q = q?;
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -187,8 +233,9 @@ async fn push_plugin(
             ),
         )
     };
-    let bytes = read_upload(body, admin.max_plugin_bytes)
-        .await
+    let bytes = admin
+        .read_upload(body, admin.max_plugin_bytes)
+        .await?
         .ok_or_else(too_large)?;
     let allow: Vec<String> = q
         .allow
@@ -263,7 +310,7 @@ async fn test_plugin(
     body: Body,
 ) -> Result<axum::Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
-    let Ok(_running) = admin.dry_runs.try_acquire() else {
+    let Ok(slot) = admin.dry_runs.clone().try_acquire_owned() else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "busy",
@@ -271,7 +318,9 @@ async fn test_plugin(
         )
         .retry_after(1));
     };
-    let body = read_body(body, 16 << 20, "the dry-run request").await?;
+    let body = admin
+        .read_body(body, 16 << 20, "the dry-run request")
+        .await?;
     let req: TestRequest = parse_json(&body, "the dry-run request")?;
     let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid", m);
     if req.events.len() > MAX_TEST_EVENTS {
@@ -320,14 +369,16 @@ async fn test_plugin(
         deadline: Duration::from_millis(req.deadline_ms),
         memory_bytes: req.memory_mib << 20,
     };
-    let config = Value::Object(req.config).to_string();
-    let plugin = admin
-        .control
-        .runtime()
-        .load_as(&name, &pv.version.to_string(), &bytes, config, limits)
-        .await
-        .map_err(|e| bad(e.to_string()))?;
-    let report = dry_run::run(&plugin, &events, req.batch_size)
+    let run = dry_run::Request {
+        name: name.clone(),
+        version: pv.version.to_string(),
+        bytes,
+        config: Value::Object(req.config).to_string(),
+        limits,
+        events,
+        batch_size: req.batch_size,
+    };
+    let report = dry_run::run_apart(admin.control.runtime().clone(), run, slot)
         .await
         .map_err(|e| bad(e.to_string()))?;
     Ok(axum::Json(json!({
@@ -345,7 +396,7 @@ async fn put_schema(
     body: Body,
 ) -> Result<Response, ApiError> {
     authorize(&admin, &headers)?;
-    let body = read_body(body, 1 << 20, "the schema").await?;
+    let body = admin.read_body(body, 1 << 20, "the schema").await?;
     let schema: Value = parse_json(&body, "the schema (JSON)")?;
     let (sv, is_new) = admin.control.put_schema(&event, schema).await?;
     Ok(created(is_new, json!(sv)))
@@ -386,7 +437,7 @@ async fn put_pipeline(
     body: Body,
 ) -> Result<Response, ApiError> {
     authorize(&admin, &headers)?;
-    let body = read_body(body, 1 << 20, "the pipeline").await?;
+    let body = admin.read_body(body, 1 << 20, "the pipeline").await?;
     let doc: PipelineDoc = parse_json(&body, "the pipeline")?;
     let (pv, is_new) = admin.control.put_pipeline(&name, doc).await?;
     Ok(created(
@@ -441,10 +492,11 @@ struct RollbackQuery {
 async fn rollback(
     State(admin): State<Arc<Admin>>,
     Path(name): Path<String>,
-    Query(q): Query<RollbackQuery>,
+    QueryOr(q): QueryOr<RollbackQuery>,
     headers: HeaderMap,
 ) -> Result<axum::Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
+    let q = q?;
     let pv = admin.control.rollback(&name, q.to).await?;
     Ok(axum::Json(
         json!({"name": name, "version": pv.version, "active": true, "doc": pv.doc}),
@@ -485,12 +537,30 @@ fn unavailable(e: DeadLetterError) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, e.to_string())
 }
 
+/// A filter of dead letters whose `stage` names one (an unknown stage would match
+/// nothing and hide a typo).
+fn check_filter(filter: DeadLetterFilter) -> Result<DeadLetterFilter, ApiError> {
+    use crate::model::Stage;
+    match &filter.stage {
+        Some(stage) if Stage::parse(stage).is_none() => {
+            let known: Vec<&str> = Stage::ALL.iter().map(|s| s.as_str()).collect();
+            Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                format!("unknown stage {stage:?}; one of {}", known.join(", ")),
+            ))
+        }
+        _ => Ok(filter),
+    }
+}
+
 async fn list_dead_letters(
     State(admin): State<Arc<Admin>>,
-    Query(filter): Query<DeadLetterFilter>,
+    QueryOr(filter): QueryOr<DeadLetterFilter>,
     headers: HeaderMap,
 ) -> Result<axum::Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
+    let filter = check_filter(filter?)?;
     let rows = admin
         .dead_letters
         .list(&filter)
@@ -505,8 +575,8 @@ async fn replay_dead_letters(
     body: Body,
 ) -> Result<axum::Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
-    let body = read_body(body, 4 << 20, "the replay request").await?;
-    let filter: DeadLetterFilter = parse_json(&body, "the replay request")?;
+    let body = admin.read_body(body, 4 << 20, "the replay request").await?;
+    let filter = check_filter(parse_json(&body, "the replay request")?)?;
     let report = admin
         .dead_letters
         .replay(&filter)

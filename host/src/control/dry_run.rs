@@ -7,8 +7,86 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::ingest::envelope::{self, BodyFormat};
-use crate::model::{Event, PluginOutput};
-use crate::runtime::{Plugin, RuntimeError, Verdict};
+use crate::model::{Event, Limits, PluginOutput};
+use crate::runtime::{Plugin, Runtime, RuntimeError, Verdict};
+
+/// Name of the thread a dry run of the admin API runs on.
+pub const THREAD_NAME: &str = "weir-dry-run";
+/// Its nice value (0 is the process's; 19 the lowest priority): when the cores are
+/// busy, the scheduler gives them to ingest and the processor first.
+pub const THREAD_NICE: i32 = 10;
+
+/// A dry run asked for through the admin API: the plugin's component and what to run
+/// it on.
+pub struct Request {
+    pub name: String,
+    pub version: String,
+    pub bytes: Vec<u8>,
+    pub config: String,
+    pub limits: Limits,
+    pub events: Vec<Event>,
+    pub batch_size: usize,
+}
+
+/// Compiles and runs a dry run away from the cores' main work: on a thread of its
+/// own ([`THREAD_NAME`], at nice [`THREAD_NICE`]) with an async runtime of its own, so
+/// that a component's compilation and its calls (up to `deadline_ms` each, thousands
+/// of events) neither hold a worker of the runtime ingest and the processor share nor
+/// outrank them for a core (wasmtime's parallel compiler pool is shared with the
+/// pipelines' compiles and keeps its normal priority).
+///
+/// `slot` is the instance's one dry-run permit: it moves into the thread and is freed
+/// when the run ends, not when the caller stops waiting (a client that hangs up must
+/// not free the slot while its run goes on).
+pub async fn run_apart(
+    runtime: Runtime,
+    req: Request,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) -> Result<Report, RuntimeError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(THREAD_NAME.into())
+        .spawn(move || {
+            let _slot = slot;
+            lower_this_threads_priority();
+            let done = match tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+            {
+                Ok(rt) => rt.block_on(async {
+                    let plugin = runtime
+                        .load_as(&req.name, &req.version, &req.bytes, req.config, req.limits)
+                        .await?;
+                    run(&plugin, &req.events, req.batch_size).await
+                }),
+                Err(e) => Err(RuntimeError::Setup(format!(
+                    "cannot start the dry run's async runtime: {e}"
+                ))),
+            };
+            let _ = tx.send(done);
+        })
+        .map_err(|e| RuntimeError::Setup(format!("cannot start the dry run's thread: {e}")))?;
+    rx.await.unwrap_or_else(|_| {
+        Err(RuntimeError::Setup(
+            "the dry run's thread ended early".into(),
+        ))
+    })
+}
+
+/// Sets the calling thread's nice value to [`THREAD_NICE`] (Linux: per thread).
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority only read their arguments; `who` is this thread.
+    unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        if libc::setpriority(libc::PRIO_PROCESS, tid, THREAD_NICE) != 0 {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                "cannot lower the dry run thread's priority"
+            );
+        }
+    }
+}
 
 /// Parses sample events: a JSON event, a JSON array, or NDJSON, in the format of
 /// `POST /v1/events`. Events without an id get `sample-N`.

@@ -51,7 +51,7 @@ pub struct EnvelopeError {
 }
 
 impl EnvelopeError {
-    fn new(code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: &'static str, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -60,12 +60,12 @@ impl EnvelopeError {
         }
     }
 
-    fn at(mut self, index: usize) -> Self {
+    pub(crate) fn at(mut self, index: usize) -> Self {
         self.index = Some(index);
         self
     }
 
-    fn field(code: &'static str, field: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn field(code: &'static str, field: &str, message: impl Into<String>) -> Self {
         Self {
             field: Some(field.to_owned()),
             ..Self::new(code, message)
@@ -82,15 +82,7 @@ pub fn parse_body(
     now_ms: i64,
     mut new_id: impl FnMut() -> String,
 ) -> Result<Vec<WireEvent>, EnvelopeError> {
-    let text = std::str::from_utf8(body).map_err(|e| {
-        EnvelopeError::new(
-            "invalid_utf8",
-            format!(
-                "request body is not valid UTF-8 (first bad byte at offset {})",
-                e.valid_up_to()
-            ),
-        )
-    })?;
+    let text = utf8(body)?;
     let raws = split_events(text, format, limits.max_events)?;
     if raws.is_empty() {
         return Err(EnvelopeError::new(
@@ -102,6 +94,19 @@ pub fn parse_body(
         .enumerate()
         .map(|(i, raw)| check_event(raw, limits, now_ms, &mut new_id).map_err(|e| e.at(i)))
         .collect()
+}
+
+/// The body as text, or the offset of its first byte that is not UTF-8.
+pub(crate) fn utf8(body: &[u8]) -> Result<&str, EnvelopeError> {
+    std::str::from_utf8(body).map_err(|e| {
+        EnvelopeError::new(
+            "invalid_utf8",
+            format!(
+                "request body is not valid UTF-8 (first bad byte at offset {})",
+                e.valid_up_to()
+            ),
+        )
+    })
 }
 
 /// Splits the body into the raw JSON text of each event.
@@ -149,7 +154,7 @@ fn split_events(
     }
 }
 
-fn json_error(e: serde_json::Error) -> EnvelopeError {
+pub(crate) fn json_error(e: serde_json::Error) -> EnvelopeError {
     if e.to_string().starts_with("recursion limit exceeded") {
         return EnvelopeError::new("too_deep", "JSON nesting is deeper than allowed");
     }
@@ -343,21 +348,28 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for Key<'a> {
 fn optional_id(obj: &mut Map<String, Value>, field: &str) -> Result<Option<String>, EnvelopeError> {
     match obj.remove(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.is_empty() || s.len() > MAX_ID_BYTES => {
-            Err(EnvelopeError::field(
-                "invalid_field",
-                field,
-                format!("{field:?} must be 1-{MAX_ID_BYTES} bytes long"),
-            ))
-        }
-        Some(Value::String(s)) if s.chars().any(char::is_control) => Err(EnvelopeError::field(
+        Some(Value::String(s)) => check_id(&s, field).map(|()| Some(s)),
+        Some(other) => Err(wrong_type(field, "a string", &other)),
+    }
+}
+
+/// An id (`user_id`, `event_id`): 1-[`MAX_ID_BYTES`] bytes, no control characters.
+pub(crate) fn check_id(s: &str, field: &str) -> Result<(), EnvelopeError> {
+    if s.is_empty() || s.len() > MAX_ID_BYTES {
+        return Err(EnvelopeError::field(
+            "invalid_field",
+            field,
+            format!("{field:?} must be 1-{MAX_ID_BYTES} bytes long"),
+        ));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(EnvelopeError::field(
             "invalid_field",
             field,
             format!("{field:?} must not contain control characters"),
-        )),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(wrong_type(field, "a string", &other)),
+        ));
     }
+    Ok(())
 }
 
 fn parse_timestamp(v: &Value) -> Result<i64, EnvelopeError> {
@@ -432,8 +444,9 @@ fn json_object(raw: Option<&RawValue>, field: &str) -> Result<Box<RawValue>, Env
 /// first, so a schema could be bypassed), a number beyond what a double holds (`1e400`:
 /// a schema would see no number at all), a `\u` escape of a lone surrogate (not a
 /// character: no later stage can read the string). One pass, no value built, keys
-/// borrowed from the text.
-fn check_unambiguous(text: &str, field: &str) -> Result<(), EnvelopeError> {
+/// borrowed from the text. `field` names the text in the error (`""`: the text is a
+/// whole object, and the error names the path inside it).
+pub(crate) fn check_unambiguous(text: &str, field: &str) -> Result<(), EnvelopeError> {
     use serde::de::DeserializeSeed as _;
     let (mut path, mut keys) = (Vec::new(), Vec::new());
     let mut de = serde_json::Deserializer::from_str(text);
@@ -463,6 +476,9 @@ fn check_unambiguous(text: &str, field: &str) -> Result<(), EnvelopeError> {
                 Seg::Index(i) => at.push_str(&format!("[{i}]")),
             }
         }
+        // Without a field (a whole message), the path is the field.
+        let at = at.trim_start_matches('.');
+        let field = if field.is_empty() { at } else { field };
         EnvelopeError::field(code, field, format!("{at}: {message}"))
     })
 }
@@ -637,10 +653,11 @@ fn depth(text: &str) -> usize {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits {
+    /// The default limits of `[ingest]`, for the tests of every body parser.
+    pub(crate) const LIMITS: Limits = Limits {
         max_event_bytes: 32 * 1024,
         max_events: 1000,
         max_depth: 32,

@@ -1,11 +1,17 @@
-//! The HTTP ingest endpoint: `POST /v1/events`.
+//! The HTTP ingest endpoint: `POST /v1/events`, and the APIs of the tracking SDKs apps
+//! already use (see [`sdk`]): Segment's (and RudderStack's) and PostHog's.
 //!
 //! It checks the envelope only (see [`envelope`]), writes the whole request to Kafka
-//! as one record, and answers 202 only once Kafka acknowledged it. It never waits on
-//! the processor.
+//! as one record, and answers only once Kafka acknowledged it. It never waits on the
+//! processor. Bodies may be gzip-compressed (see [`encoding`]).
 
 mod config;
+pub mod encoding;
 pub mod envelope;
+pub mod quota;
+pub mod sdk;
+
+use sdk::segment;
 
 pub use config::{
     BODY_TIMEOUT_MS, HEADER_TIMEOUT_MS, IngestConfig, MAX_CONNECTIONS, MetricsOnIngest,
@@ -19,7 +25,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
@@ -28,7 +34,7 @@ use tracing::warn;
 
 use crate::bus::{BusError, Producer};
 use crate::model::Counter;
-use crate::model::IngestRecord;
+use crate::model::{IngestRecord, WireEvent};
 use envelope::{BodyFormat, EnvelopeError, Limits};
 
 /// Where ingest writes accepted requests. [`Producer`] in production; tests of the
@@ -63,6 +69,7 @@ pub struct Ingest<S> {
     /// `GET /metrics` is served here (see [`IngestConfig::metrics`]).
     serves_metrics: bool,
     counters: Option<Counters>,
+    quotas: quota::Quotas,
     /// The last readiness probe and when it was made: `/readyz` asks the broker at
     /// most once per [`READY_CACHE`], however often it is called.
     ready: tokio::sync::Mutex<Option<(std::time::Instant, bool)>>,
@@ -111,8 +118,15 @@ impl<S: Sink> Ingest<S> {
             body_timeout: Duration::from_millis(cfg.body_timeout_ms),
             serves_metrics: cfg.serves_metrics(),
             counters: None,
+            quotas: quota::Quotas::default(),
             ready: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// Limits each app's (and write key's) events and bytes per second.
+    pub fn with_quotas(mut self, quotas: quota::Quotas) -> Self {
+        self.quotas = quotas;
+        self
     }
 
     /// Serves `GET /v1/counters/{counter}/{key}` too.
@@ -125,8 +139,28 @@ impl<S: Sink> Ingest<S> {
 /// The ingest router: `/v1/events`, `/v1/counters/{counter}/{key}`, `/healthz`,
 /// `/readyz`, and `/metrics` where [`IngestConfig::metrics`] says so.
 pub fn app<S: Sink>(state: Arc<Ingest<S>>, cors_origins: &[String]) -> Router {
-    let mut router = Router::new()
-        .route("/v1/events", post(post_events::<S>))
+    let mut router = Router::new().route(
+        "/v1/events",
+        post(|st: State<Arc<Ingest<S>>>, h: HeaderMap, b: Body| post_events(st, h, b, Api::Events)),
+    );
+    for (path, call) in SEGMENT_PATHS {
+        let handler = move |st: State<Arc<Ingest<S>>>, h: HeaderMap, b: Body| {
+            post_events(st, h, b, Api::Segment(call))
+        };
+        router = router.route(path, post(handler));
+    }
+    for path in POSTHOG_PATHS {
+        let handler = |st: State<Arc<Ingest<S>>>, uri: Uri, h: HeaderMap, b: Body| async move {
+            // posthog-js says a body is gzip in the query, not in a header.
+            match uri.query().map(posthog_compression) {
+                Some(Err(e)) => e.into_response(),
+                Some(Ok(true)) => post_events(st, h, b, Api::PostHog { gzip: true }).await,
+                _ => post_events(st, h, b, Api::PostHog { gzip: false }).await,
+            }
+        };
+        router = router.route(path, post(handler));
+    }
+    let mut router = router
         .route("/v1/counters/{counter}/{key}", get(get_counter::<S>))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz::<S>));
@@ -153,7 +187,11 @@ pub fn app<S: Sink>(state: Arc<Ingest<S>>, cors_origins: &[String]) -> Router {
         CorsLayer::new()
             .allow_origin(origins)
             .allow_methods([Method::POST, Method::GET])
-            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::CONTENT_ENCODING,
+            ])
             .max_age(Duration::from_secs(3600)),
     )
 }
@@ -181,6 +219,11 @@ impl ApiError {
         }
     }
 
+    /// Its code (`body_too_large`, `bad_encoding`, ...), as the answer's body names it.
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
     /// The same error, telling the client to try again in `secs` seconds.
     pub(crate) fn retry_after(mut self, secs: u64) -> Self {
         self.retry_after = Some(secs);
@@ -200,6 +243,17 @@ impl From<EnvelopeError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        self.response(false)
+    }
+}
+
+impl ApiError {
+    /// The error as an answer: `{"error": {"code", "message", ...}}`. With
+    /// `segment_shape` (Segment's API), `success: false`, `code` and `message` are also
+    /// at the top, where Segment's and RudderStack's SDKs read them: RudderStack's
+    /// Python SDK takes an error body without them for a network failure and retries
+    /// it, even a 400.
+    fn response(self, segment_shape: bool) -> Response {
         let mut error = json!({ "code": self.code, "message": self.message });
         if let Some(i) = self.index {
             error["index"] = json!(i);
@@ -207,7 +261,12 @@ impl IntoResponse for ApiError {
         if let Some(f) = self.field {
             error["field"] = json!(f);
         }
-        let mut resp = (self.status, axum::Json(json!({ "error": error }))).into_response();
+        let body = if segment_shape {
+            json!({ "success": false, "code": self.code, "message": error["message"], "error": error })
+        } else {
+            json!({ "error": error })
+        };
+        let mut resp = (self.status, axum::Json(body)).into_response();
         if let Some(secs) = self.retry_after {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -216,15 +275,119 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn authenticate<'a, S>(state: &'a Ingest<S>, headers: &HeaderMap) -> Result<&'a str, ApiError> {
-    let key = bearer(headers, "write key")?;
-    state.keys.get(key).map(String::as_str).ok_or_else(|| {
+/// Which API a request was sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    /// weir's own: `POST /v1/events`.
+    Events,
+    /// Segment's tracking API.
+    Segment(segment::Call),
+    /// PostHog's capture API; `gzip` when the query said the body is (posthog-js).
+    PostHog { gzip: bool },
+}
+
+/// The paths of PostHog's capture API, with and without the trailing slash.
+const POSTHOG_PATHS: [&str; 8] = [
+    "/batch",
+    "/batch/",
+    "/capture",
+    "/capture/",
+    "/e",
+    "/e/",
+    "/i/v0/e",
+    "/i/v0/e/",
+];
+
+/// Whether a capture request's query (`compression=gzip-js`, posthog-js) says the body
+/// is gzip; another compression gets 415.
+fn posthog_compression(query: &str) -> Result<bool, ApiError> {
+    let compression = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "compression")
+        .map(|(_, v)| v);
+    match compression {
+        None | Some("") => Ok(false),
+        Some("gzip" | "gzip-js") => Ok(true),
+        Some(other) => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_encoding",
+            format!("compression={other} is not supported; use gzip-js or a gzip Content-Encoding"),
+        )),
+    }
+}
+
+/// The paths of Segment's tracking API (and RudderStack's `/v1/import`).
+const SEGMENT_PATHS: [(&str, segment::Call); 8] = {
+    use segment::{Call, Type};
+    [
+        ("/v1/batch", Call::Batch),
+        ("/v1/import", Call::Batch),
+        ("/v1/track", Call::One(Type::Track)),
+        ("/v1/identify", Call::One(Type::Identify)),
+        ("/v1/page", Call::One(Type::Page)),
+        ("/v1/screen", Call::One(Type::Screen)),
+        ("/v1/group", Call::One(Type::Group)),
+        ("/v1/alias", Call::One(Type::Alias)),
+    ]
+};
+
+/// The app a request posts for, and the write key it used (`Authorization: Bearer`).
+fn authenticate<'a, S>(
+    state: &'a Ingest<S>,
+    headers: &'a HeaderMap,
+) -> Result<(&'a str, &'a str), ApiError> {
+    app_of(state, bearer(headers, "write key")?)
+}
+
+/// The app of write key `key`, and the key as the configuration holds it.
+fn app_of<'a, S>(state: &'a Ingest<S>, key: &str) -> Result<(&'a str, &'a str), ApiError> {
+    let (key, app) = state.keys.get_key_value(key).ok_or_else(|| {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "unknown write key",
         )
-    })
+    })?;
+    Ok((app, key))
+}
+
+/// The write key of a tracking SDK's request header: `Basic base64(KEY:)` as Segment's
+/// SDKs send it, or weir's `Bearer KEY`. None without an `Authorization` header (the
+/// key may be in the body).
+fn sdk_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    use base64::Engine as _;
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Authorization must be \"Basic base64(<write key>:)\" or \"Bearer <write key>\"",
+        )
+    };
+    let value = value.to_str().map_err(|_| bad())?;
+    if let Some(key) = value.strip_prefix("Bearer ") {
+        return Ok(Some(key.trim().to_owned()));
+    }
+    let encoded = value.strip_prefix("Basic ").ok_or_else(bad)?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(decoded).map_err(|_| bad())?;
+    // The user is the key; Segment's SDKs send no password.
+    let key = text.split_once(':').map_or(text.as_str(), |(user, _)| user);
+    Ok(Some(key.to_owned()))
+}
+
+/// A 429 for a request over a quota, counted by app and limit.
+fn throttled(app: &str, t: quota::Throttled) -> ApiError {
+    crate::metrics::INGEST_THROTTLED
+        .with_label_values(&[app, t.limit.as_str()])
+        .inc();
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", t.message())
+        .retry_after(t.retry_after_secs())
 }
 
 /// The bearer token of a request.
@@ -418,11 +581,12 @@ async fn post_events<S: Sink>(
     State(state): State<Arc<Ingest<S>>>,
     headers: HeaderMap,
     body: Body,
+    api: Api,
 ) -> Response {
     let started = std::time::Instant::now();
-    let response = match accept(&state, &headers, body).await {
+    let response = match accept(&state, &headers, body, api).await {
         Ok(r) => r,
-        Err(e) => e.into_response(),
+        Err(e) => e.response(matches!(api, Api::Segment(_))),
     };
     crate::metrics::INGEST_REQUESTS
         .with_label_values(&[response.status().as_str()])
@@ -435,14 +599,76 @@ async fn accept<S: Sink>(
     state: &Ingest<S>,
     headers: &HeaderMap,
     body: Body,
+    api: Api,
 ) -> Result<Response, ApiError> {
-    let app = authenticate(state, headers)?.to_owned();
-    let format = body_format(headers)?;
-    let bytes = read_body(body, headers, state.max_body_bytes, state.body_timeout).await?;
+    // The key is in the header, or (Segment's API) perhaps in the body.
+    let from_header = match api {
+        Api::Events => Some(authenticate(state, headers)?),
+        Api::Segment(_) | Api::PostHog { .. } => sdk_key(headers)?
+            .map(|key| app_of(state, &key))
+            .transpose()?,
+    };
+    let limit = match api {
+        Api::Events | Api::PostHog { .. } => state.max_body_bytes,
+        Api::Segment(_) => state.max_body_bytes.min(segment::MAX_BATCH_BYTES),
+    };
+    // Refused before its body is parsed: a flood over quota costs weir little. The
+    // body is still read (and dropped), so that the connection stays usable and a
+    // client still sending gets the answer rather than a reset.
+    if let Some((app, key)) = from_header
+        && let Err(t) = state.quotas.check(app, key)
+    {
+        let _ = read_body(body, headers, limit, state.body_timeout).await;
+        return Err(throttled(app, t));
+    }
+    let format = match api {
+        Api::Events => body_format(headers)?,
+        // The SDKs send JSON, whatever their Content-Type says (a beacon's is text/plain).
+        Api::Segment(_) | Api::PostHog { .. } => BodyFormat::Json,
+    };
+    let bytes = read_body(body, headers, limit, state.body_timeout).await?;
+    let wire_bytes = bytes.len() as u64;
     let now_ms = crate::model::now_ms();
-    let events = envelope::parse_body(&bytes, format, &state.limits, now_ms, || {
-        uuid::Uuid::now_v7().to_string()
-    })?;
+    let (events, body_key, body_bytes) =
+        match decode_and_parse(state, headers, bytes, api, format, limit, now_ms) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                // A refused body is charged what it weighed on the wire to the key the
+                // header named, so that a flood of bad bodies (or of gzip bombs) runs into
+                // the bytes quota like any other.
+                if let Some((app, key)) = from_header {
+                    state.quotas.spend(app, key, 0, wire_bytes);
+                }
+                return Err(e);
+            }
+        };
+    let (app, key) = match from_header {
+        Some(found) => found,
+        // Only the SDKs' APIs get here: the key is in the body, and its quota is
+        // checked now.
+        None => {
+            let key = body_key.as_deref().ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "missing write key: send Authorization: Basic base64(<write key>:), or the key in the body (\"writeKey\"; PostHog's \"api_key\" or \"token\")",
+                )
+            })?;
+            let (app, key) = app_of(state, key)?;
+            state
+                .quotas
+                .check(app, key)
+                .map_err(|t| throttled(app, t))?;
+            (app, key)
+        }
+    };
+    let cost = (events.len() as u64, body_bytes);
+    state
+        .quotas
+        .charge(app, key, cost.0, cost.1)
+        .map_err(|t| throttled(app, t))?;
+    let write_key = key;
+    let app = app.to_owned();
     let event_ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
     let record = IngestRecord::new(app.clone(), now_ms, events);
     let key = record.key();
@@ -454,29 +680,79 @@ async fn accept<S: Sink>(
             crate::metrics::INGEST_EVENTS
                 .with_label_values(&[app.as_str()])
                 .inc_by(event_ids.len() as u64);
-            Ok((
-                StatusCode::ACCEPTED,
-                axum::Json(json!({ "accepted": event_ids.len(), "event_ids": event_ids })),
-            )
-                .into_response())
+            Ok(match api {
+                Api::Events => (
+                    StatusCode::ACCEPTED,
+                    axum::Json(json!({ "accepted": event_ids.len(), "event_ids": event_ids })),
+                )
+                    .into_response(),
+                // What Segment's and PostHog's APIs answer, and their SDKs expect.
+                Api::Segment(_) => axum::Json(json!({ "success": true })).into_response(),
+                Api::PostHog { .. } => axum::Json(json!({ "status": 1 })).into_response(),
+            })
         }
-        Err(BusError::TooLarge(n)) => Err(ApiError::new(
+        // Nothing was accepted: the quota is given back, so that the client's retry is
+        // not refused for a request weir did not take.
+        Err(e) => {
+            state.quotas.refund(&app, write_key, cost.0, cost.1);
+            Err(refused_by_kafka(&app, event_ids.len(), e))
+        }
+    }
+}
+
+/// The answer to a request Kafka did not take.
+fn refused_by_kafka(app: &str, events: usize, e: BusError) -> ApiError {
+    match e {
+        BusError::TooLarge(n) => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
             format!("the request's events encode to {n} bytes, more than Kafka accepts"),
-        )),
-        Err(e) => {
-            warn!(%app, events = event_ids.len(), error = %e, "ingest refused: Kafka unavailable");
-            Err(ApiError {
+        ),
+        e => {
+            warn!(%app, events, error = %e, "ingest refused: Kafka unavailable");
+            ApiError {
                 retry_after: Some(1),
                 ..ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "kafka_unavailable",
                     "events could not be made durable; none were accepted, retry later",
                 )
-            })
+            }
         }
     }
+}
+
+/// A request's body decoded (gzip) and parsed by its API's rules: its events, the write
+/// key its body names (the SDKs' APIs) and its decoded size.
+fn decode_and_parse<S>(
+    state: &Ingest<S>,
+    headers: &HeaderMap,
+    bytes: bytes::Bytes,
+    api: Api,
+    format: BodyFormat,
+    limit: usize,
+    now_ms: i64,
+) -> Result<(Vec<WireEvent>, Option<String>, u64), ApiError> {
+    let bytes = match api {
+        Api::PostHog { gzip: true } => encoding::gunzip(&bytes, limit)?,
+        _ => encoding::decode(headers, bytes, limit)?,
+    };
+    let new_id = || uuid::Uuid::now_v7().to_string();
+    let (events, body_key) = match api {
+        Api::Events => (
+            envelope::parse_body(&bytes, format, &state.limits, now_ms, new_id)?,
+            None,
+        ),
+        Api::Segment(call) => {
+            let parsed = segment::parse(&bytes, call, &state.limits, now_ms, new_id)?;
+            (parsed.events, parsed.write_key)
+        }
+        Api::PostHog { .. } => {
+            let parsed = sdk::posthog::parse(&bytes, &state.limits, now_ms, new_id)?;
+            (parsed.events, parsed.write_key)
+        }
+    };
+    Ok((events, body_key, bytes.len() as u64))
 }
 
 async fn readyz<S: Sink>(State(state): State<Arc<Ingest<S>>>) -> Response {
@@ -607,6 +883,191 @@ mod tests {
         assert!(recorder.records.lock().unwrap().is_empty());
     }
 
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        use std::io::Write as _;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(data).unwrap();
+        enc.finish().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_gzip_body_is_accepted_as_sent_and_a_bomb_is_413() {
+        let (app, recorder) = router(&[]);
+        let body = gzip(br#"[{"name":"a","event_id":"g1"},{"name":"b","event_id":"g2"}]"#);
+        let resp = app
+            .clone()
+            .oneshot(
+                post()
+                    .header(header::CONTENT_ENCODING, "gzip")
+                    .body(Body::from(body))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+        assert_eq!(json_body(resp).await["event_ids"], json!(["g1", "g2"]));
+        // 8 MiB of spaces inside a JSON array: a few KiB on the wire, over the 1 MiB
+        // limit once inflated.
+        let mut bomb = b"[".to_vec();
+        bomb.resize(8 << 20, b' ');
+        bomb.push(b']');
+        let resp = app
+            .oneshot(
+                post()
+                    .header(header::CONTENT_ENCODING, "gzip")
+                    .body(Body::from(gzip(&bomb)))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(json_body(resp).await["error"]["code"], "body_too_large");
+        assert_eq!(recorder.records.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn segment_clients_authenticate_as_they_do_and_get_segments_answer() {
+        use base64::Engine as _;
+        let (app, recorder) = router(&[]);
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("{KEY}:"));
+        let batch = r#"{"batch": [{"type": "track", "event": "Order Completed", "userId": "u1", "messageId": "m1"}]}"#;
+        let send = |path: &str, auth: Option<String>, body: String| {
+            let mut req = Request::post(path).header(header::CONTENT_TYPE, "application/json");
+            if let Some(auth) = auth {
+                req = req.header(header::AUTHORIZATION, auth);
+            }
+            app.clone().oneshot(req.body(Body::from(body)).unwrap())
+        };
+        // Basic base64(key:), as analytics-node sends it.
+        let resp = send("/v1/batch", Some(format!("Basic {basic}")), batch.into())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(json_body(resp).await, json!({"success": true}));
+        // The key in the body only, as analytics-python sends it.
+        let body = format!(
+            r#"{{"writeKey": "{KEY}", "batch": [{{"type": "identify", "userId": "u1", "messageId": "m2"}}]}}"#
+        );
+        let resp = send("/v1/import", None, body).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        // weir's Bearer key, on a single call, gzip-compressed.
+        let resp = app
+            .clone()
+            .oneshot(
+                Request::post("/v1/page")
+                    .header(header::AUTHORIZATION, format!("Bearer {KEY}"))
+                    .header(header::CONTENT_ENCODING, "gzip")
+                    .body(Body::from(gzip(
+                        br#"{"anonymousId": "a1", "name": "Home", "messageId": "m3"}"#,
+                    )))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        // No key anywhere, a wrong one, a malformed header: 401, nothing sent.
+        for auth in [
+            None,
+            Some("Basic d3JvbmdrZXk6".to_owned()),
+            Some("Basic !!".to_owned()),
+        ] {
+            let resp = send("/v1/batch", auth.clone(), batch.into()).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{auth:?}");
+        }
+        // A bad message is a 400 (the SDKs do not retry it) naming message and field.
+        let resp = send(
+            "/v1/track",
+            Some(format!("Basic {basic}")),
+            r#"{"userId": "u"}"#.into(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        let e = json_body(resp).await;
+        assert_eq!(
+            (e["error"]["index"].clone(), e["error"]["field"].clone()),
+            (json!(0), json!("event"))
+        );
+        // Where Segment's and RudderStack's SDKs read an error (RudderStack's retries
+        // one without them).
+        assert_eq!(
+            (&e["success"], &e["code"], &e["message"]),
+            (&json!(false), &e["error"]["code"], &e["error"]["message"])
+        );
+        let records = recorder.records.lock().unwrap();
+        let names: Vec<(&str, &str)> = records
+            .iter()
+            .flat_map(|(r, _)| {
+                r.events
+                    .iter()
+                    .map(|e| (e.name.as_str(), e.event_id.as_str()))
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("order_completed", "m1"),
+                ("identify", "m2"),
+                ("page", "m3")
+            ]
+        );
+        assert!(records.iter().all(|(r, _)| r.app == "unit"));
+    }
+
+    #[tokio::test]
+    async fn posthog_clients_send_their_key_in_the_body_and_get_posthogs_answer() {
+        let (app, recorder) = router(&[]);
+        let send = |path: &str, body: Vec<u8>| {
+            app.clone().oneshot(
+                Request::post(path)
+                    .header(header::CONTENT_TYPE, "text/plain")
+                    .body(Body::from(body))
+                    .unwrap(),
+            )
+        };
+        // posthog-python: a batch with api_key beside it.
+        let batch = format!(
+            r#"{{"api_key": "{KEY}", "batch": [{{"event": "$pageview", "distinct_id": "d1", "uuid": "p1"}}]}}"#
+        );
+        let resp = send("/batch/", batch.into_bytes()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(json_body(resp).await, json!({"status": 1}));
+        // posthog-js: an array, the token in properties, gzip said in the query.
+        let js = format!(
+            r#"[{{"event": "clicked", "uuid": "p2", "properties": {{"distinct_id": "d2", "token": "{KEY}"}}}}]"#
+        );
+        let resp = send("/e/?compression=gzip-js&ver=1.0", gzip(js.as_bytes()))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        // Without the trailing slash too; an unknown compression is 415; no key, 401.
+        let one =
+            format!(r#"{{"token": "{KEY}", "event": "e", "distinct_id": "d", "uuid": "p3"}}"#);
+        let resp = send("/i/v0/e", one.clone().into_bytes()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let resp = send("/e/?compression=lz64", one.into_bytes())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        let resp = send(
+            "/capture/",
+            br#"{"event": "e", "distinct_id": "d"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        let records = recorder.records.lock().unwrap();
+        let got: Vec<(&str, &str)> = records
+            .iter()
+            .flat_map(|(r, _)| {
+                r.events
+                    .iter()
+                    .map(|e| (e.name.as_str(), e.event_id.as_str()))
+            })
+            .collect();
+        assert_eq!(got, [("pageview", "p1"), ("clicked", "p2"), ("e", "p3")]);
+    }
+
     #[tokio::test]
     async fn browsers_get_cors_preflight_answers_for_configured_origins_only() {
         let (app, _) = router(&["https://app.example.com"]);
@@ -663,6 +1124,47 @@ mod tests {
             .unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(probes(), 2);
+    }
+
+    #[tokio::test]
+    async fn over_quota_is_answered_429_with_retry_after_and_sends_nothing() {
+        let recorder = Arc::new(Recorder::default());
+        let keys = HashMap::from([(KEY.to_owned(), "unit".to_owned())]);
+        let quota = quota::Quota {
+            events_per_sec: Some(10),
+            bytes_per_sec: None,
+            burst_secs: 1,
+        };
+        let key_list = vec![KEY.to_owned()];
+        let quotas = quota::Quotas::new([("unit", Some(&quota), None, key_list.as_slice())]);
+        let state =
+            Ingest::new(&IngestConfig::default(), keys, recorder.clone()).with_quotas(quotas);
+        let app = app(Arc::new(state), &[]);
+        let batch = |n: usize| {
+            let events: Vec<_> = (0..n)
+                .map(|i| json!({"name": "a", "event_id": format!("e{i}")}))
+                .collect();
+            post()
+                .body(Body::from(serde_json::to_vec(&events).unwrap()))
+                .unwrap()
+        };
+        // 30 events: admitted (the bucket was full), then 2 s of debt at 10/s.
+        let resp = app.clone().oneshot(batch(30)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+        let resp = app.clone().oneshot(batch(1)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "2");
+        let error = &json_body(resp).await["error"];
+        assert_eq!(error["code"], "rate_limited");
+        assert_eq!(
+            error["message"],
+            "over the app's quota of 10 events/s; retry in 2 s"
+        );
+        assert_eq!(recorder.records.lock().unwrap().len(), 1);
+        let throttled = crate::metrics::INGEST_THROTTLED
+            .with_label_values(&["unit", "app_events"])
+            .get();
+        assert!(throttled >= 1);
     }
 
     #[tokio::test]

@@ -62,6 +62,13 @@ pub static INGEST_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["status"],
     )
 });
+pub static INGEST_THROTTLED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "weir_ingest_throttled_requests_total",
+        "POST /v1/events requests refused with 429 by app and the quota that refused them (app_events, app_bytes, key_events, key_bytes)",
+        &["app", "limit"],
+    )
+});
 pub static INGEST_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "weir_ingest_events_total",
@@ -366,6 +373,7 @@ pub fn render() -> String {
     // Touch every metric so that it is listed from the start, not after first use.
     LazyLock::force(&INGEST_REQUESTS);
     LazyLock::force(&INGEST_EVENTS);
+    LazyLock::force(&INGEST_THROTTLED);
     LazyLock::force(&INGEST_DURATION);
     LazyLock::force(&HTTP_CONNECTIONS);
     LazyLock::force(&HTTP_CONNECTIONS_SHED);

@@ -339,7 +339,11 @@ mod tests {
         for (text, want) in [
             (
                 "[[table]]\nname = \"events\"\ncolumns = [\"a String\"]",
-                "events or dead_letters",
+                "not be events, dead_letters, identities",
+            ),
+            (
+                "[[table]]\nname = \"identities\"\ncolumns = [\"a String\"]",
+                "not be events, dead_letters, identities",
             ),
             (
                 "[[table]]\nname = \"t\"\ncolumns = [\"a Map\"]",

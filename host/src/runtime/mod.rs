@@ -124,6 +124,13 @@ impl Runtime {
             config.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool));
         }
         let engine = Engine::new(&config).map_err(setup)?;
+        // wasmtime compiles on rayon's global pool, whose threads take the priority of
+        // the thread that first compiles. Made here, at the process's priority, so that
+        // a dry run (compiled from a thread at nice 10) cannot leave every later
+        // pipeline compile and hot swap at its lower priority. Already made: fine.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("weir-compile-{i}"))
+            .build_global();
 
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(setup)?;
@@ -366,6 +373,10 @@ impl Plugin {
         };
         let mut store = Store::new(&p.engine, state);
         store.limiter(|s| &mut s.limiter);
+        // What one call (and one host call) hands the host: strings and lists are copied
+        // out of the plugin's memory, and an outcome may point at the same bytes any
+        // number of times. The cap is the plugin's memory cap, not wasmtime's 128 MiB.
+        store.set_hostcall_fuel(p.limits.memory_bytes);
         // A generous deadline for start-up code; calls set their own.
         store.set_epoch_deadline(ticks(p.limits.deadline).max(200));
         store.epoch_deadline_trap();
@@ -759,6 +770,16 @@ fn describe_trap(
             ),
         );
     }
+    if detail.contains(HOSTCALL_FUEL_EXHAUSTED) {
+        return PluginFailure::new(
+            FailureKind::BadOutcome,
+            format!(
+                "bad output: the plugin handed the host more than {} MiB in one call, its memory cap \
+                 (its outcomes repeat the same memory, or are too large)",
+                limits.memory_bytes >> 20
+            ),
+        );
+    }
     match e.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => PluginFailure::new(
             FailureKind::Deadline,
@@ -781,6 +802,10 @@ fn describe_trap(
         ),
     }
 }
+
+/// How wasmtime words a call whose data copied out of the guest passed
+/// `Store::set_hostcall_fuel` (its error type is private).
+const HOSTCALL_FUEL_EXHAUSTED: &str = "fuel allocated for hostcalls has been exhausted";
 
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)

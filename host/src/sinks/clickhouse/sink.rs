@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use super::config::{ClickHouseConfig, InsertCompression};
-use super::table::{Table, datetime, put_routed_row, schema};
+use super::table::{Table, add_control_version, datetime, put_routed_row, schema};
 use crate::metrics::events::{
     ClickHouseFailover, EventsRefused, InternalEvent, ReplayedRowsSkipped,
 };
@@ -223,6 +223,8 @@ struct MaxRow {
 
 /// One ClickHouse server (or load balancer) weir can write to.
 struct Endpoint {
+    /// Its URL as weir prints it, in logs, errors and events: credentials redacted
+    /// (`?password=***`). The clients hold the URL as configured.
     url: String,
     /// For DDL: no default database (it may not exist yet); names are qualified.
     admin: Client,
@@ -258,7 +260,7 @@ impl ClickHouseSink {
                     .with_password(&cfg.password)
                     .with_validation(false);
                 Endpoint {
-                    url: url.clone(),
+                    url: crate::model::redact_url(url),
                     admin: client.clone(),
                     client: client.with_database(&cfg.database),
                     ready: AtomicBool::new(false),
@@ -307,7 +309,7 @@ impl ClickHouseSink {
         &self.endpoint().client
     }
 
-    /// URL of the endpoint in use.
+    /// URL of the endpoint in use, as printed (credentials redacted).
     pub fn url(&self) -> &str {
         &self.endpoint().url
     }
@@ -388,8 +390,7 @@ impl ClickHouseSink {
         for table in self.table_names() {
             let have = Self::columns(ep, db, table).await?;
             if !have.contains_key("control_version") {
-                let sql =
-                    format!("ALTER TABLE {db}.{table} ADD COLUMN control_version UInt64 DEFAULT 0");
+                let sql = add_control_version(db, table);
                 ep.admin
                     .query(&sql)
                     .execute()
@@ -1223,6 +1224,26 @@ mod tests {
         };
         assert!(!timeout.refuses_rows());
         assert!(!ClickHouseError::Injected("events".into()).refuses_rows());
+    }
+
+    /// A password in a ClickHouse URL (`?password=`, or user information) is in none of
+    /// what the sink prints: its URL, the failover event, the errors of an endpoint down.
+    #[tokio::test]
+    async fn credentials_in_urls_stay_out_of_what_the_sink_prints() {
+        let cfg = ClickHouseConfig {
+            url: "http://127.0.0.1:1/?user=weir&password=hunter2".into(),
+            failover_urls: vec!["http://weir:hunter2@127.0.0.1:2/".into()],
+            ..ClickHouseConfig::default()
+        };
+        let sink = ClickHouseSink::new(&cfg, Arc::from(Vec::new()));
+        assert_eq!(sink.url(), "http://127.0.0.1:1/?user=weir&password=***");
+        let err = sink
+            .ensure_schema()
+            .await
+            .expect_err("nothing listens there");
+        assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
+        sink.fail_over("http://127.0.0.1:1/?user=weir&password=***");
+        assert_eq!(sink.url(), "http://weir:***@127.0.0.1:2/");
     }
 
     #[test]

@@ -56,8 +56,44 @@ pub fn schema(db: &str) -> Vec<String> {
             PARTITION BY toYYYYMM(failed_at)
             ORDER BY (stage, failed_at)"
         ),
+        // Who an anonymous visitor turned out to be: each identify or alias event that
+        // ties an earlier id (an alias's `context.previous_id`, else the event's
+        // `context.anonymous_id`) to a user id, as the tracking SDKs' events carry them
+        // (see ingest::sdk). Filled as events are written; one row per pair once merged.
+        format!(
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{IDENTITIES}
+            ENGINE = ReplacingMergeTree()
+            ORDER BY (app, anonymous_id, user_id)
+            AS SELECT
+                app,
+                if(name IN ('alias', 'create_alias')
+                       AND visitParamExtractString(context, 'previous_id') != '',
+                   visitParamExtractString(context, 'previous_id'),
+                   visitParamExtractString(context, 'anonymous_id')) AS anonymous_id,
+                assumeNotNull(user_id) AS user_id,
+                timestamp,
+                name AS via,
+                event_id
+            FROM {db}.events
+            WHERE name IN ('identify', 'alias', 'create_alias')
+                AND isNotNull(user_id)
+                AND anonymous_id != ''
+                AND anonymous_id != assumeNotNull(user_id)"
+        ),
     ]
 }
+
+/// The migration of a table weir made before it recorded the control-plane version
+/// (run when the table lacks the column).
+pub fn add_control_version(db: &str, table: &str) -> String {
+    format!("ALTER TABLE {db}.{table} ADD COLUMN control_version UInt64 DEFAULT 0")
+}
+
+/// The view of anonymous ids and the users they turned out to be.
+pub const IDENTITIES: &str = "identities";
+
+/// Names weir's own tables and views have, which a declared table may not take.
+pub const RESERVED: [&str; 3] = ["events", "dead_letters", IDENTITIES];
 
 /// Columns weir fills in every routed table, in this order, before the declared ones.
 pub const SYSTEM_COLUMNS: [(&str, &str); 8] = [
@@ -257,9 +293,10 @@ pub struct Table {
 impl Table {
     pub fn new(cfg: &TableConfig) -> Result<Self, String> {
         let t = &cfg.name;
-        if !is_identifier(t) || t == "events" || t == "dead_letters" {
+        if !is_identifier(t) || RESERVED.contains(&t.as_str()) {
             return Err(format!(
-                "table name {t:?} must match [A-Za-z_][A-Za-z0-9_]* and not be events or dead_letters"
+                "table name {t:?} must match [A-Za-z_][A-Za-z0-9_]* and not be {}",
+                RESERVED.join(", ")
             ));
         }
         if cfg.columns.is_empty() {

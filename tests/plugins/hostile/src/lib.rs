@@ -6,6 +6,9 @@
 //! - `panic`: panics, which traps;
 //! - `sleep`: sleeps for an hour inside a WASI host call (epochs cannot interrupt host
 //!   code: the host must abandon the call at its deadline);
+//! - `amplify`: forwarded to 64 sinks whose names are all the same 1 MiB of its memory
+//!   (aliased strings): it holds 1 MiB, the host would copy 64 MiB for this event
+//!   alone (the per-call cap on what the host copies out must stop it);
 //! - `tally`: kept, with `properties.nth` = how many `tally` events this instance has
 //!   seen (instances share nothing: this tells them apart);
 //! - anything else: kept, with `properties.seen = true`.
@@ -35,6 +38,18 @@ pub fn misbehave(mut event: Event) -> Outcome {
         }
         "panic" => panic!("hostile plugin panics on event {}", event.event_id()),
         "sleep" => std::thread::sleep(std::time::Duration::from_secs(3600)),
+        "amplify" => {
+            let mut name = std::mem::ManuallyDrop::new("x".repeat(1 << 20));
+            for _ in 0..64 {
+                // SAFETY: none. Hostile on purpose: 64 strings own one buffer, so the
+                // outcome points at it 64 times; it is never freed in this instance's
+                // lifetime (the host replaces the instance when the call fails).
+                let alias = unsafe {
+                    String::from_raw_parts(name.as_mut_ptr(), name.len(), name.capacity())
+                };
+                event.forward(alias);
+            }
+        }
         "tally" => {
             static TALLY: AtomicU64 = AtomicU64::new(0);
             event.set_property("nth", TALLY.fetch_add(1, Ordering::Relaxed) + 1);
