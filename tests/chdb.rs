@@ -1,0 +1,151 @@
+//! weir's SQL on a current ClickHouse release. The servers the other tests start are
+//! Debian's 18.16; this runs, on chdb 26.9 (a current ClickHouse engine in-process,
+//! from PyPI `chdb-core`, installed by `scripts/stack.sh install`), every statement weir
+//! emits to make its tables, for weir's own tables, the demo's routed table and a table
+//! of every column type a pipeline may declare, the migration of a table from before
+//! `control_version`, and every SQL block of the README, on seeded events whose funnel
+//! answer is known. It lists each statement it ran.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use weir::config::Config;
+use weir::sinks::clickhouse::{Table, TableConfig, add_control_version, schema};
+
+/// The README's ```sql blocks, split into statements (comment lines dropped).
+fn readme_statements() -> Result<Vec<(String, String)>> {
+    let readme = std::fs::read_to_string(weir_tests::repo_root().join("README.md"))?;
+    let mut out = Vec::new();
+    for (n, block) in readme.split("```sql\n").skip(1).enumerate() {
+        let sql = block
+            .split_once("```")
+            .context("an unclosed ```sql block")?
+            .0;
+        let text: String = sql
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        for statement in text.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            out.push((format!("README sql block {}", n + 1), statement.to_owned()));
+        }
+    }
+    Ok(out)
+}
+
+fn statement(what: impl Into<String>, sql: impl Into<String>) -> Value {
+    json!({"what": what.into(), "sql": sql.into(), "expect": null})
+}
+
+#[test]
+fn every_statement_weir_emits_and_every_readme_query_run_on_a_current_clickhouse() -> Result<()> {
+    let python = weir_tests::cache_dir()
+        .context("neither WEIR_CACHE nor HOME is set")?
+        .join("chdb-venv/bin/python");
+    if !python.exists() {
+        bail!(
+            "{} not found: scripts/stack.sh install puts chdb there",
+            python.display()
+        );
+    }
+    let mut run = Vec::new();
+    for sql in schema("weir") {
+        let what = sql
+            .split('(')
+            .next()
+            .unwrap_or(&sql)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        run.push(statement(what, sql));
+    }
+    // The demo's routed tables, as its configuration declares them.
+    let demo = std::fs::read_to_string(weir_tests::repo_root().join("examples/demo/weir.toml"))?;
+    let demo = Config::parse(&demo)?;
+    let mut tables: Vec<TableConfig> = demo.pipeline.tables.clone();
+    // Every column type a pipeline may declare.
+    let types = [
+        "String", "Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64",
+        "Float32", "Float64", "Bool", "Date", "DateTime",
+    ];
+    let mut columns: Vec<String> = types
+        .iter()
+        .map(|t| format!("c_{} {t}", t.to_lowercase()))
+        .collect();
+    columns.extend(
+        types
+            .iter()
+            .map(|t| format!("n_{} Nullable({t})", t.to_lowercase())),
+    );
+    tables.push(TableConfig {
+        name: "every_type".into(),
+        columns,
+        order_by: vec!["timestamp".into(), "c_string".into()],
+    });
+    for cfg in &tables {
+        let table = Table::new(cfg).map_err(anyhow::Error::msg)?;
+        run.push(statement(
+            format!("CREATE TABLE weir.{}", table.name),
+            table.ddl("weir"),
+        ));
+    }
+    // A table from before weir recorded the control-plane version, migrated.
+    run.push(statement(
+        "a table made before control_version",
+        "CREATE TABLE weir.older (event_id String, timestamp DateTime) ENGINE = MergeTree() ORDER BY timestamp",
+    ));
+    run.push(statement(
+        "ALTER TABLE weir.older (migration)",
+        add_control_version("weir", "older"),
+    ));
+    // The DDL is idempotent: a second start runs it again.
+    for sql in schema("weir") {
+        run.push(statement("again (idempotent)", sql));
+    }
+    // Seeded events: anon-2 views a page, is identified as user-1, who orders; anon-3
+    // only views. The identities view is filled as they are written.
+    run.push(statement(
+        "INSERT INTO weir.events (seed)",
+        "INSERT INTO weir.events (event_id, app, name, user_id, timestamp, timestamp_ms, received_at, properties, context) VALUES \
+         ('e1', 'shop', 'page', 'anon-2', toDateTime(1700000000), 1700000000000, now(), '{}', '{\"anonymous_id\":\"anon-2\"}'), \
+         ('e2', 'shop', 'identify', 'user-1', toDateTime(1700000060), 1700000060000, now(), '{}', '{\"anonymous_id\":\"anon-2\"}'), \
+         ('e3', 'shop', 'order_completed', 'user-1', toDateTime(1700000120), 1700000120000, now(), '{}', '{}'), \
+         ('e4', 'shop', 'page', 'anon-3', toDateTime(1700000000), 1700000000000, now(), '{}', '{\"anonymous_id\":\"anon-3\"}')",
+    ));
+    run.push(json!({
+        "what": "identities (materialized view)",
+        "sql": "SELECT anonymous_id, user_id, via FROM weir.identities FINAL ORDER BY anonymous_id",
+        "expect": "anon-2\tuser-1\tidentify",
+    }));
+    for (what, sql) in readme_statements()? {
+        // The funnel counts user-1 only (anon-3 never ordered).
+        let expect = sql.starts_with("SELECT count() AS people").then_some("1");
+        run.push(json!({"what": what, "sql": sql, "expect": expect}));
+    }
+    let mut child = Command::new(&python)
+        .arg(weir_tests::repo_root().join("tests/chdb/run.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {}", python.display()))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(serde_json::to_string(&run)?.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    if !out.status.success() {
+        bail!(
+            "chdb refused a statement:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let ran = stdout.lines().filter(|l| l.starts_with("ok ")).count();
+    assert_eq!(ran, run.len(), "{stdout}");
+    Ok(())
+}
