@@ -375,6 +375,15 @@ async fn hot_swap_and_rollback_under_load_on_two_instances() -> Result<()> {
         StatusCode::BAD_REQUEST,
         "unknown field",
     )?;
+    // serde reads a struct from an array of its fields too: `[]` was a pipeline with
+    // no plugins, made active (schemathesis found it).
+    expect_refused(
+        "an array for a pipeline",
+        api.put("/admin/v1/pipelines/engagement", &json!([]))
+            .await?,
+        StatusCode::BAD_REQUEST,
+        "a JSON object is expected",
+    )?;
     let forbidden = reqwest::Client::new()
         .get(a.admin_url("/admin/v1/status"))
         .bearer_auth(WRITE_KEY)

@@ -233,3 +233,99 @@ async fn connections_beyond_the_limit_get_503_at_once_and_the_rest_are_served() 
     assert_eq!(status, 202);
     Ok(())
 }
+
+/// A process's resident memory (`VmRSS` of `/proc/PID/status`), in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Raises this process's open-files limit to `want` (up to the hard limit): 2,000
+/// connections need more than the common default of 1,024.
+fn raise_open_files(want: u64) -> Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write `lim`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            bail!("getrlimit: {}", std::io::Error::last_os_error());
+        }
+        if lim.rlim_cur < want {
+            lim.rlim_cur = want.min(lim.rlim_max);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                bail!("setrlimit: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+    if lim.rlim_cur < want {
+        bail!(
+            "the open-files limit is {} (hard), this test needs {want}",
+            lim.rlim_max
+        );
+    }
+    Ok(())
+}
+
+/// 2,000 connections opened and left idle, a cheap flood from one machine: weir holds
+/// them in little memory, serves an ordinary client meanwhile, and closes every one at
+/// the header deadline, after which it holds none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_idle_connections_are_held_cheaply_and_all_closed_at_the_deadline()
+-> Result<()> {
+    const IDLE: usize = 2000;
+    raise_open_files(IDLE as u64 + 512)?;
+    let tansu = Tansu::start()?;
+    tansu.create_topic(TOPIC, 1)?;
+    let weir = Weir::start(&config(&tansu, "header_timeout_ms = 3000"))?;
+    let pid = weir.pid().expect("weir runs");
+    assert_eq!(post_one(&weir, "before").await?, 202);
+    let before = rss_kib(pid).unwrap_or_default();
+    let opened = Instant::now();
+    let mut idle = Vec::with_capacity(IDLE);
+    for _ in 0..IDLE {
+        idle.push(TcpStream::connect(weir.ingest).await?);
+    }
+    weir_tests::wait_until("2,000 open connections", Duration::from_secs(10), || {
+        ingest_metric(&weir, "weir_http_connections") >= IDLE as f64
+    })?;
+    let held = rss_kib(pid).unwrap_or_default();
+    // An ordinary client is served while they are held.
+    assert_eq!(post_one(&weir, "meanwhile").await?, 202);
+    let per_connection = held.saturating_sub(before) as f64 * 1024.0 / IDLE as f64;
+    eprintln!(
+        "weir's RSS: {before} KiB before, {held} KiB holding {IDLE} idle connections \
+         ({per_connection:.0} bytes each), opened in {:?}",
+        opened.elapsed()
+    );
+    assert!(
+        held.saturating_sub(before) < 64 * 1024,
+        "{IDLE} idle connections cost {} KiB",
+        held.saturating_sub(before)
+    );
+    // Every one is closed by the server at the deadline (3 s), none long after.
+    let closes = futures::future::join_all(
+        idle.iter_mut()
+            .map(|s| read_until_closed(s, Duration::from_secs(15))),
+    )
+    .await;
+    let open = closes.iter().filter(|(_, closed)| closed.is_none()).count();
+    assert_eq!(open, 0, "{open} idle connections still open after 15 s");
+    let last = closes
+        .iter()
+        .filter_map(|(_, closed)| *closed)
+        .max()
+        .expect("closed");
+    let took = last.duration_since(opened);
+    assert!(
+        took >= Duration::from_millis(2900) && took < Duration::from_secs(12),
+        "the last idle connection closed {took:?} after the first was opened"
+    );
+    weir_tests::wait_until("no connection held", Duration::from_secs(5), || {
+        ingest_metric(&weir, "weir_http_connections") == 0.0
+    })?;
+    assert_eq!(post_one(&weir, "after").await?, 202);
+    Ok(())
+}

@@ -193,6 +193,27 @@ fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Resul
     })
 }
 
+/// A request body that the API documents as a JSON object, read as `T`. serde would
+/// also read a struct from a JSON array of its fields (`[]` is a pipeline with every
+/// field defaulted): that is refused here, like any other body of the wrong type.
+fn parse_object<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, ApiError> {
+    let value: Value = parse_json(bytes, what)?;
+    if !value.is_object() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("{what} is not valid: a JSON object is expected"),
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("{what} is not valid: {e}"),
+        )
+    })
+}
+
 fn created(is_new: bool, body: Value) -> Response {
     let status = if is_new {
         StatusCode::CREATED
@@ -321,7 +342,7 @@ async fn test_plugin(
     let body = admin
         .read_body(body, 16 << 20, "the dry-run request")
         .await?;
-    let req: TestRequest = parse_json(&body, "the dry-run request")?;
+    let req: TestRequest = parse_object(&body, "the dry-run request")?;
     let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid", m);
     if req.events.len() > MAX_TEST_EVENTS {
         return Err(bad(format!("at most {MAX_TEST_EVENTS} events per dry run")));
@@ -438,7 +459,7 @@ async fn put_pipeline(
 ) -> Result<Response, ApiError> {
     authorize(&admin, &headers)?;
     let body = admin.read_body(body, 1 << 20, "the pipeline").await?;
-    let doc: PipelineDoc = parse_json(&body, "the pipeline")?;
+    let doc: PipelineDoc = parse_object(&body, "the pipeline")?;
     let (pv, is_new) = admin.control.put_pipeline(&name, doc).await?;
     Ok(created(
         is_new,
@@ -576,7 +597,7 @@ async fn replay_dead_letters(
 ) -> Result<axum::Json<Value>, ApiError> {
     authorize(&admin, &headers)?;
     let body = admin.read_body(body, 4 << 20, "the replay request").await?;
-    let filter = check_filter(parse_json(&body, "the replay request")?)?;
+    let filter = check_filter(parse_object(&body, "the replay request")?)?;
     let report = admin
         .dead_letters
         .replay(&filter)
