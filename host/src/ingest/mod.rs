@@ -925,6 +925,18 @@ mod tests {
         assert_eq!(recorder.records.lock().unwrap().len(), 1);
     }
 
+    /// The name and id of every event the recorder was sent, in order.
+    fn names_and_ids<K>(records: &[(IngestRecord, K)]) -> Vec<(&str, &str)> {
+        records
+            .iter()
+            .flat_map(|(r, _)| {
+                r.events
+                    .iter()
+                    .map(|e| (e.name.as_str(), e.event_id.as_str()))
+            })
+            .collect()
+    }
+
     #[tokio::test]
     async fn segment_clients_authenticate_as_they_do_and_get_segments_answer() {
         use base64::Engine as _;
@@ -995,16 +1007,8 @@ mod tests {
             (&json!(false), &e["error"]["code"], &e["error"]["message"])
         );
         let records = recorder.records.lock().unwrap();
-        let names: Vec<(&str, &str)> = records
-            .iter()
-            .flat_map(|(r, _)| {
-                r.events
-                    .iter()
-                    .map(|e| (e.name.as_str(), e.event_id.as_str()))
-            })
-            .collect();
         assert_eq!(
-            names,
+            names_and_ids(&records),
             [
                 ("order_completed", "m1"),
                 ("identify", "m2"),
@@ -1056,16 +1060,10 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
-        let records = recorder.records.lock().unwrap();
-        let got: Vec<(&str, &str)> = records
-            .iter()
-            .flat_map(|(r, _)| {
-                r.events
-                    .iter()
-                    .map(|e| (e.name.as_str(), e.event_id.as_str()))
-            })
-            .collect();
-        assert_eq!(got, [("pageview", "p1"), ("clicked", "p2"), ("e", "p3")]);
+        assert_eq!(
+            names_and_ids(&recorder.records.lock().unwrap()),
+            [("pageview", "p1"), ("clicked", "p2"), ("e", "p3")]
+        );
     }
 
     #[tokio::test]
