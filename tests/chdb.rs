@@ -6,10 +6,7 @@
 //! `control_version`, and every SQL block of the README, on seeded events whose funnel
 //! answer is known. It lists each statement it ran.
 
-use std::io::Write as _;
-use std::process::{Command, Stdio};
-
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use weir::config::Config;
 use weir::sinks::clickhouse::{Table, TableConfig, add_control_version, schema};
@@ -41,15 +38,6 @@ fn statement(what: impl Into<String>, sql: impl Into<String>) -> Value {
 
 #[test]
 fn every_statement_weir_emits_and_every_readme_query_run_on_a_current_clickhouse() -> Result<()> {
-    let python = weir_tests::cache_dir()
-        .context("neither WEIR_CACHE nor HOME is set")?
-        .join("chdb-venv/bin/python");
-    if !python.exists() {
-        bail!(
-            "{} not found: scripts/stack.sh install puts chdb there",
-            python.display()
-        );
-    }
     let mut run = Vec::new();
     for sql in schema("weir") {
         let what = sql
@@ -124,28 +112,6 @@ fn every_statement_weir_emits_and_every_readme_query_run_on_a_current_clickhouse
         let expect = sql.starts_with("SELECT count() AS people").then_some("1");
         run.push(json!({"what": what, "sql": sql, "expect": expect}));
     }
-    let mut child = Command::new(&python)
-        .arg(weir_tests::repo_root().join("tests/chdb/run.py"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot run {}", python.display()))?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(serde_json::to_string(&run)?.as_bytes())?;
-    let out = child.wait_with_output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}");
-    if !out.status.success() {
-        bail!(
-            "chdb refused a statement:\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let ran = stdout.lines().filter(|l| l.starts_with("ok ")).count();
-    assert_eq!(ran, run.len(), "{stdout}");
+    weir_tests::run_on_chdb(&run)?;
     Ok(())
 }

@@ -292,6 +292,53 @@ pub fn cache_dir() -> Option<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/weir")))
 }
 
+/// Runs SQL statements in order on chdb, a current ClickHouse engine in-process (PyPI
+/// `chdb-core`, which `scripts/stack.sh install` puts in `$WEIR_CACHE/chdb-venv`), through
+/// `tests/chdb/run.py`. Each statement is `{"what": label, "sql": text, "expect": answer
+/// or null}`; fails at the first statement chdb refuses or answers otherwise than
+/// expected. Prints (and returns) the list of what ran.
+pub fn run_on_chdb(statements: &[serde_json::Value]) -> Result<String> {
+    use std::io::Write as _;
+    let python = cache_dir()
+        .context("neither WEIR_CACHE nor HOME is set")?
+        .join("chdb-venv/bin/python");
+    if !python.exists() {
+        bail!(
+            "{} not found: scripts/stack.sh install puts chdb there",
+            python.display()
+        );
+    }
+    let mut child = Command::new(&python)
+        .arg(repo_root().join("tests/chdb/run.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {}", python.display()))?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(serde_json::to_string(statements)?.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{stdout}");
+    if !out.status.success() {
+        bail!(
+            "chdb refused a statement:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let ran = stdout.lines().filter(|l| l.starts_with("ok ")).count();
+    if ran != statements.len() {
+        bail!(
+            "chdb ran {ran} of {} statements:\n{stdout}",
+            statements.len()
+        );
+    }
+    Ok(stdout)
+}
+
 /// Finds a program in `$WEIR_CACHE/bin` (default `~/.cache/weir/bin`) or on `PATH`.
 pub fn find_program(name: &str) -> Result<PathBuf> {
     if let Some(p) = cache_dir()
