@@ -262,7 +262,7 @@ fn check_event(
     };
     let timestamp_ms = match obj.remove("timestamp") {
         None | Some(Value::Null) => now_ms,
-        Some(v) => parse_timestamp(&v)?,
+        Some(v) => parse_timestamp(&v, "timestamp")?,
     };
     let properties = json_object(get("properties"), "properties")?;
     let context = json_object(get("context"), "context")?;
@@ -372,12 +372,17 @@ pub(crate) fn check_id(s: &str, field: &str) -> Result<(), EnvelopeError> {
     Ok(())
 }
 
-fn parse_timestamp(v: &Value) -> Result<i64, EnvelopeError> {
+/// A time in field `field`: an RFC 3339 string or epoch milliseconds, as epoch
+/// milliseconds, within what the tables' `DateTime` columns hold. weir's `timestamp`,
+/// and the time fields of the tracking SDKs' messages (`ingest::sdk`).
+pub(crate) fn parse_timestamp(v: &Value, field: &str) -> Result<i64, EnvelopeError> {
     let out_of_range = || {
         EnvelopeError::field(
             "invalid_field",
-            "timestamp",
-            "\"timestamp\" must lie between 1970-01-01T00:00:00Z and 2106-02-07T06:28:15.999Z (what the tables' DateTime columns hold)",
+            field,
+            format!(
+                "\"{field}\" must lie between 1970-01-01T00:00:00Z and 2106-02-07T06:28:15.999Z (what the tables' DateTime columns hold)"
+            ),
         )
     };
     match v {
@@ -385,8 +390,10 @@ fn parse_timestamp(v: &Value) -> Result<i64, EnvelopeError> {
             let ms = n.as_i64().ok_or_else(|| {
                 EnvelopeError::field(
                     "invalid_field",
-                    "timestamp",
-                    "a numeric \"timestamp\" must be whole milliseconds since the Unix epoch",
+                    field,
+                    format!(
+                        "a numeric \"{field}\" must be whole milliseconds since the Unix epoch"
+                    ),
                 )
             })?;
             if !(0..=MAX_TIMESTAMP_MS).contains(&ms) {
@@ -398,8 +405,8 @@ fn parse_timestamp(v: &Value) -> Result<i64, EnvelopeError> {
             let t = OffsetDateTime::parse(s, &Rfc3339).map_err(|e| {
                 EnvelopeError::field(
                     "invalid_field",
-                    "timestamp",
-                    format!("\"timestamp\" {s:?} is not RFC 3339: {e}"),
+                    field,
+                    format!("\"{field}\" {s:?} is not RFC 3339: {e}"),
                 )
             })?;
             let ms = (t.unix_timestamp_nanos() / 1_000_000) as i64;
@@ -409,7 +416,7 @@ fn parse_timestamp(v: &Value) -> Result<i64, EnvelopeError> {
             Ok(ms)
         }
         other => Err(wrong_type(
-            "timestamp",
+            field,
             "an RFC 3339 string or epoch milliseconds",
             other,
         )),

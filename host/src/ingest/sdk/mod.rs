@@ -9,8 +9,6 @@ pub mod segment;
 
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use super::envelope::{self, BodyFormat, EnvelopeError, Limits};
 use crate::model::{MAX_TIMESTAMP_MS, WireEvent, json_kind};
@@ -209,34 +207,12 @@ pub(crate) fn object(
     }
 }
 
-/// A time field (absent or null: none): an ISO-8601 (RFC 3339) time, or epoch
-/// milliseconds, as epoch milliseconds; within what the tables hold, as weir's own
-/// timestamps.
+/// A time field (absent or null: none), read as weir's own `timestamp` is: an RFC 3339
+/// time, or epoch milliseconds, within what the tables hold.
 pub(crate) fn time(v: Option<&Value>, field: &str) -> Result<Option<i64>, EnvelopeError> {
-    let Some(v) = v.filter(|v| !v.is_null()) else {
-        return Ok(None);
-    };
-    let bad = || {
-        EnvelopeError::field(
-            "invalid_field",
-            field,
-            format!(
-                "\"{field}\" must be an ISO-8601 time such as 2026-12-04T18:00:00.000Z, from 1970 to 2106-02-07T06:28:15.999Z"
-            ),
-        )
-    };
-    let ms = match v {
-        Value::String(s) => {
-            let t = OffsetDateTime::parse(s, &Rfc3339).map_err(|_| bad())?;
-            i64::try_from(t.unix_timestamp_nanos() / 1_000_000).map_err(|_| bad())?
-        }
-        Value::Number(n) => n.as_i64().ok_or_else(bad)?,
-        _ => return Err(bad()),
-    };
-    if !(0..=MAX_TIMESTAMP_MS).contains(&ms) {
-        return Err(bad());
-    }
-    Ok(Some(ms))
+    v.filter(|v| !v.is_null())
+        .map(|v| envelope::parse_timestamp(v, field))
+        .transpose()
 }
 
 /// When an event happened, corrected for the client's clock as Segment and PostHog do:
