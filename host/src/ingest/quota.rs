@@ -133,6 +133,14 @@ impl Gcra {
         Ok(())
     }
 
+    /// What a request of `events` events and `bytes` bytes costs this rate.
+    fn units(&self, events: u64, bytes: u64) -> u64 {
+        match self.limit {
+            Limit::AppEvents | Limit::KeyEvents => events,
+            Limit::AppBytes | Limit::KeyBytes => bytes,
+        }
+    }
+
     fn charge(&mut self, now_ns: f64, units: u64) {
         self.full_at_ns = self.full_at_ns.max(now_ns) + units as f64 * self.per_unit_ns;
     }
@@ -237,10 +245,7 @@ impl Quotas {
         let AppBuckets { rates, keys } = &mut *b;
         let key_rates = keys.get_mut(key).map_or(&mut [][..], Vec::as_mut_slice);
         for g in rates.iter_mut().chain(key_rates.iter_mut()) {
-            let units = match g.limit {
-                Limit::AppEvents | Limit::KeyEvents => events,
-                Limit::AppBytes | Limit::KeyBytes => bytes,
-            };
+            let units = g.units(events, bytes);
             if sign > 0.0 {
                 g.charge(now, units);
             } else {
@@ -270,11 +275,7 @@ impl Quotas {
         }
         if let Some((events, bytes)) = cost {
             for g in rates.iter_mut().chain(key_rates.iter_mut()) {
-                let units = match g.limit {
-                    Limit::AppEvents | Limit::KeyEvents => events,
-                    Limit::AppBytes | Limit::KeyBytes => bytes,
-                };
-                g.charge(now, units);
+                g.charge(now, g.units(events, bytes));
             }
         }
         Ok(())
