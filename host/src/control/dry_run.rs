@@ -36,7 +36,7 @@ pub struct Request {
 /// pipelines' compiles and keeps its normal priority).
 ///
 /// `slot` is the instance's one dry-run permit: it moves into the thread and is freed
-/// when the run ends, not when the caller stops waiting (a client that hangs up must
+/// when the run ends (before its answer is sent), not when the caller stops waiting (a client that hangs up must
 /// not free the slot while its run goes on).
 pub async fn run_apart(
     runtime: Runtime,
@@ -47,7 +47,6 @@ pub async fn run_apart(
     std::thread::Builder::new()
         .name(THREAD_NAME.into())
         .spawn(move || {
-            let _slot = slot;
             lower_this_threads_priority();
             let done = match tokio::runtime::Builder::new_current_thread()
                 .enable_time()
@@ -63,6 +62,9 @@ pub async fn run_apart(
                     "cannot start the dry run's async runtime: {e}"
                 ))),
             };
+            // The slot is freed before the answer goes out: a client that sends its next
+            // dry run as soon as it has this one's answer finds the slot free.
+            drop(slot);
             let _ = tx.send(done);
         })
         .map_err(|e| RuntimeError::Setup(format!("cannot start the dry run's thread: {e}")))?;
