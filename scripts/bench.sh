@@ -20,6 +20,9 @@
 #            with the CPU of weir, ClickHouse and the broker and the machine's busy
 #            cores; optionally beside Vector on the same events (scripts/bench-drain.sh
 #            has the options: --events, --per-record, --pipeline, --rounds, --vector)
+#   guard    the replay guard's lookups on an events table of 50,000,000 rows (--smoke:
+#            1,000,000), weir's (coordinates views) against the old SQL (table scans),
+#            warm and cold, and what the views cost an INSERT (on a scratch ClickHouse)
 #   dedup-memory  Redis memory per deduplication claim: a million keys of the shape
 #            weir writes (SET key claim NX GET EX 86400) on a scratch Redis
 # --smoke: a few seconds, debug build, and weir's metrics checked against the harness
@@ -37,7 +40,7 @@ STACK_DIR="${WEIR_STACK_DIR:-$ROOT/.stack}"
 die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-[ $# -ge 1 ] || die "usage: scripts/bench.sh ingest|full|hotswap|noisy|plugin|drain|dedup-memory [--smoke] [weir-load options]"
+[ $# -ge 1 ] || die "usage: scripts/bench.sh ingest|full|hotswap|noisy|plugin|drain|guard|dedup-memory [--smoke] [weir-load options]"
 SCENARIO="$1"; shift
 if [ "$SCENARIO" = drain ]; then exec "$ROOT/scripts/bench-drain.sh" "$@"; fi
 SMOKE=0
@@ -69,6 +72,16 @@ if [ "$SCENARIO" = dedup-memory ]; then
   exit 0
 fi
 
+if [ "$SCENARIO" = guard ]; then
+  scripts/stack.sh install
+  if [ $SMOKE = 1 ]; then
+    cargo bench -p weir-tests --bench replay_guard -- --smoke
+  else
+    cargo bench -p weir-tests --bench replay_guard
+  fi
+  exit 0
+fi
+
 if [ "$SCENARIO" = plugin ]; then
   if [ $SMOKE = 1 ]; then
     cargo bench -p weir-tests --bench plugin_call -- --quick --noplot
@@ -81,7 +94,7 @@ fi
 case "$SCENARIO" in
   ingest|full|noisy) CONFIG="$ROOT/examples/bench/$SCENARIO.toml" ;;
   hotswap) CONFIG="$ROOT/examples/bench/full.toml" ;;
-  *) die "unknown scenario $SCENARIO (ingest, full, hotswap, noisy, plugin, drain, dedup-memory)" ;;
+  *) die "unknown scenario $SCENARIO (ingest, full, hotswap, noisy, plugin, drain, guard, dedup-memory)" ;;
 esac
 if [ "${WEIR_BENCH_DEDUP:-1}" = 0 ]; then
   # Beside the original: its relative paths (plugins/) stay valid.

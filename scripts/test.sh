@@ -41,8 +41,12 @@ cargo fmt --all --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
+# Two tests are run apart, below, to show what they print.
 step "cargo test (unit, integration and end-to-end tests)"
-cargo test --workspace
+cargo test --workspace -- --skip a_replica_killed_for_30_s --skip every_statement_weir_emits
+
+step "Replicated ClickHouse under a replica's crash, and weir's SQL on a current ClickHouse (with what they print)"
+cargo test -p weir-tests --test replicated --test chdb -- --show-output a_replica_killed_for_30_s every_statement_weir_emits
 
 step "The demo (scripts/demo.sh), then stop it"
 trap 'scripts/demo.sh stop >/dev/null 2>&1 || true' EXIT
@@ -56,6 +60,7 @@ scripts/bench.sh hotswap --smoke
 scripts/bench.sh noisy --smoke
 scripts/bench.sh plugin --smoke
 scripts/bench.sh drain --smoke
+scripts/bench.sh guard --smoke
 scripts/bench.sh dedup-memory --smoke
 
 scripts/demo.sh stop

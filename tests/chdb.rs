@@ -9,7 +9,9 @@
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use weir::config::Config;
-use weir::sinks::clickhouse::{Layout, Table, TableConfig, add_control_version, schema};
+use weir::sinks::clickhouse::{
+    Layout, Table, TableConfig, add_control_version, schema, schema_ddl,
+};
 
 /// The README's ```sql blocks, split into statements (comment lines dropped).
 fn readme_statements() -> Result<Vec<(String, String)>> {
@@ -82,10 +84,10 @@ fn every_statement_weir_emits_and_every_readme_query_run_on_a_current_clickhouse
     });
     for cfg in &tables {
         let table = Table::new(cfg).map_err(anyhow::Error::msg)?;
-        run.push(statement(
-            format!("CREATE TABLE weir.{}", table.name),
-            table.ddl("weir", &Layout::default()),
-        ));
+        for ddl in table.ddl_statements("weir", &Layout::default()) {
+            let name = ddl.creates.unwrap_or_default();
+            run.push(statement(format!("CREATE weir.{name}"), ddl.sql));
+        }
     }
     // A table from before weir recorded the control-plane version, migrated.
     run.push(statement(
@@ -110,6 +112,23 @@ fn every_statement_weir_emits_and_every_readme_query_run_on_a_current_clickhouse
          ('e3', 'shop', 'order_completed', 'user-1', toDateTime(1700000120), 1700000120000, now(), '{}', '{}'), \
          ('e4', 'shop', 'page', 'anon-3', toDateTime(1700000000), 1700000000000, now(), '{}', '{\"anonymous_id\":\"anon-3\"}')",
     ));
+    // The coordinates view is filled by the INSERT; a backfill (a view weir adds to a
+    // table with rows) copies the table's rows in again.
+    run.push(json!({
+        "what": "coordinates view of events",
+        "sql": "SELECT count() FROM weir._weir_coords_events WHERE kafka_partition = 0 AND kafka_offset >= 0",
+        "expect": "4",
+    }));
+    for ddl in schema_ddl("weir", &Layout::default()) {
+        if let Some(fill) = ddl.backfill {
+            run.push(statement(format!("backfill of {}", fill.table), fill.sql));
+        }
+    }
+    run.push(json!({
+        "what": "coordinates view of events, backfilled",
+        "sql": "SELECT count() FROM weir._weir_coords_events",
+        "expect": "8",
+    }));
     run.push(json!({
         "what": "identities (materialized view)",
         "sql": "SELECT anonymous_id, user_id, via FROM weir.identities FINAL ORDER BY anonymous_id",

@@ -942,7 +942,9 @@ impl Weir {
         })
         .with_context(|| proc.log_tail(40))?;
         if !proc.is_running() {
-            bail!("weir exited at start:\n{}", proc.log_tail(40));
+            // Not only the last lines: with RUST_BACKTRACE set, a start's error is followed
+            // by a backtrace longer than a short tail.
+            bail!("weir exited at start:\n{}", proc.log_tail(200));
         }
         self.proc = Some(proc);
         Ok(())

@@ -9,8 +9,8 @@ use tracing::{error, info, warn};
 
 use super::config::{ClickHouseConfig, InsertCompression};
 use super::table::{
-    IDENTITIES, Layout, Table, add_control_version, datetime, inner_table, put_routed_row,
-    schema_ddl,
+    Ddl, IDENTITIES, Layout, SYSTEM_COLUMNS, Table, add_control_version, coords_view, datetime,
+    put_routed_row, schema_ddl,
 };
 use crate::metrics::events::{
     ClickHouseFailover, EventsRefused, InternalEvent, ReplayedRowsSkipped,
@@ -99,6 +99,30 @@ fn failpoint(table: &str) -> Result<(), ClickHouseError> {
         return Err(ClickHouseError::Injected(table.to_owned()));
     }
     Ok(())
+}
+
+#[derive(Row, Deserialize)]
+struct TableRow {
+    name: String,
+    engine: String,
+    create_table_query: String,
+}
+
+impl TableRow {
+    /// Its engine; a materialized view's is the one of its `ENGINE = ` clause (18.16
+    /// names its table `.inner.NAME`, current releases `.inner_id.UUID`).
+    fn engine(&self) -> &str {
+        if self.engine != "MaterializedView" {
+            return &self.engine;
+        }
+        self.create_table_query
+            .split_once("ENGINE = ")
+            .map_or("", |(_, rest)| {
+                rest.split(|c: char| !c.is_ascii_alphanumeric())
+                    .next()
+                    .unwrap_or_default()
+            })
+    }
 }
 
 #[derive(Row, Deserialize)]
@@ -397,16 +421,21 @@ impl ClickHouseSink {
         let routed = self
             .tables
             .iter()
-            .map(|t| t.ddl_statement(db, &self.layout));
-        for ddl in schema_ddl(db, &self.layout).into_iter().chain(routed) {
-            let exists = match (&existing, &ddl.creates) {
-                (None, _) => false,
-                (Some(_), None) => true,
-                (Some(tables), Some(name)) => tables.contains_key(name),
-            };
-            if !exists {
-                self.run_ddl(ep, &ddl.sql).await?;
-            }
+            .flat_map(|t| t.ddl_statements(db, &self.layout));
+        let had = |name: &str| existing.as_ref().is_some_and(|t| t.contains_key(name));
+        let missing = |ddl: &Ddl| match &ddl.creates {
+            None => existing.is_none(),
+            Some(name) => !had(name),
+        };
+        // The coordinates views come last: they read columns of their tables, which
+        // are checked first.
+        let (views, tables): (Vec<Ddl>, Vec<Ddl>) = schema_ddl(db, &self.layout)
+            .into_iter()
+            .chain(routed)
+            .filter(missing)
+            .partition(|d| d.backfill.is_some());
+        for ddl in &tables {
+            self.run_ddl(ep, &ddl.sql).await?;
         }
         // Tables made before weir recorded the control-plane version get the column.
         for table in self.table_names() {
@@ -423,21 +452,36 @@ impl ClickHouseSink {
         }
         for table in self.tables.iter() {
             let have = Self::columns(ep, db, &table.name).await?;
-            for c in &table.columns {
-                let want = c.ty.sql();
-                match have.get(&c.name) {
+            let declared = table.columns.iter().map(|c| (c.name.as_str(), c.ty.sql()));
+            let system = SYSTEM_COLUMNS.iter().map(|&(n, t)| (n, t.to_owned()));
+            for (name, want) in declared.chain(system) {
+                match have.get(name) {
                     Some(t) if *t == want => {}
                     found => {
                         return Err(ClickHouseError::Schema(format!(
-                            "table {db}.{} at {} exists with column {} {}, but the pipeline declares {want}; \
+                            "table {db}.{} at {} exists with column {name} {}, but the pipeline's table has {want}; \
                              alter or drop the table, or rename the pipeline's table",
                             table.name,
                             ep.url,
-                            c.name,
                             found.map_or("missing", |t| t.as_str()),
                         )));
                     }
                 }
+            }
+        }
+        for ddl in views {
+            self.run_ddl(ep, &ddl.sql).await?;
+            // A coordinates view made for a table that has rows (weir made the table
+            // before it kept coordinates): the rows it has now are copied in, as one
+            // INSERT. Rows another instance writes meanwhile may be copied twice, which
+            // the guard's lookups do not mind.
+            if let Some(fill) = ddl.backfill.filter(|f| had(&f.table)) {
+                ep.admin
+                    .query(&fill.sql)
+                    .execute()
+                    .await
+                    .map_err(query_err(format!("filling {}", coords_view(&fill.table))))?;
+                info!(url = %ep.url, table = %fill.table, "Kafka coordinates of the table's rows copied into its coordinates view");
             }
         }
         ep.ready.store(true, Ordering::Relaxed);
@@ -471,8 +515,9 @@ impl ClickHouseSink {
         }
     }
 
-    /// The tables of database `db` at `ep` with their engines; `None` if the database
-    /// does not exist.
+    /// The tables and views of database `db` at `ep` with their engines (a
+    /// materialized view's: the engine of the table it keeps its rows in); `None` if
+    /// the database does not exist.
     async fn existing(
         ep: &Endpoint,
         db: &str,
@@ -488,14 +533,23 @@ impl ClickHouseSink {
         if databases.is_empty() {
             return Ok(None);
         }
-        let sql = format!("SELECT name, engine AS type FROM system.tables WHERE database = '{db}'");
-        let rows: Vec<ColumnRow> = ep
+        let sql = format!(
+            "SELECT name, engine, create_table_query FROM system.tables WHERE database = '{db}'"
+        );
+        let rows: Vec<TableRow> = ep
             .admin
             .query(&sql)
             .fetch_all()
             .await
             .map_err(query_err("table listing"))?;
-        Ok(Some(rows.into_iter().map(|r| (r.name, r.r#type)).collect()))
+        Ok(Some(
+            rows.into_iter()
+                .map(|r| {
+                    let engine = r.engine().to_owned();
+                    (r.name, engine)
+                })
+                .collect(),
+        ))
     }
 
     /// Refuses plain tables where `[clickhouse.replication]` asks for replicated ones:
@@ -511,8 +565,12 @@ impl ClickHouseSink {
             return Ok(());
         };
         let db = &self.database;
-        let inner = inner_table(IDENTITIES);
-        let ours = self.table_names().chain([inner.as_str()]);
+        let views: Vec<String> = self
+            .table_names()
+            .map(coords_view)
+            .chain([IDENTITIES.to_owned()])
+            .collect();
+        let ours = self.table_names().chain(views.iter().map(String::as_str));
         for name in ours {
             if let Some(engine) = existing.get(name)
                 && !engine.starts_with("Replicated")
@@ -555,13 +613,20 @@ impl ClickHouseSink {
             .chain(self.tables.iter().map(|t| t.name.as_str()))
     }
 
-    /// The highest Kafka offset of `partition` in any of weir's tables, if any row has
-    /// one. Rows up to it may be written again by a replay after a crash.
-    pub async fn max_offset(&self, partition: i32) -> Result<Option<i64>, ClickHouseError> {
+    /// The highest Kafka offset of `partition` at or above `from` in any of weir's
+    /// tables, if any row has one. Rows up to it may be written again by a replay after
+    /// a crash. Read from the tables' coordinates views: a range of their index.
+    pub async fn max_offset(
+        &self,
+        partition: i32,
+        from: i64,
+    ) -> Result<Option<i64>, ClickHouseError> {
         let mut max = None;
         for table in self.table_names() {
             let sql = format!(
-                "SELECT max(kafka_offset) AS max_offset, count() AS rows FROM {table} WHERE kafka_partition = {partition}"
+                "SELECT max(kafka_offset) AS max_offset, count() AS rows FROM {} \
+                 WHERE kafka_partition = {partition} AND kafka_offset >= {from}",
+                coords_view(table)
             );
             let row: MaxRow = self
                 .client()
@@ -576,8 +641,8 @@ impl ClickHouseSink {
         Ok(max)
     }
 
-    /// The rows of `partition` with offsets in `lo..=hi` already in `table`
-    /// (`events` or `dead_letters`).
+    /// The rows of `partition` with offsets in `lo..=hi` already in `table` (`events`
+    /// or a routed table), read from its coordinates view.
     pub async fn written(
         &self,
         table: &str,
@@ -586,8 +651,9 @@ impl ClickHouseSink {
         hi: i64,
     ) -> Result<Written, ClickHouseError> {
         let sql = format!(
-            "SELECT kafka_offset, kafka_index, event_id FROM {table} \
-             WHERE kafka_partition = {partition} AND kafka_offset >= {lo} AND kafka_offset <= {hi}"
+            "SELECT kafka_offset, kafka_index, event_id FROM {} \
+             WHERE kafka_partition = {partition} AND kafka_offset >= {lo} AND kafka_offset <= {hi}",
+            coords_view(table)
         );
         let rows: Vec<KeyRow> = self
             .client()
@@ -609,8 +675,9 @@ impl ClickHouseSink {
         hi: i64,
     ) -> Result<HashSet<DeadKey>, ClickHouseError> {
         let sql = format!(
-            "SELECT kafka_offset, kafka_index, event_id, stage, plugin FROM dead_letters \
-             WHERE kafka_partition = {partition} AND kafka_offset >= {lo} AND kafka_offset <= {hi}"
+            "SELECT kafka_offset, kafka_index, event_id, stage, plugin FROM {} \
+             WHERE kafka_partition = {partition} AND kafka_offset >= {lo} AND kafka_offset <= {hi}",
+            coords_view("dead_letters")
         );
         let rows: Vec<DeadKeyRow> = self
             .client()
@@ -1193,7 +1260,9 @@ impl ClickHouseWriter {
             let watermark = match self.watermarks.get(&partition) {
                 Some(w) => *w,
                 None => {
-                    let w = self.client.max_offset(partition).await?;
+                    // Later flushes of the partition start higher (a seek back comes
+                    // with `forget` or `after_failure`, which clear the cache).
+                    let w = self.client.max_offset(partition, lo).await?;
                     self.watermarks.insert(partition, w);
                     w
                 }

@@ -63,6 +63,18 @@ pub struct Ddl {
     /// The table or view it creates in the database; `None`: the database itself.
     pub creates: Option<String>,
     pub sql: String,
+    /// For a coordinates view ([`coords_view`]): the statement that fills it with the
+    /// rows its table held before the view existed (run when the view is new and the
+    /// table is not).
+    pub backfill: Option<Backfill>,
+}
+
+/// See [`Ddl::backfill`].
+#[derive(Debug, Clone)]
+pub struct Backfill {
+    /// The table the view copies from.
+    pub table: String,
+    pub sql: String,
 }
 
 impl Ddl {
@@ -70,7 +82,45 @@ impl Ddl {
         Self {
             creates: creates.map(str::to_owned),
             sql,
+            backfill: None,
         }
+    }
+}
+
+/// The view that keeps the Kafka coordinates of the rows of `table`, sorted by them:
+/// the replay guard's lookups by partition and offset read a range of its index
+/// instead of every row of the table (whose sorting key starts with `app`).
+pub fn coords_view(table: &str) -> String {
+    format!("{COORDS_PREFIX}{table}")
+}
+
+/// Names that start with it are weir's ([`coords_view`]); a declared table may not.
+pub const COORDS_PREFIX: &str = "_weir_coords_";
+
+/// The coordinate columns of every table, and those of `dead_letters`, which the guard
+/// tells apart also by stage and plugin (one event can fail at two stages).
+const COORDS: &str = "kafka_partition, kafka_offset, kafka_index, event_id";
+const DEAD_COORDS: &str = "kafka_partition, kafka_offset, kafka_index, event_id, stage, plugin";
+
+/// The coordinates view of `table` ([`coords_view`]), filled by ClickHouse in the same
+/// INSERT as the table's rows, with its backfill.
+fn coords_ddl(db: &str, table: &str, columns: &str, layout: &Layout) -> Ddl {
+    let view = coords_view(table);
+    let sql = format!(
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{view}{} \
+         ENGINE = {} ORDER BY (kafka_partition, kafka_offset, kafka_index) \
+         AS SELECT {columns} FROM {db}.{table}",
+        layout.on_cluster(),
+        layout.engine("MergeTree", db, &view),
+    );
+    Ddl {
+        creates: Some(view.clone()),
+        sql,
+        backfill: Some(Backfill {
+            table: table.to_owned(),
+            // An INSERT into a materialized view goes to the table it keeps its rows in.
+            sql: format!("INSERT INTO {db}.{view} ({columns}) SELECT {columns} FROM {db}.{table}"),
+        }),
     }
 }
 
@@ -164,6 +214,8 @@ pub fn schema_ddl(db: &str, layout: &Layout) -> Vec<Ddl> {
                 engine("ReplacingMergeTree", IDENTITIES)
             ),
         ),
+        coords_ddl(db, "events", COORDS, layout),
+        coords_ddl(db, "dead_letters", DEAD_COORDS, layout),
     ]
 }
 
@@ -176,11 +228,6 @@ pub fn add_control_version(db: &str, table: &str) -> String {
 
 /// The view of anonymous ids and the users they turned out to be.
 pub const IDENTITIES: &str = "identities";
-
-/// The table a materialized view of ClickHouse keeps its rows in.
-pub fn inner_table(view: &str) -> String {
-    format!(".inner.{view}")
-}
 
 /// Names weir's own tables and views have, which a declared table may not take.
 pub const RESERVED: [&str; 3] = ["events", "dead_letters", IDENTITIES];
@@ -383,9 +430,9 @@ pub struct Table {
 impl Table {
     pub fn new(cfg: &TableConfig) -> Result<Self, String> {
         let t = &cfg.name;
-        if !is_identifier(t) || RESERVED.contains(&t.as_str()) {
+        if !is_identifier(t) || RESERVED.contains(&t.as_str()) || t.starts_with(COORDS_PREFIX) {
             return Err(format!(
-                "table name {t:?} must match [A-Za-z_][A-Za-z0-9_]* and not be {}",
+                "table name {t:?} must match [A-Za-z_][A-Za-z0-9_]*, not be {} and not start with {COORDS_PREFIX}",
                 RESERVED.join(", ")
             ));
         }
@@ -440,9 +487,12 @@ impl Table {
         })
     }
 
-    /// [`Table::ddl`], with what it creates.
-    pub fn ddl_statement(&self, db: &str, layout: &Layout) -> Ddl {
-        Ddl::new(Some(&self.name), self.ddl(db, layout))
+    /// [`Table::ddl`], with what it creates, and its coordinates view's.
+    pub fn ddl_statements(&self, db: &str, layout: &Layout) -> [Ddl; 2] {
+        [
+            Ddl::new(Some(&self.name), self.ddl(db, layout)),
+            coords_ddl(db, &self.name, COORDS, layout),
+        ]
     }
 
     /// `CREATE TABLE IF NOT EXISTS` for this table in database `db`.
@@ -569,9 +619,16 @@ mod tests {
             ),
             "{ddl}"
         );
+        let [made, coords] = table.ddl_statements("w", &layout);
+        assert_eq!(made.creates.as_deref(), Some("views"));
+        assert_eq!(coords.creates.as_deref(), Some("_weir_coords_views"));
+        assert!(coords.sql.contains(
+            "ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/w/_weir_coords_views', '{replica}') ORDER BY (kafka_partition, kafka_offset, kafka_index)"
+        ));
         assert_eq!(
-            table.ddl_statement("w", &layout).creates.as_deref(),
-            Some("views")
+            coords.backfill.unwrap().sql,
+            "INSERT INTO w._weir_coords_views (kafka_partition, kafka_offset, kafka_index, event_id) \
+             SELECT kafka_partition, kafka_offset, kafka_index, event_id FROM w.views"
         );
         // Without a cluster: no ON CLUSTER; the plain layout: MergeTree().
         let alone = Layout::replicated(ReplicationConfig::default());
@@ -589,7 +646,9 @@ mod tests {
                 None,
                 Some("events".into()),
                 Some("dead_letters".into()),
-                Some(IDENTITIES.into())
+                Some(IDENTITIES.into()),
+                Some("_weir_coords_events".into()),
+                Some("_weir_coords_dead_letters".into())
             ]
         );
     }
