@@ -1,8 +1,9 @@
 //! weir's SQL on a current ClickHouse release. The servers the other tests start are
 //! Debian's 18.16; this runs, on chdb 26.9 (a current ClickHouse engine in-process,
 //! from PyPI `chdb-core`, installed by `scripts/stack.sh install`), every statement weir
-//! emits to make its tables, for weir's own tables, the demo's routed table and a table
-//! of every column type a pipeline may declare, the migration of a table from before
+//! emits to make its tables, in the form it gives them on a current release and in
+//! 18.16's (tables kept across an upgrade), for weir's own tables, the demo's routed
+//! table and a table of every column type a pipeline may declare, the migration of a table from before
 //! `control_version`, and every SQL block of the README, on seeded events whose funnel
 //! answer is known. It lists each statement it ran.
 
@@ -10,8 +11,13 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use weir::config::Config;
 use weir::sinks::clickhouse::{
-    Layout, Table, TableConfig, add_control_version, schema, schema_ddl,
+    Layout, ServerVersion, Table, TableConfig, add_control_version, schema, schema_ddl,
 };
+
+/// The tables as weir makes them on chdb's release (the current form).
+fn current() -> Layout {
+    Layout::default().on_server(ServerVersion::new(26, 9))
+}
 
 /// The README's ```sql blocks, split into statements (comment lines dropped).
 fn readme_statements() -> Result<Vec<(String, String)>> {
@@ -32,9 +38,9 @@ fn readme_statements() -> Result<Vec<(String, String)>> {
             out.push((format!("README sql block {}", n + 1), statement.to_owned()));
         }
         // "Moving to a replicated cluster" sets the tables aside and starts weir, which
-        // creates them again (here in their plain form: chdb has no ZooKeeper).
+        // creates them again (here not replicated: chdb has no ZooKeeper).
         if before.ends_with("<!-- migration: set aside -->\n") {
-            for sql in schema("weir", &Layout::default()) {
+            for sql in schema("weir", &current()) {
                 out.push(("weir starts again (migration)".into(), sql));
             }
         }
@@ -49,7 +55,7 @@ fn statement(what: impl Into<String>, sql: impl Into<String>) -> Value {
 #[test]
 fn every_statement_weir_emits_and_every_readme_query_run_on_a_current_clickhouse() -> Result<()> {
     let mut run = Vec::new();
-    for sql in schema("weir", &Layout::default()) {
+    for sql in schema("weir", &current()) {
         let what = sql
             .split('(')
             .next()
@@ -84,7 +90,7 @@ fn every_statement_weir_emits_and_every_readme_query_run_on_a_current_clickhouse
     });
     for cfg in &tables {
         let table = Table::new(cfg).map_err(anyhow::Error::msg)?;
-        for ddl in table.ddl_statements("weir", &Layout::default()) {
+        for ddl in table.ddl_statements("weir", &current()) {
             let name = ddl.creates.unwrap_or_default();
             run.push(statement(format!("CREATE weir.{name}"), ddl.sql));
         }
@@ -99,9 +105,36 @@ fn every_statement_weir_emits_and_every_readme_query_run_on_a_current_clickhouse
         add_control_version("weir", "older"),
     ));
     // The DDL is idempotent: a second start runs it again.
-    for sql in schema("weir", &Layout::default()) {
+    for sql in schema("weir", &current()) {
         run.push(statement("again (idempotent)", sql));
     }
+    // The current form: few-valued strings as LowCardinality, codecs on the times and
+    // the JSON text.
+    run.push(json!({
+        "what": "current form: app's type",
+        "sql": "SELECT type FROM system.columns WHERE database = 'weir' AND table = 'events' AND name = 'app'",
+        "expect": "LowCardinality(String)",
+    }));
+    run.push(json!({
+        "what": "current form: columns of events with a codec",
+        "sql": "SELECT count() FROM system.columns WHERE database = 'weir' AND table = 'events' AND compression_codec != ''",
+        "expect": "5",
+    }));
+    // Tables weir made on 18.16 and kept when the server is upgraded: 18.16's form, as
+    // weir emits it, also runs here and takes rows.
+    for sql in schema("legacy", &Layout::default()) {
+        run.push(statement("18.16 form", sql));
+    }
+    run.push(statement(
+        "INSERT INTO legacy.events (18.16 form)",
+        "INSERT INTO legacy.events (event_id, app, name, user_id, timestamp, timestamp_ms, received_at, properties, context) VALUES \
+         ('l1', 'shop', 'page', 'anon-1', toDateTime(1700000000), 1700000000000, now(), '{}', '{}')",
+    ));
+    run.push(json!({
+        "what": "18.16 form: app's type, and the row in the coordinates view",
+        "sql": "SELECT (SELECT type FROM system.columns WHERE database = 'legacy' AND table = 'events' AND name = 'app'), (SELECT count() FROM legacy._weir_coords_events)",
+        "expect": "String\t1",
+    }));
     // Seeded events: anon-2 views a page, is identified as user-1, who orders; anon-3
     // only views. The identities view is filled as they are written.
     run.push(statement(
@@ -119,7 +152,7 @@ fn every_statement_weir_emits_and_every_readme_query_run_on_a_current_clickhouse
         "sql": "SELECT count() FROM weir._weir_coords_events WHERE kafka_partition = 0 AND kafka_offset >= 0",
         "expect": "4",
     }));
-    for ddl in schema_ddl("weir", &Layout::default()) {
+    for ddl in schema_ddl("weir", &current()) {
         if let Some(fill) = ddl.backfill {
             run.push(statement(format!("backfill of {}", fill.table), fill.sql));
         }

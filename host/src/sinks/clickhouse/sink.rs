@@ -9,8 +9,8 @@ use tracing::{error, info, warn};
 
 use super::config::{ClickHouseConfig, InsertCompression};
 use super::table::{
-    Ddl, IDENTITIES, Layout, SYSTEM_COLUMNS, Table, add_control_version, coords_view, datetime,
-    put_routed_row, schema_ddl,
+    Ddl, IDENTITIES, Layout, SYSTEM_COLUMNS, ServerVersion, Table, add_control_version,
+    coords_view, datetime, put_routed_row, schema_ddl,
 };
 use crate::metrics::events::{
     ClickHouseFailover, EventsRefused, InternalEvent, ReplayedRowsSkipped,
@@ -305,6 +305,7 @@ impl ClickHouseSink {
             database: cfg.database.clone(),
             layout: Layout {
                 replication: cfg.replication.clone(),
+                ..Layout::default()
             },
         }
     }
@@ -413,6 +414,9 @@ impl ClickHouseSink {
 
     async fn prepare(&self, ep: &Endpoint) -> Result<(), ClickHouseError> {
         let db = &self.database;
+        let server = Self::version(ep).await?;
+        // Tables weir makes take the form of this server; those that exist keep theirs.
+        let layout = self.layout.on_server(server);
         let existing = Self::existing(ep, db).await?;
         self.check_engines(ep, existing.as_ref())?;
         // Only what is missing is created: an ON CLUSTER statement waits for every
@@ -421,7 +425,7 @@ impl ClickHouseSink {
         let routed = self
             .tables
             .iter()
-            .flat_map(|t| t.ddl_statements(db, &self.layout));
+            .flat_map(|t| t.ddl_statements(db, &layout));
         let had = |name: &str| existing.as_ref().is_some_and(|t| t.contains_key(name));
         let missing = |ddl: &Ddl| match &ddl.creates {
             None => existing.is_none(),
@@ -429,7 +433,7 @@ impl ClickHouseSink {
         };
         // The coordinates views come last: they read columns of their tables, which
         // are checked first.
-        let (views, tables): (Vec<Ddl>, Vec<Ddl>) = schema_ddl(db, &self.layout)
+        let (views, tables): (Vec<Ddl>, Vec<Ddl>) = schema_ddl(db, &layout)
             .into_iter()
             .chain(routed)
             .filter(missing)
@@ -485,7 +489,7 @@ impl ClickHouseSink {
             }
         }
         ep.ready.store(true, Ordering::Relaxed);
-        info!(url = %ep.url, database = %self.database, routed = self.tables.len(), "ClickHouse tables ready");
+        info!(url = %ep.url, database = %self.database, routed = self.tables.len(), %server, "ClickHouse tables ready");
         Ok(())
     }
 
@@ -513,6 +517,21 @@ impl ClickHouseSink {
             }
             Err(e) => Err(query_err("schema creation")(e)),
         }
+    }
+
+    /// The server's release. One weir cannot read is taken for the oldest weir runs
+    /// on, with a warning: its tables then take 18.16's form, which every release reads.
+    async fn version(ep: &Endpoint) -> Result<ServerVersion, ClickHouseError> {
+        let version: String = ep
+            .admin
+            .query("SELECT version()")
+            .fetch_one()
+            .await
+            .map_err(query_err("version query"))?;
+        Ok(ServerVersion::parse(&version).unwrap_or_else(|| {
+            warn!(url = %ep.url, version, "ClickHouse version not understood; making tables as for 18.16");
+            ServerVersion::OLDEST
+        }))
     }
 
     /// The tables and views of database `db` at `ep` with their engines (a

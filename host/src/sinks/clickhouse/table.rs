@@ -11,18 +11,95 @@ use serde_json::Value;
 use super::config::{ReplicationConfig, TableConfig};
 use crate::model::{RoutedRow, is_identifier, json_kind as kind};
 
+/// A ClickHouse server's release (`SELECT version()`), which decides the form of the
+/// DDL weir sends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServerVersion {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl ServerVersion {
+    /// The oldest release weir runs on: Debian 12's package.
+    pub const OLDEST: Self = Self::new(18, 16);
+    /// From this release on (the 2020 long-term release) weir's tables use
+    /// `LowCardinality(String)` for their few-valued strings (experimental before 19.3)
+    /// and column codecs (`Delta` for times, `ZSTD` for JSON text; from 19.1 and 19.3).
+    pub const CURRENT_FORM: Self = Self::new(20, 3);
+
+    pub const fn new(major: u32, minor: u32) -> Self {
+        Self { major, minor }
+    }
+
+    /// `18.16.1`, `26.9.2.1`, `24.8.4.13-lts`: its first two numbers.
+    pub fn parse(version: &str) -> Option<Self> {
+        let mut parts = version.trim().split('.');
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next()?.split(|c: char| !c.is_ascii_digit()).next()?;
+        Some(Self::new(major, minor.parse().ok()?))
+    }
+}
+
+impl Default for ServerVersion {
+    fn default() -> Self {
+        Self::OLDEST
+    }
+}
+
+impl std::fmt::Display for ServerVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
 /// How weir's tables are made: plain `MergeTree` tables on each server (the
 /// default), or `Replicated*` tables that share their parts through ZooKeeper
-/// (`[clickhouse.replication]`), created `ON CLUSTER` when a cluster is named.
+/// (`[clickhouse.replication]`), created `ON CLUSTER` when a cluster is named; in the
+/// form of the server they are made on ([`ServerVersion`]; default 18.16's).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Layout {
     pub replication: Option<ReplicationConfig>,
+    pub server: ServerVersion,
 }
 
 impl Layout {
     pub fn replicated(cfg: ReplicationConfig) -> Self {
         Self {
             replication: Some(cfg),
+            ..Self::default()
+        }
+    }
+
+    /// The same tables on a server of release `server`.
+    pub fn on_server(&self, server: ServerVersion) -> Self {
+        Self {
+            server,
+            ..self.clone()
+        }
+    }
+
+    /// Whether the tables take the current form ([`ServerVersion::CURRENT_FORM`]).
+    pub fn is_current_form(&self) -> bool {
+        self.server >= ServerVersion::CURRENT_FORM
+    }
+
+    /// The type of a string column with few distinct values (apps, names, stages).
+    fn few_strings(&self) -> &'static str {
+        if self.is_current_form() {
+            "LowCardinality(String)"
+        } else {
+            "String"
+        }
+    }
+
+    /// The codec clause of a column of `kind`: ` CODEC(...)` or nothing.
+    fn codec(&self, kind: Codec) -> &'static str {
+        if !self.is_current_form() {
+            return "";
+        }
+        match kind {
+            Codec::Time => " CODEC(Delta, ZSTD(1))",
+            Codec::Text => " CODEC(ZSTD(1))",
         }
     }
 
@@ -55,6 +132,15 @@ impl Layout {
     pub fn is_replicated(&self) -> bool {
         self.replication.is_some()
     }
+}
+
+/// What a column's codec is chosen for.
+#[derive(Clone, Copy)]
+enum Codec {
+    /// Times and offsets: close to their neighbours, so their deltas are small.
+    Time,
+    /// JSON text.
+    Text,
 }
 
 /// A statement of weir's DDL and what it creates.
@@ -135,6 +221,8 @@ pub fn schema(db: &str, layout: &Layout) -> Vec<String> {
 pub fn schema_ddl(db: &str, layout: &Layout) -> Vec<Ddl> {
     let on = layout.on_cluster();
     let engine = |family: &str, table: &str| layout.engine(family, db, table);
+    let few = layout.few_strings();
+    let (time, text) = (layout.codec(Codec::Time), layout.codec(Codec::Text));
     vec![
         Ddl::new(None, format!("CREATE DATABASE IF NOT EXISTS {db}{on}")),
         Ddl::new(
@@ -142,16 +230,16 @@ pub fn schema_ddl(db: &str, layout: &Layout) -> Vec<Ddl> {
             format!(
                 "CREATE TABLE IF NOT EXISTS {db}.events{on} (
                 event_id String,
-                app String,
-                name String,
+                app {few},
+                name {few},
                 user_id Nullable(String),
-                timestamp DateTime,
-                timestamp_ms Int64,
-                received_at DateTime,
-                properties String,
-                context String,
-                pipeline String,
-                plugins String,
+                timestamp DateTime{time},
+                timestamp_ms Int64{time},
+                received_at DateTime{time},
+                properties String{text},
+                context String{text},
+                pipeline {few},
+                plugins {few},
                 control_version UInt64,
                 kafka_partition UInt32,
                 kafka_offset UInt64,
@@ -167,15 +255,15 @@ pub fn schema_ddl(db: &str, layout: &Layout) -> Vec<Ddl> {
             format!(
                 "CREATE TABLE IF NOT EXISTS {db}.dead_letters{on} (
                 event_id String,
-                app String,
-                name String,
-                stage String,
-                plugin String,
-                plugin_version String,
-                reason String,
-                raw String,
-                failed_at DateTime,
-                pipeline String,
+                app {few},
+                name {few},
+                stage {few},
+                plugin {few},
+                plugin_version {few},
+                reason String{text},
+                raw String{text},
+                failed_at DateTime{time},
+                pipeline {few},
                 control_version UInt64,
                 kafka_partition UInt32,
                 kafka_offset UInt64,
@@ -581,6 +669,65 @@ pub fn datetime(ms: i64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_versions_are_read_from_what_servers_answer() {
+        let v = |s| ServerVersion::parse(s);
+        assert_eq!(v("18.16.1"), Some(ServerVersion::new(18, 16)));
+        assert_eq!(v("26.9.2.1"), Some(ServerVersion::new(26, 9)));
+        assert_eq!(v("24.8.4.13-lts\n"), Some(ServerVersion::new(24, 8)));
+        assert_eq!(v("20.3"), Some(ServerVersion::new(20, 3)));
+        assert_eq!(v("25.10-alpha"), Some(ServerVersion::new(25, 10)));
+        for bad in ["", "26", "x.1", "26.x", "-1.2"] {
+            assert_eq!(v(bad), None, "{bad:?}");
+        }
+        // Compared as numbers, not text.
+        assert!(ServerVersion::new(20, 10) > ServerVersion::new(20, 3));
+        assert!(ServerVersion::new(100, 0) > ServerVersion::new(99, 12));
+        assert_eq!(ServerVersion::new(26, 9).to_string(), "26.9");
+    }
+
+    /// 18.16 and releases before the 2020 LTS get plain strings and no codecs; from it
+    /// on, LowCardinality and codecs. Routed tables are the same on both.
+    #[test]
+    fn the_tables_take_the_form_of_the_server_they_are_made_on() {
+        let old = Layout::default();
+        let before = old.on_server(ServerVersion::new(20, 1));
+        let current = old.on_server(ServerVersion::CURRENT_FORM);
+        for layout in [&old, &before] {
+            let sql = schema("w", layout).join("\n");
+            assert!(
+                !sql.contains("LowCardinality") && !sql.contains("CODEC"),
+                "{sql}"
+            );
+            assert!(sql.contains("app String,"), "{sql}");
+        }
+        let sql = schema("w", &current);
+        let events = &sql[1];
+        for column in [
+            "app LowCardinality(String),",
+            "name LowCardinality(String),",
+            "timestamp DateTime CODEC(Delta, ZSTD(1)),",
+            "properties String CODEC(ZSTD(1)),",
+            "event_id String,",
+            "user_id Nullable(String),",
+        ] {
+            assert!(events.contains(column), "{column}: {events}");
+        }
+        assert!(
+            sql[2].contains("stage LowCardinality(String),"),
+            "{}",
+            sql[2]
+        );
+        assert!(sql[2].contains("raw String CODEC(ZSTD(1)),"), "{}", sql[2]);
+        let table = Table::new(&TableConfig {
+            name: "views".into(),
+            columns: vec!["profile_id String".into()],
+            order_by: vec![],
+        })
+        .unwrap();
+        assert_eq!(table.ddl("w", &old), table.ddl("w", &current));
+    }
 
     #[test]
     fn a_replicated_layout_names_each_table_its_own_path_and_runs_on_the_cluster() {
