@@ -1,5 +1,8 @@
 //! End to end on real services: HTTP POST -> Kafka (Tansu) -> the `enrich` Wasm plugin
-//! -> ClickHouse, with weir restarted in the middle of the flow.
+//! -> ClickHouse, with weir restarted in the middle of the flow. Twice: on ClickHouse
+//! 18.16 (Debian's server) and on a current release (26.9: chdb's engine behind
+//! ClickHouse's HTTP interface, `ClickHouse::current`), where weir makes its tables in
+//! the current form.
 //!
 //! Several concurrent clients post over 10,000 events in mixed batches (single JSON
 //! events, arrays, NDJSON). Afterwards every accepted event must be in `events` exactly
@@ -148,6 +151,7 @@ session_timeout_ms = 6000
 [clickhouse]
 url = "{}"
 database = "e2e"
+compression = "{}"
 [processor]
 flush_max_events = 2000
 flush_interval_ms = 250
@@ -159,15 +163,26 @@ path = "{}"
 "#,
         tansu.bootstrap(),
         clickhouse.url(),
+        clickhouse.compression(),
         plugin_path("enrich").display()
     )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn events_flow_to_clickhouse_exactly_once_across_a_restart() -> Result<()> {
+    flow(ClickHouse::start()?, "String").await
+}
+
+/// The same on a current release: the tables take its form (LowCardinality).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_flow_to_a_current_clickhouse_exactly_once_across_a_restart() -> Result<()> {
+    flow(ClickHouse::current()?, "LowCardinality(String)").await
+}
+
+/// The flow on `clickhouse`, whose `events.app` weir should make of type `app_type`.
+async fn flow(clickhouse: ClickHouse, app_type: &str) -> Result<()> {
     let tansu = Tansu::start()?;
     tansu.create_topic("weir.events", 4)?;
-    let clickhouse = ClickHouse::start()?;
     let redis = Redis::start()?;
     let weir = Weir::start(&(config(&tansu, &clickhouse) + &redis.section()))?;
     // The processor has joined the group (on Tansu this takes about half the session
@@ -365,6 +380,12 @@ async fn events_flow_to_clickhouse_exactly_once_across_a_restart() -> Result<()>
         raw["name"], "post_liked",
         "the dead letter keeps the event: {raw}"
     );
+
+    // The form of the server's release.
+    let app = clickhouse
+        .query("SELECT type FROM system.columns WHERE database = 'e2e' AND table = 'events' AND name = 'app'")
+        .await?;
+    assert_eq!(app, app_type, "events.app");
 
     let w = weir.lock().await;
     assert!(

@@ -525,6 +525,8 @@ pub struct ClickHouse {
     proc: Option<Proc>,
     starts: u32,
     http: reqwest::Client,
+    /// A current engine (chdb behind `tests/chdb/serve.py`) instead of 18.16's server.
+    chdb: bool,
 }
 
 impl ClickHouse {
@@ -540,6 +542,7 @@ impl ClickHouse {
             proc: None,
             starts: 0,
             http: reqwest::Client::new(),
+            chdb: false,
         };
         for attempt in 1.. {
             ch.configure(free_port(), free_port(), None)?;
@@ -549,6 +552,34 @@ impl ClickHouse {
                     eprintln!("clickhouse-server could not bind its ports ({why}); other ports");
                 }
                 Launch::PortTaken(why) => bail!("clickhouse-server could not bind: {why}"),
+            }
+        }
+        unreachable!()
+    }
+
+    /// A current ClickHouse release: chdb's engine (PyPI `chdb-core`, which
+    /// `scripts/stack.sh install` puts in `$WEIR_CACHE/chdb-venv`) served over
+    /// ClickHouse's HTTP interface by `tests/chdb/serve.py`, on a free port. Only the
+    /// transport is the script's; every statement runs in the engine. Inserts must not
+    /// be compressed (`compression = "none"`).
+    pub fn current() -> Result<ClickHouse> {
+        let mut ch = ClickHouse {
+            http_port: 0,
+            dir: TempDir::new("chdb"),
+            config: String::new(),
+            proc: None,
+            starts: 0,
+            http: reqwest::Client::new(),
+            chdb: true,
+        };
+        for attempt in 1.. {
+            ch.http_port = free_port();
+            match ch.launch()? {
+                Launch::Up => return Ok(ch),
+                Launch::PortTaken(why) if attempt < 4 => {
+                    eprintln!("chdb's server could not bind its port ({why}); another");
+                }
+                Launch::PortTaken(why) => bail!("chdb's server could not bind: {why}"),
             }
         }
         unreachable!()
@@ -565,6 +596,7 @@ impl ClickHouse {
             proc: None,
             starts: 0,
             http: reqwest::Client::new(),
+            chdb: false,
         };
         let mut pair = [new(), new()];
         'attempt: for attempt in 1.. {
@@ -643,6 +675,9 @@ impl ClickHouse {
     fn launch(&mut self) -> Result<Launch> {
         self.stop();
         self.starts += 1;
+        if self.chdb {
+            return self.launch_chdb();
+        }
         let mut proc = Proc::spawn(
             "clickhouse-server",
             Command::new(find_program("clickhouse-server")?)
@@ -673,6 +708,38 @@ impl ClickHouse {
                 ))
             }
             Err(e) => Err(e.context(format!("clickhouse-server's error log:\n{errors}"))),
+        }
+    }
+
+    /// [`ClickHouse::launch`] of [`ClickHouse::current`]: up once it answers.
+    fn launch_chdb(&mut self) -> Result<Launch> {
+        let python = cache_dir()
+            .context("neither WEIR_CACHE nor HOME is set")?
+            .join("chdb-venv/bin/python");
+        let data = self.dir.path().join("data");
+        std::fs::create_dir_all(&data)?;
+        let mut proc = Proc::spawn(
+            "chdb-server",
+            Command::new(&python)
+                .arg(repo_root().join("tests/chdb/serve.py"))
+                .arg(self.http_port.to_string())
+                .arg(&data),
+            self.dir
+                .path()
+                .join(format!("server-stdout-{}.log", self.starts)),
+        )?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.http_port));
+        match proc.wait_ready("chdb's server to answer", Duration::from_secs(60), || {
+            http_ok(addr, "/ping")
+        }) {
+            Ok(()) => {
+                self.proc = Some(proc);
+                Ok(Launch::Up)
+            }
+            Err(_) if proc.log_text().contains("Address already in use") => {
+                Ok(Launch::PortTaken("Address already in use".into()))
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -707,6 +774,13 @@ impl ClickHouse {
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// What weir's `clickhouse.compression` must be for this server: `lz4` (weir's
+    /// default), or `none` for [`ClickHouse::current`], whose transport takes plain
+    /// bodies only.
+    pub fn compression(&self) -> &'static str {
+        if self.chdb { "none" } else { "lz4" }
     }
 
     /// Runs a query and returns its output (TabSeparated), trimmed.
