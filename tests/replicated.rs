@@ -201,14 +201,47 @@ async fn a_replica_killed_for_30_s_under_load_leaves_every_event_once_on_both() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_insert_whose_answer_was_lost_is_stored_once_when_retried_on_the_other_replica()
 -> Result<()> {
+    lost_answer("events", "retry_backoff_ms = 200\n", batch).await
+}
+
+/// The same for dead letters (here every event lacks what the `enrich` plugin needs),
+/// retried more than a second later: their `failed_at` is the flush's, not the
+/// attempt's, so the retried block is the same block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_whose_answer_was_lost_are_stored_once_when_retried_on_the_other_replica()
+-> Result<()> {
+    let pipeline = format!(
+        "retry_backoff_ms = 1500\n[pipeline]\nname = \"checked\"\n[[pipeline.plugin]]\nname = \"enrich\"\npath = \"{}\"\n",
+        weir_tests::plugin_path("enrich").display()
+    );
+    let refused = |first: u64| -> Vec<Value> {
+        (first..first + BATCH)
+            .map(|n| json!({"name": "profile_viewed", "event_id": format!("d{n:06}"), "properties": {}}))
+            .collect()
+    };
+    lost_answer("dead_letters", &pipeline, refused).await
+}
+
+/// Posts 1,000 events of `events(first_id)` through weir whose first INSERT into
+/// `table` loses its answer, and checks that `table` holds each once on both replicas.
+/// `processor` replaces the configuration's `retry_backoff_ms` line (that setting, then
+/// other settings and sections).
+async fn lost_answer(
+    table: &str,
+    processor: &str,
+    events: impl Fn(u64) -> Vec<Value>,
+) -> Result<()> {
     let zk = ZooKeeper::start()?;
     let [first, second] = ClickHouse::replicas(&zk, CLUSTER)?;
     let upstream = std::net::SocketAddr::from(([127, 0, 0, 1], first.http_port));
-    let cutter = AnswerCutter::start(upstream, "INSERT INTO `events`(", 1).await?;
+    let needle = format!("INSERT INTO `{table}`(");
+    let cutter = AnswerCutter::start(upstream, &needle, 1).await?;
     let tansu = Tansu::start()?;
     tansu.create_topic("weir.events", 4)?;
     let redis = Redis::start()?;
-    let weir = Weir::start(&config(&tansu, &cutter.url(), &second.url(), &redis))?;
+    let cfg = config(&tansu, &cutter.url(), &second.url(), &redis)
+        .replace("retry_backoff_ms = 200\n", processor);
+    let weir = Weir::start(&cfg)?;
     weir.wait_for_partitions(Duration::from_secs(30))?;
     // Of every table: the coordinates view's fetched rows would let the replay guard
     // skip the retry before it reaches ClickHouse.
@@ -220,7 +253,7 @@ async fn an_insert_whose_answer_was_lost_is_stored_once_when_retried_on_the_othe
         let answer = http
             .post(weir.events_url())
             .bearer_auth(WRITE_KEY)
-            .json(&batch(first_id))
+            .json(&events(first_id))
             .send()
             .await?;
         ensure!(
@@ -249,9 +282,10 @@ async fn an_insert_whose_answer_was_lost_is_stored_once_when_retried_on_the_othe
         );
     }
     second.query("SYSTEM START FETCHES").await?;
+    let table = format!("repl.{table}");
     for ch in [&first, &second] {
         ch.wait_for_count(
-            "SELECT count() FROM repl.events",
+            &format!("SELECT count() FROM {table}"),
             sent,
             Duration::from_secs(60),
         )
@@ -259,7 +293,7 @@ async fn an_insert_whose_answer_was_lost_is_stored_once_when_retried_on_the_othe
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     for ch in [&first, &second] {
-        ch.assert_each_once(&[("repl.events", sent)]).await?;
+        ch.assert_each_once(&[(table.as_str(), sent)]).await?;
     }
     let metrics = weir.metrics().await?;
     assert_eq!(

@@ -775,12 +775,14 @@ impl ClickHouseSink {
         insert.end().await.map_err(query_err("insert into events"))
     }
 
-    /// Inserts dead letters into `dead_letters`, in one INSERT.
+    /// Inserts dead letters into `dead_letters`, in one INSERT, failed at `failed_at`
+    /// (seconds since the epoch).
     pub async fn insert_dead_letters(
         &self,
         dead: &[&DeadLetter],
         pipeline: &str,
         control_version: u64,
+        failed_at: u32,
     ) -> Result<(), ClickHouseError> {
         if dead.is_empty() {
             return Ok(());
@@ -791,7 +793,6 @@ impl ClickHouseSink {
             .insert::<DeadLetterRow<'_>>("dead_letters")
             .await
             .map_err(query_err("insert into dead_letters"))?;
-        let now = datetime(crate::model::now_ms());
         for d in dead {
             insert
                 .write(&DeadLetterRow {
@@ -803,7 +804,7 @@ impl ClickHouseSink {
                     plugin_version: &d.plugin_version,
                     reason: &d.reason,
                     raw: &d.raw,
-                    failed_at: now,
+                    failed_at,
                     pipeline,
                     control_version,
                     kafka_partition: d.origin.partition as u32,
@@ -932,7 +933,8 @@ impl crate::sinks::DeadLetterStore for ClickHouseSink {
                 .iter()
                 .filter(|d| !stored.contains(&(d.origin.partition, dead_key(d))))
                 .collect();
-            self.insert_dead_letters(&dead, pipeline, control_version)
+            let now = datetime(crate::model::now_ms());
+            self.insert_dead_letters(&dead, pipeline, control_version, now)
                 .await
                 .map_err(Into::into)
         })
@@ -993,6 +995,10 @@ struct Done {
     routed: HashSet<usize>,
     /// Events refused by the tables written so far.
     refused: Vec<Refusal>,
+    /// The dead letters' `failed_at`, taken at the flush's first attempt: a retry sends
+    /// the same block, which a replicated table then stores once, also on the other
+    /// replica after a lost answer.
+    failed_at: Option<u32>,
 }
 
 /// Most INSERTs the rows of one table may take in one flush attempt while ClickHouse
@@ -1130,8 +1136,12 @@ impl ClickHouseWriter {
                         .contains(&(d.origin.partition, dead_key(d)))
                 })
                 .collect();
+            let failed_at = *self
+                .done
+                .failed_at
+                .get_or_insert_with(|| datetime(crate::model::now_ms()));
             self.client
-                .insert_dead_letters(&dead, flush.pipeline, flush.control_version)
+                .insert_dead_letters(&dead, flush.pipeline, flush.control_version, failed_at)
                 .await?;
             self.done.dead_letters = true;
             rows_metric

@@ -183,6 +183,12 @@ pub fn coords_view(table: &str) -> String {
 /// Names that start with it are weir's ([`coords_view`]); a declared table may not.
 pub const COORDS_PREFIX: &str = "_weir_coords_";
 
+/// The Kafka coordinates, which end the sorting key of every table weir makes (not its
+/// primary index): rows that tie on the rest are sorted the same way in every INSERT,
+/// so a retried INSERT makes the same part, which a replicated table recognises (its
+/// block deduplication hashes the part) and stores once, also on the other replica.
+const KAFKA: &str = "kafka_partition, kafka_offset, kafka_index";
+
 /// The coordinate columns of every table, and those of `dead_letters`, which the guard
 /// tells apart also by stage and plugin (one event can fail at two stages).
 const COORDS: &str = "kafka_partition, kafka_offset, kafka_index, event_id";
@@ -246,7 +252,8 @@ pub fn schema_ddl(db: &str, layout: &Layout) -> Vec<Ddl> {
                 kafka_index UInt32
             ) ENGINE = {}
             PARTITION BY toYYYYMM(timestamp)
-            ORDER BY (app, name, timestamp, event_id)",
+            ORDER BY (app, name, timestamp, event_id, {KAFKA})
+            PRIMARY KEY (app, name, timestamp, event_id)",
                 engine("MergeTree", "events")
             ),
         ),
@@ -270,7 +277,8 @@ pub fn schema_ddl(db: &str, layout: &Layout) -> Vec<Ddl> {
                 kafka_index UInt32
             ) ENGINE = {}
             PARTITION BY toYYYYMM(failed_at)
-            ORDER BY (stage, failed_at)",
+            ORDER BY (stage, failed_at, {KAFKA})
+            PRIMARY KEY (stage, failed_at)",
                 engine("MergeTree", "dead_letters")
             ),
         ),
@@ -594,13 +602,26 @@ impl Table {
                     .map(|c| format!("{} {}", c.name, c.ty.sql())),
             )
             .collect();
+        // The coordinates end the sorting key (see KAFKA), unless it has them already.
+        let sort: Vec<&str> = self
+            .order_by
+            .iter()
+            .map(String::as_str)
+            .chain(
+                KAFKA
+                    .split(", ")
+                    .filter(|c| !self.order_by.iter().any(|o| o == c)),
+            )
+            .collect();
         format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{}{} ({}) ENGINE = {} PARTITION BY toYYYYMM(timestamp) ORDER BY ({})",
+            "CREATE TABLE IF NOT EXISTS {db}.{}{} ({}) ENGINE = {} PARTITION BY toYYYYMM(timestamp) \
+             ORDER BY ({}) PRIMARY KEY ({order})",
             self.name,
             layout.on_cluster(),
             columns.join(", "),
             layout.engine("MergeTree", db, &self.name),
-            self.order_by.join(", ")
+            sort.join(", "),
+            order = self.order_by.join(", "),
         )
     }
 
@@ -727,6 +748,52 @@ mod tests {
         })
         .unwrap();
         assert_eq!(table.ddl("w", &old), table.ddl("w", &current));
+    }
+
+    /// Every table's sorting key ends with the Kafka coordinates, so that rows are in
+    /// the same order in every INSERT of them (a retried block is the same part); the
+    /// primary index stays the declared key.
+    #[test]
+    fn sorting_keys_end_with_the_kafka_coordinates() {
+        let sql = schema("w", &Layout::default());
+        assert!(
+            sql[1].contains("ORDER BY (app, name, timestamp, event_id, kafka_partition, kafka_offset, kafka_index)")
+                && sql[1].contains("PRIMARY KEY (app, name, timestamp, event_id)"),
+            "{}",
+            sql[1]
+        );
+        assert!(
+            sql[2].contains(
+                "ORDER BY (stage, failed_at, kafka_partition, kafka_offset, kafka_index)"
+            ) && sql[2].contains("PRIMARY KEY (stage, failed_at)"),
+            "{}",
+            sql[2]
+        );
+        let routed = |order_by: &[&str]| {
+            Table::new(&TableConfig {
+                name: "views".into(),
+                columns: vec!["profile_id String".into()],
+                order_by: order_by.iter().map(|s| s.to_string()).collect(),
+            })
+            .unwrap()
+            .ddl("w", &Layout::default())
+        };
+        assert!(
+            routed(&["profile_id", "timestamp"]).ends_with(
+                "ORDER BY (profile_id, timestamp, kafka_partition, kafka_offset, kafka_index) \
+                 PRIMARY KEY (profile_id, timestamp)"
+            ),
+            "{}",
+            routed(&["profile_id", "timestamp"])
+        );
+        // A coordinate in the declared key is not repeated.
+        assert!(
+            routed(&["kafka_offset"]).ends_with(
+                "ORDER BY (kafka_offset, kafka_partition, kafka_index) PRIMARY KEY (kafka_offset)"
+            ),
+            "{}",
+            routed(&["kafka_offset"])
+        );
     }
 
     #[test]
