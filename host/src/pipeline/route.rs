@@ -374,6 +374,12 @@ mod tests {
         assert!(ddl.starts_with("CREATE TABLE IF NOT EXISTS weir.profile_viewed (event_id String, app String, timestamp DateTime,"), "{ddl}");
         assert!(ddl.contains("viewer Nullable(String)"));
         assert!(ddl.contains("ok UInt8"));
-        assert!(ddl.ends_with("ORDER BY (profile_id, timestamp)"));
+        assert!(
+            ddl.ends_with(
+                "ORDER BY (profile_id, timestamp, kafka_partition, kafka_offset, kafka_index) \
+                 PRIMARY KEY (profile_id, timestamp)"
+            ),
+            "{ddl}"
+        );
     }
 }
