@@ -52,6 +52,11 @@ fn statement(what: impl Into<String>, sql: impl Into<String>) -> Value {
     json!({"what": what.into(), "sql": sql.into(), "expect": null})
 }
 
+/// A query that must answer `expect` (TabSeparated, trimmed).
+fn answered(what: &str, sql: &str, expect: &str) -> Value {
+    json!({"what": what, "sql": sql, "expect": expect})
+}
+
 #[test]
 fn every_statement_weir_emits_and_every_readme_query_run_on_a_current_clickhouse() -> Result<()> {
     let mut run = Vec::new();
@@ -110,16 +115,16 @@ fn every_statement_weir_emits_and_every_readme_query_run_on_a_current_clickhouse
     }
     // The current form: few-valued strings as LowCardinality, codecs on the times and
     // the JSON text.
-    run.push(json!({
-        "what": "current form: app's type",
-        "sql": "SELECT type FROM system.columns WHERE database = 'weir' AND table = 'events' AND name = 'app'",
-        "expect": "LowCardinality(String)",
-    }));
-    run.push(json!({
-        "what": "current form: columns of events with a codec",
-        "sql": "SELECT count() FROM system.columns WHERE database = 'weir' AND table = 'events' AND compression_codec != ''",
-        "expect": "5",
-    }));
+    run.push(answered(
+        "current form: app's type",
+        "SELECT type FROM system.columns WHERE database = 'weir' AND table = 'events' AND name = 'app'",
+        "LowCardinality(String)",
+    ));
+    run.push(answered(
+        "current form: columns of events with a codec",
+        "SELECT count() FROM system.columns WHERE database = 'weir' AND table = 'events' AND compression_codec != ''",
+        "5",
+    ));
     // Tables weir made on 18.16 and kept when the server is upgraded: 18.16's form, as
     // weir emits it, also runs here and takes rows.
     for sql in schema("legacy", &Layout::default()) {
@@ -130,11 +135,11 @@ fn every_statement_weir_emits_and_every_readme_query_run_on_a_current_clickhouse
         "INSERT INTO legacy.events (event_id, app, name, user_id, timestamp, timestamp_ms, received_at, properties, context) VALUES \
          ('l1', 'shop', 'page', 'anon-1', toDateTime(1700000000), 1700000000000, now(), '{}', '{}')",
     ));
-    run.push(json!({
-        "what": "18.16 form: app's type, and the row in the coordinates view",
-        "sql": "SELECT (SELECT type FROM system.columns WHERE database = 'legacy' AND table = 'events' AND name = 'app'), (SELECT count() FROM legacy._weir_coords_events)",
-        "expect": "String\t1",
-    }));
+    run.push(answered(
+        "18.16 form: app's type, and the row in the coordinates view",
+        "SELECT (SELECT type FROM system.columns WHERE database = 'legacy' AND table = 'events' AND name = 'app'), (SELECT count() FROM legacy._weir_coords_events)",
+        "String\t1",
+    ));
     // Seeded events: anon-2 views a page, is identified as user-1, who orders; anon-3
     // only views. The identities view is filled as they are written.
     run.push(statement(
@@ -147,26 +152,26 @@ fn every_statement_weir_emits_and_every_readme_query_run_on_a_current_clickhouse
     ));
     // The coordinates view is filled by the INSERT; a backfill (a view weir adds to a
     // table with rows) copies the table's rows in again.
-    run.push(json!({
-        "what": "coordinates view of events",
-        "sql": "SELECT count() FROM weir._weir_coords_events WHERE kafka_partition = 0 AND kafka_offset >= 0",
-        "expect": "4",
-    }));
+    run.push(answered(
+        "coordinates view of events",
+        "SELECT count() FROM weir._weir_coords_events WHERE kafka_partition = 0 AND kafka_offset >= 0",
+        "4",
+    ));
     for ddl in schema_ddl("weir", &current()) {
         if let Some(fill) = ddl.backfill {
             run.push(statement(format!("backfill of {}", fill.table), fill.sql));
         }
     }
-    run.push(json!({
-        "what": "coordinates view of events, backfilled",
-        "sql": "SELECT count() FROM weir._weir_coords_events",
-        "expect": "8",
-    }));
-    run.push(json!({
-        "what": "identities (materialized view)",
-        "sql": "SELECT anonymous_id, user_id, via FROM weir.identities FINAL ORDER BY anonymous_id",
-        "expect": "anon-2\tuser-1\tidentify",
-    }));
+    run.push(answered(
+        "coordinates view of events, backfilled",
+        "SELECT count() FROM weir._weir_coords_events",
+        "8",
+    ));
+    run.push(answered(
+        "identities (materialized view)",
+        "SELECT anonymous_id, user_id, via FROM weir.identities FINAL ORDER BY anonymous_id",
+        "anon-2\tuser-1\tidentify",
+    ));
     for (what, sql) in readme_statements()? {
         // The funnel counts user-1 only (anon-3 never ordered).
         let expect = sql.starts_with("SELECT count() AS people").then_some("1");

@@ -530,20 +530,25 @@ pub struct ClickHouse {
 }
 
 impl ClickHouse {
+    /// One not started yet, with its state in a new temp dir named after `prefix`.
+    fn unstarted(prefix: &str, chdb: bool) -> ClickHouse {
+        ClickHouse {
+            http_port: 0,
+            dir: TempDir::new(prefix),
+            config: String::new(),
+            proc: None,
+            starts: 0,
+            http: reqwest::Client::new(),
+            chdb,
+        }
+    }
+
     /// Starts a server on two free ports. A port can be taken between the moment it is
     /// found free and the server's bind (by another test's server or an outgoing
     /// connection's local port): the server then exits at once, and it is started again
     /// on two other ports.
     pub fn start() -> Result<ClickHouse> {
-        let mut ch = ClickHouse {
-            http_port: 0,
-            dir: TempDir::new("clickhouse"),
-            config: String::new(),
-            proc: None,
-            starts: 0,
-            http: reqwest::Client::new(),
-            chdb: false,
-        };
+        let mut ch = ClickHouse::unstarted("clickhouse", false);
         for attempt in 1.. {
             ch.configure(free_port(), free_port(), None)?;
             match ch.launch()? {
@@ -563,15 +568,7 @@ impl ClickHouse {
     /// transport is the script's; every statement runs in the engine. Inserts must not
     /// be compressed (`compression = "none"`).
     pub fn current() -> Result<ClickHouse> {
-        let mut ch = ClickHouse {
-            http_port: 0,
-            dir: TempDir::new("chdb"),
-            config: String::new(),
-            proc: None,
-            starts: 0,
-            http: reqwest::Client::new(),
-            chdb: true,
-        };
+        let mut ch = ClickHouse::unstarted("chdb", true);
         for attempt in 1.. {
             ch.http_port = free_port();
             match ch.launch()? {
@@ -589,15 +586,7 @@ impl ClickHouse {
     /// port and `{shard}`/`{replica}` macros), both in cluster `cluster` of their
     /// `<remote_servers>`, for ON CLUSTER DDL.
     pub fn replicas(zk: &ZooKeeper, cluster: &str) -> Result<[ClickHouse; 2]> {
-        let new = || ClickHouse {
-            http_port: 0,
-            dir: TempDir::new("clickhouse-replica"),
-            config: String::new(),
-            proc: None,
-            starts: 0,
-            http: reqwest::Client::new(),
-            chdb: false,
-        };
+        let new = || ClickHouse::unstarted("clickhouse-replica", false);
         let mut pair = [new(), new()];
         'attempt: for attempt in 1.. {
             let ports: Vec<[u16; 3]> = (0..2)

@@ -200,7 +200,7 @@ fn coords_ddl(db: &str, table: &str, columns: &str, layout: &Layout) -> Ddl {
     let view = coords_view(table);
     let sql = format!(
         "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{view}{} \
-         ENGINE = {} ORDER BY (kafka_partition, kafka_offset, kafka_index) \
+         ENGINE = {} ORDER BY ({KAFKA}) \
          AS SELECT {columns} FROM {db}.{table}",
         layout.on_cluster(),
         layout.engine("MergeTree", db, &view),
