@@ -548,15 +548,28 @@ impl ClickHouse {
     /// connection's local port): the server then exits at once, and it is started again
     /// on two other ports.
     pub fn start() -> Result<ClickHouse> {
-        let mut ch = ClickHouse::unstarted("clickhouse", false);
+        ClickHouse::unstarted("clickhouse", false).start_on_free_ports()
+    }
+
+    /// Starts it on free ports, on other ones while a port turns out taken.
+    fn start_on_free_ports(mut self) -> Result<ClickHouse> {
+        let server = if self.chdb {
+            "chdb's server"
+        } else {
+            "clickhouse-server"
+        };
         for attempt in 1.. {
-            ch.configure(free_port(), free_port(), None)?;
-            match ch.launch()? {
-                Launch::Up => return Ok(ch),
+            if self.chdb {
+                self.http_port = free_port();
+            } else {
+                self.configure(free_port(), free_port(), None)?;
+            }
+            match self.launch()? {
+                Launch::Up => return Ok(self),
                 Launch::PortTaken(why) if attempt < 4 => {
-                    eprintln!("clickhouse-server could not bind its ports ({why}); other ports");
+                    eprintln!("{server} could not bind its ports ({why}); other ports");
                 }
-                Launch::PortTaken(why) => bail!("clickhouse-server could not bind: {why}"),
+                Launch::PortTaken(why) => bail!("{server} could not bind: {why}"),
             }
         }
         unreachable!()
@@ -568,18 +581,7 @@ impl ClickHouse {
     /// transport is the script's; every statement runs in the engine. Inserts must not
     /// be compressed (`compression = "none"`).
     pub fn current() -> Result<ClickHouse> {
-        let mut ch = ClickHouse::unstarted("chdb", true);
-        for attempt in 1.. {
-            ch.http_port = free_port();
-            match ch.launch()? {
-                Launch::Up => return Ok(ch),
-                Launch::PortTaken(why) if attempt < 4 => {
-                    eprintln!("chdb's server could not bind its port ({why}); another");
-                }
-                Launch::PortTaken(why) => bail!("chdb's server could not bind: {why}"),
-            }
-        }
-        unreachable!()
+        ClickHouse::unstarted("chdb", true).start_on_free_ports()
     }
 
     /// Two replicas of one shard that replicate through `zk` (each with an interserver
