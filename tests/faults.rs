@@ -22,6 +22,7 @@
 //! `cargo test -p weir-tests --test faults` runs the short table (CI); with
 //! `WEIR_FAULTS=full` every case runs longer, with more events, more kills and 30 s
 //! outages (`scripts/faults.sh`). The table is printed at the end.
+//! `WEIR_FAULT_CASE=TEXT` runs only the cases whose names contain TEXT.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -33,7 +34,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 use weir_tests::{
-    AnswerCutter, ClickHouse, Lcg, Redis, Tansu, WRITE_KEY, Weir, engagement_pipeline, repo_root,
+    AnswerCutter, ClickHouse, Lcg, ObjectStore, Redis, Tansu, WRITE_KEY, Weir, engagement_pipeline,
+    repo_root,
 };
 
 const APP: &str = "faults";
@@ -46,14 +48,20 @@ enum Fault {
     None,
     /// SIGKILLs at random moments, each followed by a restart.
     Kills(usize),
-    /// The processor aborts right after its n-th flush was written, before the commit.
-    AfterWrite(u32),
+    /// The processor aborts at a failpoint (`WEIR_FAILPOINT`, e.g. `after_write:2`:
+    /// right after its second flush was written, before the commit), then restarts.
+    Failpoint(&'static str),
     /// SIGTERM while the webhook receiver answers slowly, then a restart.
     SigtermSlowWebhook,
     ClickHouseDown(Duration),
     /// ClickHouse commits INSERTs into `events` whose answers are lost (a proxy).
     LostInsertAnswers(usize),
     RedisDown(Duration),
+    /// The broker killed (SIGKILL) while the client sends and started again after the
+    /// outage, with its log and committed offsets intact (a Tansu that keeps them in an
+    /// object store): ingest answers 503 meanwhile, the processor and the topic sink
+    /// reconnect.
+    BrokerRestart(Duration),
     /// A second processor joins the group mid-stream; the first leaves later.
     SecondInstance,
     /// A column of `events` that some events' values cannot fill.
@@ -94,12 +102,23 @@ fn cases() -> Vec<Case> {
         case(
             "SIGKILL after a write, before its commit",
             5,
-            Fault::AfterWrite(2),
+            Fault::Failpoint("after_write:2"),
+        ),
+        case(
+            "SIGKILL after the dedup claims, before the write",
+            5,
+            Fault::Failpoint("after_claim:3"),
+        ),
+        case(
+            "SIGKILL between the INSERTs of a flush",
+            5,
+            Fault::Failpoint("after_insert:3"),
         ),
         case("SIGTERM with a slow webhook", 5, Fault::SigtermSlowWebhook),
         case("ClickHouse down", 5, Fault::ClickHouseDown(outage)),
         case("lost INSERT answers", 5, Fault::LostInsertAnswers(2)),
         case("Redis down", 5, Fault::RedisDown(outage)),
+        case("broker restart", 5, Fault::BrokerRestart(outage)),
         case(
             "a second instance joins, the first leaves",
             5,
@@ -244,13 +263,16 @@ events = ["signup_completed"]
 
 /// A tracking SDK's sending side (see `tests/dedup.rs`): posts until a 202, resends
 /// `resend_pct` % of its requests (an earlier one, whole or its second half).
-async fn send(url: String, events: Vec<Value>, resend_pct: u64, seed: u64) -> Result<usize> {
+async fn send(url: String, events: Vec<Value>, resend_pct: u64, seed: u64) -> Result<Sent> {
     let http = reqwest::Client::new();
     let mut rng = Lcg(seed);
-    let mut posted = 0;
+    let mut sent = Sent::default();
+    let started = Instant::now();
+    let refused = std::sync::atomic::AtomicUsize::new(0);
     let post = |batch: Vec<Value>| {
         let http = http.clone();
         let url = url.clone();
+        let refused = &refused;
         async move {
             let started = Instant::now();
             loop {
@@ -266,7 +288,9 @@ async fn send(url: String, events: Vec<Value>, resend_pct: u64, seed: u64) -> Re
                     Ok(r) if r.status().is_client_error() => {
                         bail!("ingest answered {}: {}", r.status(), r.text().await?)
                     }
-                    _ => {}
+                    _ => {
+                        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                 }
                 if started.elapsed() > Duration::from_secs(120) {
                     bail!("a request was not accepted within 120 s");
@@ -277,7 +301,7 @@ async fn send(url: String, events: Vec<Value>, resend_pct: u64, seed: u64) -> Re
     };
     let mut earlier: Vec<Vec<Value>> = Vec::new();
     for (i, batch) in events.chunks(100).enumerate() {
-        posted += post(batch.to_vec()).await?;
+        sent.posted += post(batch.to_vec()).await?;
         earlier.push(batch.to_vec());
         // Exactly resend_pct % of the requests are followed by a resend.
         let i = i as u64;
@@ -289,11 +313,22 @@ async fn send(url: String, events: Vec<Value>, resend_pct: u64, seed: u64) -> Re
             } else {
                 pick[pick.len() / 2..].to_vec()
             };
-            posted += post(copy).await?;
+            sent.posted += post(copy).await?;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    Ok(posted)
+    sent.refused = refused.into_inner();
+    sent.took = started.elapsed();
+    Ok(sent)
+}
+
+/// What the client sent: events accepted (copies included), answers other than a 202
+/// or a 4xx that it retried (a 503 while Kafka was down, a reset), and for how long.
+#[derive(Debug, Default)]
+struct Sent {
+    posted: usize,
+    refused: usize,
+    took: Duration,
 }
 
 /// Lost and doubled events of one sink.
@@ -370,7 +405,15 @@ impl Row {
 
 /// Runs `case` on a fresh stack and counts every sink.
 async fn run(case: &Case, seed: u64) -> Result<Row> {
-    let tansu = Tansu::start()?;
+    // A broker that is restarted must come back with what it held.
+    let store = match case.fault {
+        Fault::BrokerRestart(_) => Some(ObjectStore::start("weir-faults")?),
+        _ => None,
+    };
+    let mut tansu = match &store {
+        Some(store) => Tansu::start_durable(store)?,
+        None => Tansu::start()?,
+    };
     tansu.create_topic("weir.events", 4)?;
     let mut clickhouse = ClickHouse::start()?;
     let mut redis = Redis::start()?;
@@ -385,7 +428,7 @@ async fn run(case: &Case, seed: u64) -> Result<Row> {
     let ch_url = cutter.as_ref().map_or(clickhouse.url(), AnswerCutter::url);
     let cfg = config(&tansu, &ch_url, &redis, hook, case);
     let env: Vec<(&str, String)> = match case.fault {
-        Fault::AfterWrite(n) => vec![("WEIR_FAILPOINT", format!("after_write:{n}"))],
+        Fault::Failpoint(point) => vec![("WEIR_FAILPOINT", point.to_owned())],
         _ => vec![],
     };
     let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -417,7 +460,7 @@ async fn run(case: &Case, seed: u64) -> Result<Row> {
                 tokio::task::block_in_place(|| processor.restart())?;
             }
         }
-        Fault::AfterWrite(_) => {
+        Fault::Failpoint(_) => {
             tokio::task::block_in_place(|| processor.wait_for_exit(Duration::from_secs(60)))?;
             processor.env.clear();
             tokio::task::block_in_place(|| processor.restart())?;
@@ -445,6 +488,12 @@ async fn run(case: &Case, seed: u64) -> Result<Row> {
             tokio::time::sleep(d).await;
             tokio::task::block_in_place(|| redis.restart())?;
         }
+        Fault::BrokerRestart(d) => {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            tansu.kill();
+            tokio::time::sleep(d).await;
+            tokio::task::block_in_place(|| tansu.restart())?;
+        }
         Fault::SecondInstance => {
             tokio::time::sleep(Duration::from_secs(1)).await;
             second = Some(Weir::start(&cfg)?);
@@ -453,7 +502,14 @@ async fn run(case: &Case, seed: u64) -> Result<Row> {
         }
         Fault::None | Fault::LostInsertAnswers(_) | Fault::Poison => {}
     }
-    let posted = client.await??;
+    let sent = client.await??;
+    eprintln!(
+        "{}: the client sent for {:?}; {} answers retried",
+        case.name, sent.took, sent.refused
+    );
+    if matches!(case.fault, Fault::BrokerRestart(_)) && sent.refused == 0 {
+        bail!("ingest refused nothing: the broker was not down while the client sent");
+    }
 
     // Wait until every sink has at least what it must (or time runs out), then a
     // little longer for stragglers to show up as duplicates.
@@ -510,7 +566,7 @@ async fn run(case: &Case, seed: u64) -> Result<Row> {
         counter,
         webhook: tally(&exp.signups, &receiver.accepted.lock().unwrap()),
         topic: tally(&exp.signups, &topic),
-        posted,
+        posted: sent.posted,
     };
     if cutter.as_ref().is_some_and(|c| c.cut() == 0) {
         bail!("no INSERT answer was cut");
@@ -533,7 +589,8 @@ async fn every_fault_loses_nothing_and_doubles_nothing() -> Result<()> {
         "| case | events posted (copies included) | events | dead_letters | profile_viewed | counter | webhook | topic |\n|---|---|---|---|---|---|---|---|\n",
     );
     let mut failures = Vec::new();
-    for case in cases() {
+    let only = std::env::var("WEIR_FAULT_CASE").unwrap_or_default();
+    for case in cases().into_iter().filter(|c| c.name.contains(&only)) {
         let row = run(&case, seed).await.with_context(|| case.name)?;
         table.push_str(&format!(
             "| {} | {} of {} | {} | {} | {} | {} | {} | {} |\n",

@@ -2,6 +2,11 @@
 //! separated list of
 //! - `after_write:N`: abort the process right after the Nth flush was written to
 //!   ClickHouse, before its offsets are committed (the crash window a replay covers);
+//! - `after_claim:N`: abort right after the Nth deduplication check stored its claims
+//!   in Redis, before anything of those events is written;
+//! - `after_insert:N`: abort right after ClickHouse acknowledged the Nth INSERT of
+//!   events or routed rows, when the other tables and sinks of that flush may not
+//!   have been written yet;
 //! - `after_counter_dead_letters:N`: abort right after the Nth write of the dead
 //!   letters of increments Redis refused, before the rest of the partition is
 //!   applied;
@@ -37,8 +42,11 @@ fn points() -> Option<&'static Points> {
                 let parts: Vec<&str> = item.trim().split(':').collect();
                 match parts.as_slice() {
                     [
-                        point
-                        @ ("after_write" | "after_counter_dead_letters" | "panic_after_write"),
+                        point @ ("after_write"
+                        | "after_claim"
+                        | "after_insert"
+                        | "after_counter_dead_letters"
+                        | "panic_after_write"),
                         n,
                     ] => {
                         if let Ok(n) = n.parse() {
@@ -76,6 +84,16 @@ pub fn after_write() {
     {
         panic!("WEIR_FAILPOINT panic_after_write:{at} reached");
     }
+}
+
+/// `after_claim:N`: aborts the process at the Nth call.
+pub fn after_claim() {
+    crash_at("after_claim");
+}
+
+/// `after_insert:N`: aborts the process at the Nth call.
+pub fn after_insert() {
+    crash_at("after_insert");
 }
 
 /// `after_counter_dead_letters:N`: aborts the process at the Nth call.

@@ -1,7 +1,8 @@
 //! Test harness: real servers on free loopback ports, started and stopped by the test.
 //!
-//! - [`Tansu`]: the Kafka-compatible broker (memory storage), from `$WEIR_CACHE/bin`
-//!   or `PATH` (`scripts/stack.sh install` puts it there).
+//! - [`Tansu`]: the Kafka-compatible broker, from `$WEIR_CACHE/bin` or `PATH`
+//!   (`scripts/stack.sh install` puts it there): memory storage, or durable across its
+//!   restarts on an [`ObjectStore`] (moto's S3 server).
 //! - [`ClickHouse`]: Debian's `clickhouse-server`, with its state in a temp dir.
 //! - [`Redis`]: Debian's `redis-server`, persistent across restarts.
 //! - [`Weir`]: the real `weir` binary as a child process, so tests can restart it
@@ -356,17 +357,100 @@ pub fn find_program(name: &str) -> Result<PathBuf> {
     bail!("{name} not found in $WEIR_CACHE/bin or PATH; run `scripts/stack.sh install`")
 }
 
-/// The Tansu broker, memory storage, on a free port.
+/// An S3-compatible object store on a free port: moto's server (PyPI `moto[server]`,
+/// which `scripts/stack.sh install` puts in `$WEIR_CACHE/s3-venv`), with one bucket. It
+/// is what a [`Tansu::start_durable`] broker keeps its log and its consumer groups'
+/// offsets in, so that the broker can be stopped and started again with both intact,
+/// as a Kafka broker's disk keeps them.
+pub struct ObjectStore {
+    pub port: u16,
+    pub bucket: String,
+    _proc: Proc,
+    _dir: TempDir,
+}
+
+impl ObjectStore {
+    pub fn start(bucket: &str) -> Result<ObjectStore> {
+        let server = cache_dir()
+            .context("neither WEIR_CACHE nor HOME is set")?
+            .join("s3-venv/bin/moto_server");
+        if !server.exists() {
+            bail!(
+                "{} not found; run `scripts/stack.sh install`",
+                server.display()
+            );
+        }
+        let dir = TempDir::new("s3");
+        let port = free_port();
+        let mut proc = Proc::spawn(
+            "moto_server",
+            Command::new(&server).args(["-H", "127.0.0.1", "-p", &port.to_string()]),
+            dir.path().join("moto.log"),
+        )?;
+        proc.wait_ready(
+            "moto's S3 server to listen",
+            Duration::from_secs(30),
+            || port_open(port),
+        )?;
+        let store = ObjectStore {
+            port,
+            bucket: bucket.to_owned(),
+            _proc: proc,
+            _dir: dir,
+        };
+        store.create_bucket()?;
+        Ok(store)
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `PUT /BUCKET` (moto checks no signature).
+    fn create_bucket(&self) -> Result<()> {
+        use std::io::{Read, Write};
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            s,
+            "PUT /{} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n",
+            self.bucket
+        )?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        if !answer.starts_with("HTTP/1.0 200") && !answer.starts_with("HTTP/1.1 200") {
+            bail!(
+                "creating bucket {} failed: {}",
+                self.bucket,
+                answer.lines().next().unwrap_or("no answer")
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Where a [`Tansu`] keeps its topics.
+enum Storage {
+    /// `memory://`: a restart starts empty.
+    Memory,
+    /// `s3://BUCKET/` on an [`ObjectStore`]: a restart keeps every record and offset.
+    S3 { endpoint: String, bucket: String },
+}
+
+/// The Tansu broker on a free port.
 pub struct Tansu {
     pub port: u16,
     /// The port it tells clients to use (a proxy's), if not its own.
     advertised: Option<u16>,
+    storage: Storage,
     dir: TempDir,
     proc: Option<Proc>,
     starts: u32,
 }
 
 impl Tansu {
+    /// A broker with memory storage.
     pub fn start() -> Result<Tansu> {
         Self::start_on(free_port(), None)
     }
@@ -374,9 +458,24 @@ impl Tansu {
     /// A broker on `port` that advertises `advertised` (a proxy in front of it) to its
     /// clients, so that every connection goes through the proxy.
     pub fn start_on(port: u16, advertised: Option<u16>) -> Result<Tansu> {
+        Self::start_with(port, advertised, Storage::Memory)
+    }
+
+    /// A broker that keeps its topics and committed offsets in `store`: it can be
+    /// stopped ([`Tansu::stop`]) and started again ([`Tansu::restart`]) with them intact.
+    pub fn start_durable(store: &ObjectStore) -> Result<Tansu> {
+        let storage = Storage::S3 {
+            endpoint: store.endpoint(),
+            bucket: store.bucket.clone(),
+        };
+        Self::start_with(free_port(), None, storage)
+    }
+
+    fn start_with(port: u16, advertised: Option<u16>, storage: Storage) -> Result<Tansu> {
         let mut t = Tansu {
             port,
             advertised,
+            storage,
             dir: TempDir::new("tansu"),
             proc: None,
             starts: 0,
@@ -389,26 +488,37 @@ impl Tansu {
         format!("127.0.0.1:{}", self.advertised.unwrap_or(self.port))
     }
 
-    /// Starts the broker again on the same port (memory storage: it starts empty).
+    /// Starts the broker again on the same port (with memory storage it starts empty;
+    /// on an object store with what it held).
     pub fn restart(&mut self) -> Result<()> {
         self.stop();
         self.starts += 1;
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let advertised = format!("tcp://127.0.0.1:{}", self.advertised.unwrap_or(self.port));
         let log = self.dir.path().join(format!("tansu-{}.log", self.starts));
-        let mut proc = Proc::spawn(
-            "tansu",
-            Command::new(find_program("tansu")?)
-                .args([
-                    "broker",
-                    "--listener-url",
-                    &url,
-                    "--advertised-listener-url",
-                    &advertised,
-                ])
-                .args(["--storage-engine", "memory://tansu/"]),
-            log,
-        )?;
+        let mut cmd = Command::new(find_program("tansu")?);
+        cmd.args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &advertised,
+        ]);
+        match &self.storage {
+            Storage::Memory => {
+                cmd.args(["--storage-engine", "memory://tansu/"]);
+            }
+            Storage::S3 { endpoint, bucket } => {
+                // object_store's S3 client reads these; moto takes any credentials.
+                cmd.args(["--storage-engine", &format!("s3://{bucket}/")])
+                    .env("AWS_ENDPOINT", endpoint)
+                    .env("AWS_ALLOW_HTTP", "true")
+                    .env("AWS_ACCESS_KEY_ID", "weir-tests")
+                    .env("AWS_SECRET_ACCESS_KEY", "weir-tests")
+                    .env("AWS_DEFAULT_REGION", "us-east-1");
+            }
+        }
+        let mut proc = Proc::spawn("tansu", &mut cmd, log)?;
         let port = self.port;
         proc.wait_ready("tansu to listen", Duration::from_secs(30), || {
             port_open(port)
@@ -420,6 +530,13 @@ impl Tansu {
     pub fn stop(&mut self) {
         if let Some(mut p) = self.proc.take() {
             p.stop(Duration::from_secs(5));
+        }
+    }
+
+    /// SIGKILL: the broker dies with whatever it was doing.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
         }
     }
 

@@ -293,6 +293,7 @@ impl Dedup {
             }
         }
         self.marker_seen = true;
+        crate::failpoint::after_claim();
         let mut dropped: BTreeMap<&str, usize> = BTreeMap::new();
         let keep: Vec<bool> = events
             .iter()

@@ -1239,7 +1239,7 @@ impl ClickHouseWriter {
         part: &[usize],
         flush: Flush<'_>,
     ) -> Result<(), ClickHouseError> {
-        match rows {
+        let inserted = match rows {
             TableRows::Events(kept) => {
                 let kept: Vec<&Kept> = part.iter().map(|&i| kept[i]).collect();
                 self.client
@@ -1252,7 +1252,11 @@ impl ClickHouseWriter {
                     .insert_routed(*t, &routed, flush.plugins, flush.control_version)
                     .await
             }
+        };
+        if inserted.is_ok() {
+            crate::failpoint::after_insert();
         }
+        inserted
     }
 
     /// Which of the rows at `part` the table holds (by coordinates and event id).
