@@ -238,7 +238,8 @@ async fn assert_once(
 }
 
 /// Half of the requests are followed by a copy of something already sent: every copy
-/// is dropped before the pipeline, and counted as a duplicate of its app.
+/// is dropped before the pipeline, and counted as a duplicate of its app. Events sent
+/// without an id (ingest makes one) are stored too, without a check in Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resent_events_are_stored_and_counted_once() -> Result<()> {
     let tansu = Tansu::start()?;
@@ -258,17 +259,25 @@ async fn resent_events_are_stored_and_counted_once() -> Result<()> {
         "the client resent ({} posted)",
         client.posted
     );
+    let with_ids = client.posted;
+    let anonymous: Vec<Value> = (0..200)
+        .map(|n| json!({"name": "app_opened", "user_id": format!("u{n}")}))
+        .collect();
+    for batch in anonymous.chunks(20) {
+        client.post(batch).await?;
+    }
+    exp.kept += anonymous.len() as u64;
 
     assert_once(&clickhouse, &redis, &weir, &exp).await?;
     let metrics = weir.metrics().await?;
     assert_eq!(
         metric(&metrics, "weir_dedup_checked_events_total", &[]),
-        client.posted as f64,
-        "every posted event was checked"
+        with_ids as f64,
+        "every event with a client id was checked, and none whose id ingest made"
     );
     assert_eq!(
         metric(&metrics, "weir_dedup_duplicates_total", &[("app", APP)]),
-        (client.posted - unique) as f64,
+        (with_ids - unique) as f64,
         "every copy is counted as a duplicate of its app"
     );
     Ok(())

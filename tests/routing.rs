@@ -554,6 +554,7 @@ name = "post_likes"
                 timestamp_ms: 0,
                 properties: serde_json::value::to_raw_value(props).unwrap(),
                 context: serde_json::value::to_raw_value(&json!({})).unwrap(),
+                id_assigned: false,
             };
             (origin, "app".to_owned(), wire)
         })

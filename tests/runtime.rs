@@ -227,6 +227,7 @@ fn wire_batch(names: &[&str]) -> Vec<(Origin, String, weir::model::WireEvent)> {
                 timestamp_ms: 0,
                 properties: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
                 context: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+                id_assigned: false,
             };
             (origin, "test".into(), e)
         })

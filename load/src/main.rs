@@ -111,6 +111,11 @@ struct Args {
     /// as Segment's SDKs send them). Freshness probes always use `/v1/events`.
     #[arg(long, value_enum, default_value_t = Api::Events)]
     api: Api,
+    /// Give every event an id of the client's (`event_id`; Segment's `messageId`), as
+    /// tracking SDKs do, so that weir's deduplication checks each one. Without it
+    /// ingest makes the ids, and deduplication has nothing to check.
+    #[arg(long)]
+    event_ids: bool,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,8 +168,8 @@ const LOCALES: [&str; 6] = ["en-GB", "en-US", "de-DE", "fr-FR", "es-ES", "pt-BR"
 /// harness shares the machine's two cores with what it measures, so its own cost per
 /// event must stay small. Every string is plain ASCII: nothing needs escaping.
 /// One generated event: weir's JSON, or (`api` Segment) a Segment track message with
-/// the same content.
-fn write_event(out: &mut String, rng: &mut Rng, users: u64, api: Api) {
+/// the same content; with `ids`, a client's event id (32 hex digits) too.
+fn write_event(out: &mut String, rng: &mut Rng, users: u64, api: Api, ids: bool) {
     use std::fmt::Write;
     let roll = rng.below(100);
     let name = match roll {
@@ -173,15 +178,24 @@ fn write_event(out: &mut String, rng: &mut Rng, users: u64, api: Api) {
         70..90 => "app_opened",
         _ => "signup_step_completed",
     };
-    let (name_key, user_key) = match api {
-        Api::Events => (r#"{"name":"#, "user_id"),
-        Api::Segment => (r#"{"type":"track","event":"#, "userId"),
+    let (name_key, user_key, id_key) = match api {
+        Api::Events => (r#"{"name":"#, "user_id", "event_id"),
+        Api::Segment => (r#"{"type":"track","event":"#, "userId", "messageId"),
     };
     let _ = write!(
         out,
-        r#"{name_key}"{name}","{user_key}":"user{}","properties":"#,
+        r#"{name_key}"{name}","{user_key}":"user{}","#,
         rng.below(users)
     );
+    if ids {
+        let _ = write!(
+            out,
+            r#""{id_key}":"{:016x}{:016x}","#,
+            rng.next(),
+            rng.next()
+        );
+    }
+    out.push_str(r#""properties":"#);
     let _ = match roll {
         0..40 => write!(
             out,
@@ -287,7 +301,7 @@ async fn client(
             if i > 0 {
                 body.push(',');
             }
-            write_event(&mut body, &mut rng, args.users, args.api);
+            write_event(&mut body, &mut rng, args.users, args.api, args.event_ids);
         }
         body.push_str(match args.api {
             Api::Events => "]",
@@ -1023,7 +1037,7 @@ mod tests {
         let mut names = HashMap::new();
         for _ in 0..2000 {
             let mut text = String::new();
-            write_event(&mut text, &mut rng, 100_000, Api::Events);
+            write_event(&mut text, &mut rng, 100_000, Api::Events, false);
             let event: Value =
                 serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
             assert!(
@@ -1031,6 +1045,7 @@ mod tests {
                 "{text}"
             );
             assert!(event["user_id"].as_str().unwrap().starts_with("user"));
+            assert!(event.get("event_id").is_none(), "{text}");
             assert!(
                 (150..700).contains(&text.len()),
                 "{} bytes: {text}",
@@ -1052,13 +1067,15 @@ mod tests {
     fn segment_messages_carry_the_same_event_as_tracks() {
         let (mut a, mut b) = (Rng(7), Rng(7));
         let (mut ours, mut theirs) = (String::new(), String::new());
-        write_event(&mut ours, &mut a, 1000, Api::Events);
-        write_event(&mut theirs, &mut b, 1000, Api::Segment);
+        write_event(&mut ours, &mut a, 1000, Api::Events, true);
+        write_event(&mut theirs, &mut b, 1000, Api::Segment, true);
         let ours: Value = serde_json::from_str(&ours).unwrap();
         let theirs: Value = serde_json::from_str(&theirs).unwrap();
         assert_eq!(theirs["type"], "track");
         assert_eq!(theirs["event"], ours["name"]);
         assert_eq!(theirs["userId"], ours["user_id"]);
+        assert_eq!(theirs["messageId"], ours["event_id"]);
+        assert_eq!(ours["event_id"].as_str().map(str::len), Some(32));
         assert_eq!(theirs["properties"], ours["properties"]);
         assert_eq!(theirs["context"], ours["context"]);
     }

@@ -256,9 +256,9 @@ fn check_event(
         return Err(EnvelopeError::field("invalid_field", "name", why));
     }
     let user_id = optional_id(&mut obj, "user_id")?;
-    let event_id = match optional_id(&mut obj, "event_id")? {
-        Some(id) => id,
-        None => new_id(),
+    let (event_id, id_assigned) = match optional_id(&mut obj, "event_id")? {
+        Some(id) => (id, false),
+        None => (new_id(), true),
     };
     let timestamp_ms = match obj.remove("timestamp") {
         None | Some(Value::Null) => now_ms,
@@ -273,6 +273,7 @@ fn check_event(
         timestamp_ms,
         properties,
         context,
+        id_assigned,
     })
 }
 
@@ -707,6 +708,7 @@ pub(crate) mod tests {
         )
         .unwrap()[0];
         assert_eq!(e.event_id, "e-1");
+        assert!(!e.id_assigned, "the client's id");
         assert_eq!(e.timestamp_ms, 1_795_428_000_250);
         assert_eq!(e.properties.get(), r#"{"post":"p"}"#);
         let e = &parse(
@@ -715,6 +717,7 @@ pub(crate) mod tests {
         )
         .unwrap()[0];
         assert_eq!(e.timestamp_ms, 1_700_000_000_123);
+        assert!(e.id_assigned, "no id sent: ingest made it");
     }
 
     #[test]

@@ -252,7 +252,7 @@ pub static PROCESSOR_PAUSES: LazyLock<IntCounter> = LazyLock::new(|| {
 pub static DEDUP_CHECKED: LazyLock<IntCounter> = LazyLock::new(|| {
     counter(
         "weir_dedup_checked_events_total",
-        "Events checked against the deduplication window",
+        "Events checked against the deduplication window (those with a client's event id)",
     )
 });
 pub static DEDUP_DUPLICATES: LazyLock<IntCounterVec> = LazyLock::new(|| {

@@ -38,6 +38,12 @@ pub struct WireEvent {
     pub properties: Box<RawValue>,
     /// A JSON object, kept as text.
     pub context: Box<RawValue>,
+    /// The event id was made by ingest because the client sent none: no copy of the
+    /// event can reach weir (a client's resend would get another id), so deduplication
+    /// does not claim it. Absent (false) when the id is the client's; records written
+    /// before it existed read as false, so their events are claimed as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub id_assigned: bool,
 }
 
 /// Why a Kafka record could not be decoded.
@@ -107,6 +113,7 @@ mod tests {
                 timestamp_ms: 1_700_000_000_001,
                 properties: RawValue::from_string(r#"{"post":"p1","n":1}"#.into()).unwrap(),
                 context: RawValue::from_string("{}".into()).unwrap(),
+                id_assigned: false,
             }],
             replay: false,
         };
@@ -119,6 +126,22 @@ mod tests {
                 .unwrap()
                 .contains("replay"),
             "ingest's records stay as they were"
+        );
+        assert!(!back.events[0].id_assigned);
+        assert!(
+            !String::from_utf8(record.encode())
+                .unwrap()
+                .contains("id_assigned"),
+            "a client's id is written as before"
+        );
+        let mut assigned = IngestRecord::decode(Some(&record.encode())).unwrap();
+        assigned.events[0].id_assigned = true;
+        assert!(
+            IngestRecord::decode(Some(&assigned.encode()))
+                .unwrap()
+                .events[0]
+                .id_assigned,
+            "an id ingest made stays marked"
         );
         let replay = IngestRecord {
             replay: true,

@@ -20,6 +20,11 @@
 //! that record's claim is in Redis, and that record stays uncommitted until it is
 //! written, so an event is never lost to its own copy.
 //!
+//! An event whose id ingest made (its client sent none: `WireEvent::id_assigned`) is
+//! not claimed: a client's resend of it would carry another id, so no copy of it can
+//! come, and its replays are recognised by their coordinates as always. Only the ids
+//! clients send (SDKs' `messageId`, PostHog's `uuid`, `event_id`) cost a key.
+//!
 //! A record that replays dead letters (`weir dead-letters replay`, marked in the record)
 //! is let through although its events' ids were seen, and takes their claims over (a
 //! `SET` without `NX`), so that a client's later copy, or the original record read
@@ -235,10 +240,13 @@ impl Dedup {
         events: &mut Vec<(Origin, String, WireEvent)>,
         replays: &HashSet<(i32, i64)>,
     ) -> Result<usize, DedupError> {
-        if events.is_empty() {
+        // An id ingest made cannot come twice: such events are not claimed.
+        let claimed = |(_, _, e): &&(Origin, String, WireEvent)| !e.id_assigned;
+        let wanted = events.iter().filter(claimed).count();
+        if wanted == 0 {
             return Ok(0);
         }
-        let mut pipe = redis::Pipeline::with_capacity(events.len() + 1);
+        let mut pipe = redis::Pipeline::with_capacity(wanted + 1);
         pipe.cmd("SET")
             .arg(&self.marker)
             .arg(crate::model::now_ms())
@@ -247,7 +255,7 @@ impl Dedup {
         // Each command sized up front: 7 arguments, the key, the claim and ~24 bytes.
         let mut key = Vec::with_capacity(self.key_prefix.len() + 16);
         let size = self.key_prefix.len() + 16 + 16 + 24;
-        for (origin, app, e) in events.iter() {
+        for (origin, app, e) in events.iter().filter(claimed) {
             self.write_key(&mut key, app, &e.event_id);
             let mut cmd = redis::Cmd::with_capacity(7, size);
             cmd.arg("SET").arg(&key[..]).arg(&claim(origin)[..]);
@@ -273,10 +281,10 @@ impl Dedup {
                     }
                 }
             })?;
-        if replies.len() != events.len() + 1 {
+        if replies.len() != wanted + 1 {
             return Err(DedupError::Reply {
                 got: replies.len(),
-                want: events.len() + 1,
+                want: wanted + 1,
             });
         }
         if replies[0].is_none() {
@@ -295,12 +303,17 @@ impl Dedup {
         self.marker_seen = true;
         crate::failpoint::after_claim();
         let mut dropped: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut replies = replies[1..].iter();
         let keep: Vec<bool> = events
             .iter()
-            .zip(&replies[1..])
-            .map(|((origin, app, _), reply)| {
+            .map(|(origin, app, e)| {
+                if e.id_assigned {
+                    return true;
+                }
+                // As many replies as claimed events: checked above.
+                let reply = replies.next().and_then(Option::as_deref);
                 let own = replays.contains(&(origin.partition, origin.offset))
-                    || reply.as_deref().is_none_or(|c| c == claim(origin));
+                    || reply.is_none_or(|c| c == claim(origin));
                 if !own {
                     *dropped.entry(app.as_str()).or_default() += 1;
                 }
@@ -311,7 +324,7 @@ impl Dedup {
         for (app, n) in dropped {
             DuplicatesDropped { app, events: n }.emit();
         }
-        crate::metrics::DEDUP_CHECKED.inc_by(events.len() as u64);
+        crate::metrics::DEDUP_CHECKED.inc_by(wanted as u64);
         if total > 0 {
             let mut keep = keep.into_iter();
             events.retain(|_| keep.next().unwrap_or(true));

@@ -760,6 +760,7 @@ mod tests {
                         timestamp_ms: 0,
                         properties: raw(),
                         context: raw(),
+                        id_assigned: false,
                     };
                     out.push((origin, "app".into(), e));
                 }

@@ -1234,6 +1234,7 @@ mod tests {
             timestamp_ms: 1,
             properties: RawValue::from_string("{}".into()).unwrap(),
             context: RawValue::from_string("{}".into()).unwrap(),
+            id_assigned: false,
         }
     }
 
