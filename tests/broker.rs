@@ -98,28 +98,7 @@ async fn group_handover_loses_and_duplicates_nothing() -> Result<()> {
     tansu.create_topic(TOPIC, 4)?;
     let bootstrap = tansu.bootstrap();
 
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .create()?;
-    let sends = (0..RECORDS).map(|id| {
-        let producer = producer.clone();
-        async move {
-            let payload = id.to_string();
-            let key = (id % 64).to_string();
-            producer
-                .send(
-                    FutureRecord::to(TOPIC).payload(&payload).key(&key),
-                    Duration::from_secs(10),
-                )
-                .await
-                .map_err(|(e, _)| e)
-        }
-    });
-    for result in futures::future::join_all(sends).await {
-        result?;
-    }
+    produce(&bootstrap, TOPIC, 0..RECORDS).await?;
 
     let seen: Seen = Arc::default();
     let (stop_a, stop_b) = (
