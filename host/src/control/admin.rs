@@ -559,9 +559,16 @@ fn unavailable(e: DeadLetterError) -> ApiError {
 }
 
 /// A filter of dead letters whose `stage` names one (an unknown stage would match
-/// nothing and hide a typo).
+/// nothing and hide a typo) and whose `limit` is not negative.
 fn check_filter(filter: DeadLetterFilter) -> Result<DeadLetterFilter, ApiError> {
     use crate::model::Stage;
+    if let Some(limit) = filter.limit.filter(|l| *l < 0) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("limit must be at least 0, not {limit}"),
+        ));
+    }
     match &filter.stage {
         Some(stage) if Stage::parse(stage).is_none() => {
             let known: Vec<&str> = Stage::ALL.iter().map(|s| s.as_str()).collect();
@@ -604,4 +611,27 @@ async fn replay_dead_letters(
         .await
         .map_err(unavailable)?;
     Ok(axum::Json(json!(report)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_letter_filter_needs_a_known_stage_and_a_limit_from_0() {
+        let filter = |stage: Option<&str>, limit: Option<i64>| DeadLetterFilter {
+            stage: stage.map(str::to_owned),
+            limit,
+            ..DeadLetterFilter::default()
+        };
+        assert!(check_filter(filter(Some("plugin"), Some(0))).is_ok());
+        assert!(check_filter(filter(None, Some(i64::MAX))).is_ok());
+        for (bad, says) in [
+            (filter(Some("nope"), None), "unknown stage"),
+            (filter(None, Some(-1)), "limit must be at least 0, not -1"),
+        ] {
+            let e = format!("{:?}", check_filter(bad).unwrap_err());
+            assert!(e.contains("400") && e.contains(says), "{e}");
+        }
+    }
 }

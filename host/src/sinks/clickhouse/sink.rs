@@ -201,8 +201,10 @@ pub struct DeadLetterFilter {
     /// Only these events.
     #[serde(default)]
     pub event_ids: Vec<String>,
-    /// At most this many, newest first (default 100, at most 10,000).
-    pub limit: Option<usize>,
+    /// At most this many, newest first (default 100; 0 is taken as 1, more than
+    /// 10,000 as 10,000). An int64, as the admin API documents it; the API refuses a
+    /// negative one.
+    pub limit: Option<i64>,
 }
 
 #[derive(Row, Deserialize)]
