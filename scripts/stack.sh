@@ -250,28 +250,28 @@ install_sdks() {
   log "tracking SDKs: installed into $venv and $node"
 }
 
-install_chdb() {
-  local python="$CHDB_VENV/bin/python" want="${CHDB_SPEC#*==}" have
-  have="$("$python" -c 'import importlib.metadata as m; print(m.version("chdb-core"))' 2>/dev/null || true)"
-  if [ "$have" = "$want" ]; then
-    log "chdb: present ($CHDB_VENV, $have)"
+# install_venv LABEL VENV SPEC DIST [FILE]: the PyPI package SPEC (NAME==VERSION) in
+# the virtualenv VENV, unless distribution DIST is there at that version already (and
+# FILE, if given, exists).
+install_venv() {
+  local label="$1" venv="$2" spec="$3" dist="$4" file="${5:-}" want have
+  want="${spec#*==}"
+  have="$("$venv/bin/python" -c "import importlib.metadata as m; print(m.version('$dist'))" 2>/dev/null || true)"
+  if [ "$have" = "$want" ] && { [ -z "$file" ] || [ -e "$file" ]; }; then
+    log "$label: present ($venv, $have)"
     return
   fi
-  log "chdb: installing $CHDB_SPEC into $CHDB_VENV"
-  pip_into "$CHDB_VENV" "$CHDB_SPEC"
-  log "chdb: installed ($("$python" -c 'import importlib.metadata as m; print(m.version("chdb-core"))'))"
+  log "$label: installing $spec into $venv"
+  pip_into "$venv" "$spec"
+  log "$label: installed ($("$venv/bin/python" -c "import importlib.metadata as m; print(m.version('$dist'))"))"
+}
+
+install_chdb() {
+  install_venv chdb "$CHDB_VENV" "$CHDB_SPEC" chdb-core
 }
 
 install_s3() {
-  local python="$S3_VENV/bin/python" want="${S3_SPEC#*==}" have
-  have="$("$python" -c 'import importlib.metadata as m; print(m.version("moto"))' 2>/dev/null || true)"
-  if [ "$have" = "$want" ] && [ -x "$S3_VENV/bin/moto_server" ]; then
-    log "moto (S3 server): present ($S3_VENV, $have)"
-    return
-  fi
-  log "moto (S3 server): installing $S3_SPEC into $S3_VENV"
-  pip_into "$S3_VENV" "$S3_SPEC"
-  log "moto (S3 server): installed ($("$python" -c 'import importlib.metadata as m; print(m.version("moto"))'))"
+  install_venv "moto (S3 server)" "$S3_VENV" "$S3_SPEC" moto "$S3_VENV/bin/moto_server"
 }
 
 cmd_install() {

@@ -79,17 +79,8 @@ async fn run(name: &str, cmd: &mut tokio::process::Command) -> Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn segment_rudderstack_and_posthog_sdks_land_once_with_their_fields_mapped() -> Result<()> {
-    let cache = weir_tests::cache_dir().context("neither WEIR_CACHE nor HOME is set")?;
-    let python = cache.join("sdk-venv/bin/python");
-    let node_modules = cache.join("sdk-node/node_modules");
-    for path in [&python, &node_modules] {
-        if !path.exists() {
-            bail!(
-                "{} is missing; run scripts/stack.sh install",
-                path.display()
-            );
-        }
-    }
+    let python = weir_tests::installed("sdk-venv/bin/python")?;
+    let node_modules = weir_tests::installed("sdk-node/node_modules")?;
     let tansu = Tansu::start()?;
     tansu.create_topic("weir.events", 4)?;
     let clickhouse = ClickHouse::start()?;

@@ -95,14 +95,24 @@ pub fn http_ok(addr: SocketAddr, path: &str) -> bool {
 
 /// A minimal blocking `GET` over std's TcpStream: the body of a 2xx answer.
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    use std::io::{Read, Write};
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).ok()?;
+    let answer = http_exchange(addr, "GET", path).ok()?;
     let (head, body) = answer.split_once("\r\n\r\n")?;
     (head.starts_with("HTTP/1.") && head.as_bytes().get(9) == Some(&b'2')).then(|| body.to_owned())
+}
+
+/// One HTTP/1.0 request without a body over std's TcpStream: the whole answer, head
+/// and body, as text.
+fn http_exchange(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    Ok(answer)
 }
 
 fn port_open(port: u16) -> bool {
@@ -293,6 +303,22 @@ pub fn cache_dir() -> Option<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/weir")))
 }
 
+/// `path` under `$WEIR_CACHE`, where `scripts/stack.sh install` puts the tools the tests
+/// run (`chdb-venv/bin/python`, `s3-venv/bin/moto_server`, ...); an error naming the
+/// install command if it is not there.
+pub fn installed(path: &str) -> Result<PathBuf> {
+    let full = cache_dir()
+        .context("neither WEIR_CACHE nor HOME is set")?
+        .join(path);
+    if !full.exists() {
+        bail!(
+            "{} not found; run `scripts/stack.sh install`",
+            full.display()
+        );
+    }
+    Ok(full)
+}
+
 /// Runs SQL statements in order on chdb, a current ClickHouse engine in-process (PyPI
 /// `chdb-core`, which `scripts/stack.sh install` puts in `$WEIR_CACHE/chdb-venv`), through
 /// `tests/chdb/run.py`. Each statement is `{"what": label, "sql": text, "expect": answer
@@ -300,15 +326,7 @@ pub fn cache_dir() -> Option<PathBuf> {
 /// expected. Prints (and returns) the list of what ran.
 pub fn run_on_chdb(statements: &[serde_json::Value]) -> Result<String> {
     use std::io::Write as _;
-    let python = cache_dir()
-        .context("neither WEIR_CACHE nor HOME is set")?
-        .join("chdb-venv/bin/python");
-    if !python.exists() {
-        bail!(
-            "{} not found: scripts/stack.sh install puts chdb there",
-            python.display()
-        );
-    }
+    let python = installed("chdb-venv/bin/python")?;
     let mut child = Command::new(&python)
         .arg(repo_root().join("tests/chdb/run.py"))
         .stdin(Stdio::piped())
@@ -371,15 +389,7 @@ pub struct ObjectStore {
 
 impl ObjectStore {
     pub fn start(bucket: &str) -> Result<ObjectStore> {
-        let server = cache_dir()
-            .context("neither WEIR_CACHE nor HOME is set")?
-            .join("s3-venv/bin/moto_server");
-        if !server.exists() {
-            bail!(
-                "{} not found; run `scripts/stack.sh install`",
-                server.display()
-            );
-        }
+        let server = installed("s3-venv/bin/moto_server")?;
         let dir = TempDir::new("s3");
         let port = free_port();
         let mut proc = Proc::spawn(
@@ -408,17 +418,8 @@ impl ObjectStore {
 
     /// `PUT /BUCKET` (moto checks no signature).
     fn create_bucket(&self) -> Result<()> {
-        use std::io::{Read, Write};
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            s,
-            "PUT /{} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n",
-            self.bucket
-        )?;
-        let mut answer = String::new();
-        s.read_to_string(&mut answer)?;
+        let answer = http_exchange(addr, "PUT", &format!("/{}", self.bucket))?;
         if !answer.starts_with("HTTP/1.0 200") && !answer.starts_with("HTTP/1.1 200") {
             bail!(
                 "creating bucket {} failed: {}",
@@ -821,9 +822,7 @@ impl ClickHouse {
 
     /// [`ClickHouse::launch`] of [`ClickHouse::current`]: up once it answers.
     fn launch_chdb(&mut self) -> Result<Launch> {
-        let python = cache_dir()
-            .context("neither WEIR_CACHE nor HOME is set")?
-            .join("chdb-venv/bin/python");
+        let python = installed("chdb-venv/bin/python")?;
         let data = self.dir.path().join("data");
         std::fs::create_dir_all(&data)?;
         let mut proc = Proc::spawn(
