@@ -415,3 +415,115 @@ async fn without_dedup_resent_events_are_stored_twice() -> Result<()> {
     assert_eq!(unique_events, exp.kept);
     Ok(())
 }
+
+/// The marks webhooks and topic sinks keep of what they delivered (so that a replay
+/// skips it), in a real Redis: per sink and partition, moving forward only, shared by
+/// every instance of the group, and gone with the group's key only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_marks_move_forward_only_per_sink_and_partition() -> Result<()> {
+    use weir::config::RedisConfig;
+    use weir::pipeline::dedup::{DedupConfig, RedisMarks};
+    use weir::sinks::DeliveryMarks;
+
+    let redis = Redis::start()?;
+    let cfg = RedisConfig {
+        url: redis.url(),
+        ..RedisConfig::default()
+    };
+    let marks = RedisMarks::new(&cfg, &DedupConfig::default(), "g", "weir.events")?;
+    let none = marks
+        .load("webhook:crm", &[0, 1])
+        .await
+        .map_err(anyhow::Error::msg)?;
+    assert_eq!(none, vec![None, None]);
+
+    marks
+        .advance("webhook:crm", &[(0, 41, 7), (1, 3, 0)])
+        .await
+        .map_err(anyhow::Error::msg)?;
+    // Behind the stored mark (an instance that lost its partition finishing late):
+    // nothing moves. At the same offset, a later index moves it.
+    marks
+        .advance("webhook:crm", &[(0, 40, 99), (1, 3, 1)])
+        .await
+        .map_err(anyhow::Error::msg)?;
+    // Another instance of the group (its own connection) reads the same marks.
+    let other = RedisMarks::new(&cfg, &DedupConfig::default(), "g", "weir.events")?;
+    let got = other
+        .load("webhook:crm", &[1, 0, 2])
+        .await
+        .map_err(anyhow::Error::msg)?;
+    assert_eq!(got, vec![Some((1, 3, 1)), Some((0, 41, 7)), None]);
+    // Offsets past 2^32 and 2^53 - 1 (Lua's exact integers) survive the round trip.
+    let far = (1i64 << 53) - 1;
+    marks
+        .advance("webhook:crm", &[(2, far, 0)])
+        .await
+        .map_err(anyhow::Error::msg)?;
+    marks
+        .advance("webhook:crm", &[(2, far - 1, u32::MAX)])
+        .await
+        .map_err(anyhow::Error::msg)?;
+    assert_eq!(
+        other
+            .load("webhook:crm", &[2])
+            .await
+            .map_err(anyhow::Error::msg)?,
+        vec![Some((2, far, 0))]
+    );
+
+    // Sinks, groups and topics do not share marks.
+    assert_eq!(
+        marks
+            .load("topic:signups", &[0])
+            .await
+            .map_err(anyhow::Error::msg)?,
+        vec![None]
+    );
+    let group = RedisMarks::new(&cfg, &DedupConfig::default(), "g2", "weir.events")?;
+    assert_eq!(
+        group
+            .load("webhook:crm", &[0])
+            .await
+            .map_err(anyhow::Error::msg)?,
+        vec![None]
+    );
+    let topic = RedisMarks::new(&cfg, &DedupConfig::default(), "g", "other")?;
+    assert_eq!(
+        topic
+            .load("webhook:crm", &[0])
+            .await
+            .map_err(anyhow::Error::msg)?,
+        vec![None]
+    );
+
+    // The hash expires a window after its last change.
+    let client = redis::Client::open(redis.url())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let ttl: i64 = redis::cmd("TTL")
+        .arg("weir:delivered:g:weir.events")
+        .query_async(&mut conn)
+        .await?;
+    assert!(
+        (86_300..=86_400).contains(&ttl),
+        "the marks' hash expires with the window: TTL {ttl}"
+    );
+
+    // A value that is not a mark is an error that names the key, not a silent skip.
+    let _: () = redis::cmd("HSET")
+        .arg("weir:delivered:g:weir.events")
+        .arg("webhook:crm:5")
+        .arg("garbage")
+        .query_async(&mut conn)
+        .await?;
+    let err = marks
+        .load("webhook:crm", &[5])
+        .await
+        .expect_err("a garbage mark is refused");
+    assert!(
+        err.to_string().contains("webhook:crm:5")
+            && err.to_string().contains("not a delivery mark"),
+        "{err}"
+    );
+    Ok(())
+}

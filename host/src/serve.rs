@@ -21,15 +21,15 @@ use crate::control::store::Store;
 use crate::ingest::{self, CounterSource, Counters, Ingest};
 use crate::model::Counter;
 use crate::pipeline::Shape;
-use crate::pipeline::dedup::Dedup;
+use crate::pipeline::dedup::{Dedup, RedisMarks};
 use crate::pipeline::route::Routes;
 use crate::pipeline::worker::{Running, SharedRoutes, Worker};
 use crate::runtime::Runtime;
-use crate::sinks::Sink;
 use crate::sinks::clickhouse::{ClickHouseError, ClickHouseSink, ClickHouseWriter};
 use crate::sinks::counters::{CounterReader, CounterSink};
 use crate::sinks::topic::TopicSink;
 use crate::sinks::webhook::WebhookSink;
+use crate::sinks::{DeliveryMarks, Sink};
 
 /// Runs weir until `shutdown` resolves.
 /// The admin port's bounds: a few operators and the CLI, never the public.
@@ -121,18 +121,45 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
                 )
                 .context("cannot set up the Redis counter sink")?,
             ));
+            // What webhooks and topic sinks delivered, so that a replay does not
+            // deliver it again: kept with the deduplication's state.
+            let marks: Option<Arc<dyn DeliveryMarks>> = if config.dedup.enabled {
+                Some(Arc::new(
+                    RedisMarks::new(
+                        &config.redis,
+                        &config.dedup,
+                        &config.kafka.group,
+                        &config.kafka.topic,
+                    )
+                    .context("cannot set up delivery marks in Redis")?,
+                ))
+            } else {
+                None
+            };
             for (i, t) in config.pipeline.topics.iter().enumerate() {
                 bus::ensure_named_topic(&config.kafka, &t.topic)
                     .await
                     .with_context(|| {
                         format!("cannot create topic {} of sink {}", t.topic, t.name)
                     })?;
-                sinks.push(Box::new(TopicSink::new(t, i, &config.kafka)?));
+                sinks.push(Box::new(TopicSink::new(
+                    t,
+                    i,
+                    &config.kafka,
+                    Arc::new(sink.clone()),
+                    marks.clone(),
+                )?));
             }
             for (i, w) in config.pipeline.webhooks.iter().enumerate() {
                 sinks.push(Box::new(
-                    WebhookSink::start(w, i, Arc::new(sink.clone()), config.pipeline.name.clone())
-                        .map_err(anyhow::Error::msg)?,
+                    WebhookSink::start(
+                        w,
+                        i,
+                        Arc::new(sink.clone()),
+                        marks.clone(),
+                        config.pipeline.name.clone(),
+                    )
+                    .map_err(anyhow::Error::msg)?,
                 ));
             }
             let (swap_tx, swap_rx) = mpsc::channel(4);

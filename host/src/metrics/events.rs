@@ -299,6 +299,27 @@ impl InternalEvent for ReplayedRowsSkipped {
     }
 }
 
+/// Events of replayed Kafka records that a webhook or topic sink had delivered
+/// already (its marks were past them) were not delivered again.
+pub struct ReplayedDeliveriesSkipped<'a> {
+    /// `webhook:<name>` or `topic:<name>`.
+    pub sink: &'a str,
+    pub events: u64,
+}
+
+impl InternalEvent for ReplayedDeliveriesSkipped<'_> {
+    fn emit(self) {
+        warn!(
+            sink = self.sink,
+            skipped = self.events,
+            "skipped events this sink delivered before (a replay after a crash or a rebalance)"
+        );
+        DELIVERY_REPLAYS_SKIPPED
+            .with_label_values(&[self.sink])
+            .inc_by(self.events);
+    }
+}
+
 /// Counter increments of a replayed Kafka record that Redis already held were not
 /// applied again.
 pub struct ReplayedIncrementsSkipped {

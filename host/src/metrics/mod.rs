@@ -203,6 +203,13 @@ pub static REPLAYED_ROWS_SKIPPED: LazyLock<IntCounter> = LazyLock::new(|| {
         "Rows of replayed Kafka records that were already in ClickHouse",
     )
 });
+pub static DELIVERY_REPLAYS_SKIPPED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter_vec(
+        "weir_delivery_replays_skipped_total",
+        "Events of replayed Kafka records a webhook or topic sink had delivered already, by sink",
+        &["sink"],
+    )
+});
 pub static DEAD_LETTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "weir_dead_letters_total",
@@ -389,6 +396,7 @@ pub fn render() -> String {
     LazyLock::force(&PRODUCERS_REPLACED);
     LazyLock::force(&SINK_FULL_WAIT);
     LazyLock::force(&REPLAYED_ROWS_SKIPPED);
+    LazyLock::force(&DELIVERY_REPLAYS_SKIPPED);
     LazyLock::force(&DEAD_LETTERS);
     LazyLock::force(&PROCESSOR_PAUSED);
     LazyLock::force(&PROCESSOR_PAUSES);

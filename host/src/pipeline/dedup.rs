@@ -52,8 +52,9 @@ use crate::metrics::events::{
     DedupCheckFailed, DedupSkipped, DedupStateLost, DedupWindowStarted, DuplicatesDropped,
     InternalEvent,
 };
-use crate::model::{Origin, WireEvent};
+use crate::model::{Origin, Slot, WireEvent};
 use crate::sinks::counters::{RedisConfig, connect};
+use crate::sinks::{BoxError, DeliveryMarks};
 
 /// `[dedup]`: deduplication of events by `(app, event_id)`.
 #[derive(Debug, Clone, Deserialize)]
@@ -330,6 +331,148 @@ impl Dedup {
             events.retain(|_| keep.next().unwrap_or(true));
         }
         Ok(total)
+    }
+}
+
+/// Moves marks forward, never back. KEYS[1] = the marks' hash; ARGV = pairs of field
+/// and mark (`offset:index`), then the hash's time to live in seconds.
+const ADVANCE: &str = r"
+local function parse(m)
+  local o, i = string.match(m, '^(%-?%d+):(%d+)$')
+  return tonumber(o), tonumber(i)
+end
+for n = 1, #ARGV - 1, 2 do
+  local cur = redis.call('HGET', KEYS[1], ARGV[n])
+  local o, i = parse(ARGV[n + 1])
+  local later = true
+  if cur then
+    local co, ci = parse(cur)
+    later = co == nil or o > co or (o == co and i > ci)
+  end
+  if later then redis.call('HSET', KEYS[1], ARGV[n], ARGV[n + 1]) end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[#ARGV])
+return 1
+";
+
+/// The [`DeliveryMarks`] of one consumer group's webhooks and topic sinks, in the
+/// deduplication's Redis: one hash, `{prefix}:delivered:{group}:{topic}`, a field per
+/// sink and partition (`webhook:<name>:<partition>`), holding `offset:index`. It
+/// expires a window after its last change: a partition idle that long has long been
+/// committed past its marks. With `when_unavailable = "pass"` an unreachable Redis
+/// neither holds deliveries back nor fails them: nothing is skipped (a replay
+/// delivers again) and nothing is marked, and weir says so in its log.
+pub struct RedisMarks {
+    conn: ConnectionManager,
+    url: String,
+    key: String,
+    ttl_secs: u64,
+    pass: bool,
+    advance: redis::Script,
+}
+
+impl RedisMarks {
+    /// The marks of consumer group `group` reading `topic`; connects on first use.
+    pub fn new(
+        redis: &RedisConfig,
+        cfg: &DedupConfig,
+        group: &str,
+        topic: &str,
+    ) -> Result<Self, DedupError> {
+        let url = crate::model::redact_url(&redis.url);
+        let conn = connect(redis).map_err(|source| DedupError::Redis {
+            url: url.clone(),
+            source,
+        })?;
+        Ok(Self {
+            conn,
+            url,
+            key: format!("{}:delivered:{group}:{topic}", redis.key_prefix),
+            ttl_secs: cfg.window_secs,
+            pass: cfg.when_unavailable == WhenUnavailable::Pass,
+            advance: redis::Script::new(ADVANCE),
+        })
+    }
+
+    fn field(sink: &str, partition: i32) -> String {
+        format!("{sink}:{partition}")
+    }
+
+    fn error(&self, source: redis::RedisError) -> BoxError {
+        Box::new(DedupError::Redis {
+            url: self.url.clone(),
+            source,
+        })
+    }
+}
+
+/// A stored mark, `offset:index`, of `partition`.
+fn parse_mark(partition: i32, mark: &str) -> Option<Slot> {
+    let (offset, index) = mark.split_once(':')?;
+    Some((partition, offset.parse().ok()?, index.parse().ok()?))
+}
+
+impl DeliveryMarks for RedisMarks {
+    fn load<'a>(
+        &'a self,
+        sink: &'a str,
+        partitions: &'a [i32],
+    ) -> futures::future::BoxFuture<'a, Result<Vec<Option<Slot>>, BoxError>> {
+        Box::pin(async move {
+            let mut cmd = redis::cmd("HMGET");
+            cmd.arg(&self.key);
+            for p in partitions {
+                cmd.arg(Self::field(sink, *p));
+            }
+            let stored: Vec<Option<String>> = match cmd.query_async(&mut self.conn.clone()).await {
+                Ok(stored) => stored,
+                Err(e) if self.pass => {
+                    tracing::warn!(sink, error = %self.error(e), "cannot read what was delivered before; dedup.when_unavailable = \"pass\": replayed events are delivered again");
+                    return Ok(vec![None; partitions.len()]);
+                }
+                Err(e) => return Err(self.error(e)),
+            };
+            partitions
+                .iter()
+                .zip(stored)
+                .map(|(p, mark)| match mark {
+                    None => Ok(None),
+                    Some(m) => parse_mark(*p, &m).map(Some).ok_or_else(|| {
+                        format!(
+                            "Redis key {} field {}: {m:?} is not a delivery mark (offset:index)",
+                            self.key,
+                            Self::field(sink, *p)
+                        )
+                        .into()
+                    }),
+                })
+                .collect()
+        })
+    }
+
+    fn advance<'a>(
+        &'a self,
+        sink: &'a str,
+        slots: &'a [Slot],
+    ) -> futures::future::BoxFuture<'a, Result<(), BoxError>> {
+        Box::pin(async move {
+            if slots.is_empty() {
+                return Ok(());
+            }
+            let mut call = self.advance.key(&self.key);
+            for (p, o, i) in slots {
+                call.arg(Self::field(sink, *p)).arg(format!("{o}:{i}"));
+            }
+            call.arg(self.ttl_secs);
+            match call.invoke_async::<i64>(&mut self.conn.clone()).await {
+                Ok(_) => Ok(()),
+                Err(e) if self.pass => {
+                    tracing::warn!(sink, error = %self.error(e), "cannot record a delivery; dedup.when_unavailable = \"pass\": a crash before the commit delivers it again");
+                    Ok(())
+                }
+                Err(e) => Err(self.error(e)),
+            }
+        })
     }
 }
 

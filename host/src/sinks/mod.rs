@@ -15,7 +15,9 @@
 //! [`DeadLetterStore`] instead, before it lets the partition's commit pass the event. How a sink keeps its
 //! promise (write within the flush, or queue and deliver on its own) is its business;
 //! each guards itself against the replays of Kafka (a crash re-delivers what was not
-//! committed), so no sink's guard can hide events from another.
+//! committed), so no sink's guard can hide events from another: ClickHouse by looking
+//! up the coordinates it stored, the counters by the offsets stored with their sums,
+//! webhooks and topics by their [`DeliveryMarks`].
 //!
 //! Adding a sink: a folder with these files, and the line in `serve.rs` that builds it
 //! into the worker's list.
@@ -25,13 +27,13 @@ pub mod counters;
 pub mod topic;
 pub mod webhook;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use tokio::time::Instant;
 
-use crate::model::{Batch, DeadLetter, Origin};
+use crate::model::{Batch, DeadLetter, Origin, Slot};
 
 /// One flush, as every sink gets it.
 #[derive(Clone, Copy)]
@@ -128,4 +130,117 @@ pub trait DeadLetterStore: Send + Sync + 'static {
         pipeline: &'a str,
         control_version: u64,
     ) -> BoxFuture<'a, Result<(), BoxError>>;
+}
+
+/// How far a sink that delivers outside weir's tables (a webhook, a topic sink) has
+/// delivered each partition, kept where a restarted instance, or the next owner of a
+/// partition after a rebalance, finds it. A replay of Kafka (what was not committed
+/// before a crash or a rebalance is read again) then skips what was delivered instead
+/// of delivering it twice.
+///
+/// A mark is a slot: the sink delivered (or dead-lettered) every event of the
+/// partition up to and including it, in order. A sink advances its marks right after a
+/// delivery is acknowledged, so only a crash in that instant (between the
+/// acknowledgement and the mark) delivers an event twice; a webhook also sends an
+/// `Idempotency-Key` for that case.
+pub trait DeliveryMarks: Send + Sync + 'static {
+    /// The marks of `sink` for `partitions`, in their order (`None`: nothing marked).
+    fn load<'a>(
+        &'a self,
+        sink: &'a str,
+        partitions: &'a [i32],
+    ) -> BoxFuture<'a, Result<Vec<Option<Slot>>, BoxError>>;
+
+    /// Moves the marks of `sink` forward to `slots` (at most one per partition). A mark
+    /// never moves back: a slot below the stored mark leaves it as it is.
+    fn advance<'a>(
+        &'a self,
+        sink: &'a str,
+        slots: &'a [Slot],
+    ) -> BoxFuture<'a, Result<(), BoxError>>;
+}
+
+/// A sink's view of its [`DeliveryMarks`]: the marks of the partitions it has seen
+/// since they were assigned, loaded once each.
+pub struct Marks {
+    store: Option<Arc<dyn DeliveryMarks>>,
+    /// The sink as the store names it: `webhook:<name>`, `topic:<name>`.
+    sink: String,
+    known: HashMap<i32, Option<Slot>>,
+}
+
+impl Marks {
+    /// Marks of `sink` in `store`; without a store (deduplication off) nothing is
+    /// marked and every replayed event is delivered again (at least once).
+    pub fn new(store: Option<Arc<dyn DeliveryMarks>>, sink: String) -> Self {
+        Self {
+            store,
+            sink,
+            known: HashMap::new(),
+        }
+    }
+
+    /// Loads the marks of the `partitions` not loaded since their assignment.
+    pub async fn load(
+        &mut self,
+        partitions: impl IntoIterator<Item = i32>,
+    ) -> Result<(), BoxError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let mut wanted: Vec<i32> = partitions
+            .into_iter()
+            .filter(|p| !self.known.contains_key(p))
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let marks = store.load(&self.sink, &wanted).await?;
+        self.known.extend(wanted.into_iter().zip(marks));
+        Ok(())
+    }
+
+    /// True if the sink delivered the event at `slot` before (a replay): its partition's
+    /// mark, loaded by [`Marks::load`], is at or past it.
+    pub fn delivered(&self, slot: Slot) -> bool {
+        let (partition, offset, index) = slot;
+        matches!(self.known.get(&partition), Some(Some((_, o, i))) if (*o, *i) >= (offset, index))
+    }
+
+    /// A rebalance took `partitions` away: their marks are loaded again if they come
+    /// back (another instance may have moved them meanwhile).
+    pub fn forget(&mut self, partitions: &HashSet<i32>) {
+        self.known.retain(|p, _| !partitions.contains(p));
+    }
+
+    /// Moves the sink's marks forward to `slots` (see [`DeliveryMarks::advance`]).
+    pub async fn advance(&self, slots: &[Slot]) -> Result<(), BoxError> {
+        match &self.store {
+            Some(store) => store.advance(&self.sink, slots).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The sink's name in the store: `webhook:<name>`, `topic:<name>`.
+    pub fn sink(&self) -> &str {
+        &self.sink
+    }
+
+    /// The store and the sink's name in it, for a delivery task of the sink's own.
+    pub fn store(&self) -> Option<(Arc<dyn DeliveryMarks>, String)> {
+        self.store.clone().map(|s| (s, self.sink.clone()))
+    }
+}
+
+/// The highest of `slots` per partition: what [`DeliveryMarks::advance`] takes once
+/// they are all delivered.
+pub fn highest(slots: impl IntoIterator<Item = Slot>) -> Vec<Slot> {
+    let mut top: BTreeMap<i32, (i64, u32)> = BTreeMap::new();
+    for (p, o, i) in slots {
+        let at = top.entry(p).or_insert((o, i));
+        *at = (*at).max((o, i));
+    }
+    top.into_iter().map(|(p, (o, i))| (p, o, i)).collect()
 }

@@ -1,4 +1,5 @@
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::{BoxFuture, join_all};
@@ -10,8 +11,11 @@ use rdkafka::util::Timeout;
 
 use super::config::{TopicConfig, TopicKey};
 use crate::bus::{KafkaConfig, SelfHealingProducer};
-use crate::model::{Kept, Origin, Slot, Target};
-use crate::sinks::{BoxError, Flush, Refusal, Sink};
+use crate::metrics::events::{EventsRefused, InternalEvent, ReplayedDeliveriesSkipped};
+use crate::model::{DeadLetter, Kept, Slot, Stage, Target};
+use crate::sinks::{
+    BoxError, DeadLetterStore, DeliveryMarks, Flush, Marks, Refusal, Sink, highest,
+};
 
 /// Errors producing to the topic.
 #[derive(Debug, thiserror::Error)]
@@ -43,8 +47,12 @@ pub struct TopicSink {
     timeout: Duration,
     /// The events of the current flush already acknowledged, or refused for good.
     sent: HashSet<Slot>,
-    /// The events of the current flush refused for good, not yet reported.
-    refused: Vec<Refusal>,
+    /// The events of the current flush refused for good, not yet dead-lettered.
+    refused: Vec<DeadLetter>,
+    /// Where the events refused for good go, before their partition's mark passes them.
+    dead_letters: Arc<dyn DeadLetterStore>,
+    /// What this sink produced before a crash or a rebalance.
+    marks: Marks,
 }
 
 /// True for a produce error that retrying cannot change: the record is too large for
@@ -62,7 +70,16 @@ fn is_permanent(e: &KafkaError) -> bool {
 }
 
 impl TopicSink {
-    pub fn new(cfg: &TopicConfig, index: usize, kafka: &KafkaConfig) -> Result<Self, TopicError> {
+    /// A producer to the sink's topic. Events it refuses for good go to
+    /// `dead_letters`; what it produced is marked in `marks` (none: a replay produces
+    /// again).
+    pub fn new(
+        cfg: &TopicConfig,
+        index: usize,
+        kafka: &KafkaConfig,
+        dead_letters: Arc<dyn DeadLetterStore>,
+        marks: Option<Arc<dyn DeliveryMarks>>,
+    ) -> Result<Self, TopicError> {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &kafka.brokers);
         for (k, v) in &kafka.properties {
@@ -92,25 +109,48 @@ impl TopicSink {
             timeout: Duration::from_millis(kafka.produce_timeout_ms),
             sent: HashSet::new(),
             refused: Vec::new(),
+            dead_letters,
+            marks: Marks::new(marks, format!("topic:{}", cfg.name)),
         })
     }
 
-    /// Produces a record per kept event of this sink's names (or forwarded to it by a
-    /// plugin) not yet acknowledged in this flush, and waits for the
-    /// acknowledgements; a retry produces only what failed. A record refused for good
-    /// is not produced again: its event is kept in `refused`. Returns the records
-    /// produced.
+    /// True for a kept event this sink takes (by name, or forwarded to it by a plugin).
+    fn takes(&self, k: &Kept) -> bool {
+        self.events.contains(&k.event.name) || k.forwards.contains(&Target::Topic(self.index))
+    }
+
+    /// Produces a record per kept event this sink takes, not yet acknowledged in this
+    /// flush nor produced before it (a replay: the partition's mark is past it), and
+    /// waits for the acknowledgements; a retry produces only what failed. A record
+    /// refused for good is not produced again: its event is kept in `refused`. Returns
+    /// the records produced.
     async fn produce(&mut self, kept: &[Kept]) -> Result<usize, TopicError> {
+        let mut replayed = 0;
+        let mut todo: Vec<(Slot, &Kept)> = Vec::new();
+        for k in kept {
+            if !self.takes(k) {
+                continue;
+            }
+            let slot = k.origin.slot();
+            if self.sent.contains(&slot) {
+                continue;
+            }
+            if self.marks.delivered(slot) {
+                // Done for this flush: a retry does not count it again.
+                self.sent.insert(slot);
+                replayed += 1;
+                continue;
+            }
+            todo.push((slot, k));
+        }
+        if replayed > 0 {
+            ReplayedDeliveriesSkipped {
+                sink: self.marks.sink(),
+                events: replayed,
+            }
+            .emit();
+        }
         let sent = &mut self.sent;
-        let todo: Vec<(Slot, &Kept)> = kept
-            .iter()
-            .map(|k| (k.origin.slot(), k))
-            .filter(|(slot, k)| {
-                (self.events.contains(&k.event.name)
-                    || k.forwards.contains(&Target::Topic(self.index)))
-                    && !sent.contains(slot)
-            })
-            .collect();
         let payloads: Vec<String> = todo
             .iter()
             .map(|(_, k)| {
@@ -149,8 +189,11 @@ impl TopicSink {
                 }
                 Err((e, _)) if is_permanent(&e) => {
                     sent.insert(*i);
-                    self.refused
-                        .push(refusal(&self.name, &self.topic, k.origin, &e));
+                    let reason = format!("topic {} refused the event's record: {e}", self.topic);
+                    self.refused.push(
+                        DeadLetter::of(k.origin, k.event.clone(), Stage::Sink, reason)
+                            .by(self.marks.sink(), ""),
+                    );
                 }
                 Err((e, _)) => {
                     failed += 1;
@@ -177,8 +220,22 @@ impl Sink for TopicSink {
         "topic"
     }
 
+    /// Produces the flush's events this sink takes (less what it produced before a
+    /// replay), dead-letters the ones the broker refuses for good, then marks them
+    /// all delivered. A failed step fails the attempt; the retry goes on from it.
     fn write<'a>(&'a mut self, flush: Flush<'a>) -> BoxFuture<'a, Result<Vec<Refusal>, BoxError>> {
         Box::pin(async move {
+            let mine: Vec<Slot> = flush
+                .batch
+                .kept
+                .iter()
+                .filter(|k| self.takes(k))
+                .map(|k| k.origin.slot())
+                .collect();
+            if mine.is_empty() {
+                return Ok(Vec::new());
+            }
+            self.marks.load(mine.iter().map(|s| s.0)).await?;
             let n = self.produce(&flush.batch.kept).await.inspect_err(
                 |e| tracing::error!(error = %e, "flush to a Kafka topic sink failed"),
             )?;
@@ -187,7 +244,23 @@ impl Sink for TopicSink {
                     .with_label_values(&[&format!("topic:{}", self.topic)])
                     .inc_by(n as u64);
             }
-            Ok(std::mem::take(&mut self.refused))
+            if let Some(first) = self.refused.first() {
+                self.dead_letters
+                    .write_dead_letters(&self.refused, flush.pipeline, flush.control_version)
+                    .await?;
+                EventsRefused {
+                    sink: self.marks.sink(),
+                    events: self.refused.len(),
+                    reason: &first.reason,
+                }
+                .emit();
+                crate::metrics::DEAD_LETTERS
+                    .with_label_values(&[Stage::Sink.as_str()])
+                    .inc_by(self.refused.len() as u64);
+                self.refused.clear();
+            }
+            self.marks.advance(&highest(mine)).await?;
+            Ok(Vec::new())
         })
     }
 
@@ -195,13 +268,10 @@ impl Sink for TopicSink {
         self.sent.clear();
         self.refused.clear();
     }
-}
 
-fn refusal(name: &str, topic: &str, origin: Origin, e: &KafkaError) -> Refusal {
-    Refusal {
-        origin,
-        sink: format!("topic:{name}"),
-        reason: format!("topic {topic} refused the event's record: {e}"),
+    /// Their new owner re-reads them and produces what this instance had not.
+    fn forget(&mut self, partitions: &HashSet<i32>) {
+        self.marks.forget(partitions);
     }
 }
 

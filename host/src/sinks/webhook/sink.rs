@@ -10,9 +10,13 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use super::config::WebhookConfig;
-use crate::metrics::events::{InternalEvent, WebhookAttemptFailed, WebhookGaveUp};
-use crate::model::{DeadLetter, Kept, Origin, Stage, Target};
-use crate::sinks::{BoxError, DeadLetterStore, Flush, Refusal, Sink};
+use crate::metrics::events::{
+    InternalEvent, ReplayedDeliveriesSkipped, WebhookAttemptFailed, WebhookGaveUp,
+};
+use crate::model::{DeadLetter, Kept, Origin, Slot, Stage, Target};
+use crate::sinks::{
+    BoxError, DeadLetterStore, DeliveryMarks, Flush, Marks, Refusal, Sink, highest,
+};
 
 /// Longest pause between two attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -26,10 +30,28 @@ struct Item {
     json: String,
     /// The control-plane version of the pipeline that kept the event.
     control_version: u64,
+    /// Its partition's assignment when it was queued (see [`Held::epochs`]).
+    epoch: u64,
 }
 
-/// Per partition, offset -> events of that offset not yet delivered or dead-lettered.
-type Outstanding = Arc<Mutex<HashMap<i32, BTreeMap<i64, usize>>>>;
+/// What the sink and its delivery task share.
+#[derive(Default)]
+struct Held {
+    /// Per partition, offset -> events of that offset not yet delivered or
+    /// dead-lettered.
+    outstanding: HashMap<i32, BTreeMap<i64, usize>>,
+    /// Per partition, how many times a rebalance took it away: a queued event of an
+    /// earlier assignment is not delivered (its partition's new owner delivers it).
+    epochs: HashMap<i32, u64>,
+}
+
+impl Held {
+    fn epoch(&self, partition: i32) -> u64 {
+        self.epochs.get(&partition).copied().unwrap_or(0)
+    }
+}
+
+type Outstanding = Arc<Mutex<Held>>;
 
 /// A running webhook: the queue into its delivery task.
 pub struct WebhookSink {
@@ -39,6 +61,8 @@ pub struct WebhookSink {
     events: HashSet<String>,
     tx: mpsc::Sender<Item>,
     outstanding: Outstanding,
+    /// What this webhook delivered before a crash or a rebalance.
+    marks: Marks,
     /// Events taken while the queue was full, waiting for room (never blocking the
     /// processor: it keeps polling Kafka, and takes no new batch while this holds any).
     overflow: VecDeque<Item>,
@@ -50,11 +74,13 @@ pub struct WebhookSink {
 const OVERFLOW_RETRY: Duration = Duration::from_millis(50);
 
 impl WebhookSink {
-    /// Starts the delivery task. Dead letters are written through `dead_letters`.
+    /// Starts the delivery task. Dead letters are written through `dead_letters`;
+    /// deliveries are marked in `marks` (none: a replay delivers again).
     pub fn start(
         cfg: &WebhookConfig,
         index: usize,
         dead_letters: Arc<dyn DeadLetterStore>,
+        marks: Option<Arc<dyn DeliveryMarks>>,
         pipeline: String,
     ) -> Result<Self, String> {
         let mut headers = reqwest::header::HeaderMap::new();
@@ -76,6 +102,7 @@ impl WebhookSink {
             .map_err(|e| format!("webhook {}: {e}", cfg.name))?;
         let (tx, rx) = mpsc::channel(cfg.max_pending);
         let outstanding = Outstanding::default();
+        let marks = Marks::new(marks, format!("webhook:{}", cfg.name));
         let task = Delivery {
             name: cfg.name.clone(),
             url: cfg.url.clone(),
@@ -85,6 +112,7 @@ impl WebhookSink {
             http,
             outstanding: outstanding.clone(),
             dead_letters,
+            marks: marks.store(),
             pipeline,
         };
         tokio::spawn(task.run(rx));
@@ -94,26 +122,41 @@ impl WebhookSink {
             events: cfg.events.iter().cloned().collect(),
             tx,
             outstanding,
+            marks,
             overflow: VecDeque::new(),
             next_move: None,
         })
     }
 
-    /// Queues the kept events this webhook takes (by name, or forwarded to it by a
-    /// plugin); what the full queue has no room for waits in `overflow`.
-    pub fn offer(&mut self, kept: &[Kept], control_version: u64) {
-        let mine = |k: &&Kept| {
-            self.events.contains(&k.event.name) || k.forwards.contains(&Target::Webhook(self.index))
-        };
-        for k in kept.iter().filter(mine) {
-            *self
-                .outstanding
-                .lock()
-                .expect("outstanding lock")
-                .entry(k.origin.partition)
-                .or_default()
-                .entry(k.origin.offset)
-                .or_default() += 1;
+    /// True for a kept event this webhook takes (by name, or forwarded to it by a
+    /// plugin).
+    fn takes(&self, k: &Kept) -> bool {
+        self.events.contains(&k.event.name) || k.forwards.contains(&Target::Webhook(self.index))
+    }
+
+    /// Queues the kept events this webhook takes, less those it delivered before (a
+    /// replay: their partition's mark, loaded first, is past them); what the full
+    /// queue has no room for waits in `overflow`.
+    fn offer(&mut self, kept: &[Kept], control_version: u64) {
+        let mut replayed = 0;
+        for k in kept {
+            if !self.takes(k) {
+                continue;
+            }
+            if self.marks.delivered(k.origin.slot()) {
+                replayed += 1;
+                continue;
+            }
+            let epoch = {
+                let mut held = self.outstanding.lock().expect("outstanding lock");
+                *held
+                    .outstanding
+                    .entry(k.origin.partition)
+                    .or_default()
+                    .entry(k.origin.offset)
+                    .or_default() += 1;
+                held.epoch(k.origin.partition)
+            };
             let item = Item {
                 origin: k.origin,
                 event_id: k.event.event_id.clone(),
@@ -121,11 +164,19 @@ impl WebhookSink {
                 name: k.event.name.clone(),
                 json: k.event.to_json(),
                 control_version,
+                epoch,
             };
             crate::metrics::WEBHOOK_PENDING
                 .with_label_values(&[&self.name])
                 .inc();
             self.overflow.push_back(item);
+        }
+        if replayed > 0 {
+            ReplayedDeliveriesSkipped {
+                sink: self.marks.sink(),
+                events: replayed,
+            }
+            .emit();
         }
         self.move_overflow();
     }
@@ -158,12 +209,23 @@ impl Sink for WebhookSink {
         "webhook"
     }
 
-    /// Queues the flush's events for the delivery task without waiting (what the full
-    /// queue has no room for waits in the sink, which then says it is full); never
-    /// fails: delivery problems end as dead letters.
+    /// Queues the flush's events for the delivery task without waiting for their
+    /// delivery (what the full queue has no room for waits in the sink, which then
+    /// says it is full). Fails only when the marks of a partition seen for the first
+    /// time cannot be read; delivery problems end as dead letters.
     fn write<'a>(&'a mut self, flush: Flush<'a>) -> BoxFuture<'a, Result<Vec<Refusal>, BoxError>> {
-        self.offer(&flush.batch.kept, flush.control_version);
-        Box::pin(async { Ok(Vec::new()) })
+        Box::pin(async move {
+            let partitions: Vec<i32> = flush
+                .batch
+                .kept
+                .iter()
+                .filter(|k| self.takes(k))
+                .map(|k| k.origin.partition)
+                .collect();
+            self.marks.load(partitions).await?;
+            self.offer(&flush.batch.kept, flush.control_version);
+            Ok(Vec::new())
+        })
     }
 
     fn retry_at(&self) -> Option<Instant> {
@@ -183,16 +245,22 @@ impl Sink for WebhookSink {
     /// The lowest offset of `partition` with events not yet delivered or
     /// dead-lettered.
     fn commit_limit(&self, partition: i32) -> Option<i64> {
-        let outstanding = self.outstanding.lock().expect("outstanding lock");
-        outstanding
+        let held = self.outstanding.lock().expect("outstanding lock");
+        held.outstanding
             .get(&partition)
             .and_then(|o| o.keys().next().copied())
     }
 
-    /// Their new owner re-reads (and re-sends) them.
+    /// Their new owner re-reads them, and delivers what this instance had not: queued
+    /// events of these partitions are not delivered from now on.
     fn forget(&mut self, partitions: &HashSet<i32>) {
-        let mut outstanding = self.outstanding.lock().expect("outstanding lock");
-        outstanding.retain(|p, _| !partitions.contains(p));
+        let mut held = self.outstanding.lock().expect("outstanding lock");
+        held.outstanding.retain(|p, _| !partitions.contains(p));
+        for p in partitions {
+            *held.epochs.entry(*p).or_default() += 1;
+        }
+        drop(held);
+        self.marks.forget(partitions);
         let before = self.overflow.len();
         self.overflow
             .retain(|item| !partitions.contains(&item.origin.partition));
@@ -215,6 +283,8 @@ struct Delivery {
     http: reqwest::Client,
     outstanding: Outstanding,
     dead_letters: Arc<dyn DeadLetterStore>,
+    /// Where deliveries are marked, and this webhook's name there.
+    marks: Option<(Arc<dyn DeliveryMarks>, String)>,
     pipeline: String,
 }
 
@@ -237,7 +307,23 @@ impl Delivery {
         info!(webhook = %self.name, "webhook delivery stopped");
     }
 
-    async fn deliver(&self, batch: &[Item]) {
+    /// Delivers `queued` (less the events of partitions taken away since they were
+    /// queued), dead-letters it if the webhook refuses it or after `max_attempts`,
+    /// marks it delivered, then lets its partitions' commits pass it.
+    async fn deliver(&self, queued: &[Item]) {
+        let batch: Vec<&Item> = {
+            let held = self.outstanding.lock().expect("outstanding lock");
+            queued
+                .iter()
+                .filter(|i| i.epoch == held.epoch(i.origin.partition))
+                .collect()
+        };
+        crate::metrics::WEBHOOK_PENDING
+            .with_label_values(&[&self.name])
+            .sub((queued.len() - batch.len()) as i64);
+        if batch.is_empty() {
+            return;
+        }
         let ids: Vec<&str> = batch.iter().map(|i| i.event_id.as_str()).collect();
         let key = if batch.len() == 1 {
             ids[0].to_owned()
@@ -291,11 +377,15 @@ impl Delivery {
             }
         };
         if let Some(reason) = failure {
-            self.dead_letter(batch, &reason).await;
+            self.dead_letter(&batch, &reason).await;
         }
-        let mut outstanding = self.outstanding.lock().expect("outstanding lock");
-        for item in batch {
-            if let Some(offsets) = outstanding.get_mut(&item.origin.partition)
+        self.mark(&batch).await;
+        let mut held = self.outstanding.lock().expect("outstanding lock");
+        for item in &batch {
+            if item.epoch != held.epoch(item.origin.partition) {
+                continue;
+            }
+            if let Some(offsets) = held.outstanding.get_mut(&item.origin.partition)
                 && let Some(n) = offsets.get_mut(&item.origin.offset)
             {
                 *n -= 1;
@@ -341,9 +431,24 @@ impl Delivery {
         }
     }
 
+    /// Marks `batch` delivered, retrying until the marks are stored (the events'
+    /// offsets stay uncommitted meanwhile, and the queue waits).
+    async fn mark(&self, batch: &[&Item]) {
+        let Some((marks, sink)) = &self.marks else {
+            return;
+        };
+        let slots = highest(batch.iter().map(|i| -> Slot { i.origin.slot() }));
+        let mut backoff = self.backoff;
+        while let Err(e) = marks.advance(sink, &slots).await {
+            warn!(webhook = %self.name, error = %e, "cannot mark events delivered; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
     /// Writes the batch to dead_letters, retrying until ClickHouse takes it (the
     /// events' offsets stay uncommitted meanwhile).
-    async fn dead_letter(&self, batch: &[Item], reason: &str) {
+    async fn dead_letter(&self, batch: &[&Item], reason: &str) {
         WebhookGaveUp {
             webhook: &self.name,
             events: batch.len(),
