@@ -228,11 +228,13 @@ async fn assert_once(
         while &redis.hgetall(&key)? != want && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        assert_eq!(
-            &redis.hgetall(&key)?,
-            want,
-            "{counter}: every event counted once"
-        );
+        let have = redis.hgetall(&key)?;
+        if &have != want {
+            bail!(
+                "{counter}: every event counted once: have {have:?}, want {want:?}; log:\n{}",
+                weir.log()
+            );
+        }
     }
     Ok(())
 }
@@ -422,6 +424,7 @@ async fn without_dedup_resent_events_are_stored_twice() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_marks_move_forward_only_per_sink_and_partition() -> Result<()> {
     use weir::config::RedisConfig;
+    use weir::model::Origin;
     use weir::pipeline::dedup::{DedupConfig, RedisMarks};
     use weir::sinks::DeliveryMarks;
 
@@ -436,15 +439,21 @@ async fn delivery_marks_move_forward_only_per_sink_and_partition() -> Result<()>
         .await
         .map_err(anyhow::Error::msg)?;
     assert_eq!(none, vec![None, None]);
+    let at = |partition, offset, index| Origin {
+        partition,
+        offset,
+        index,
+        received_ms: 1_765_000_000_000 + offset,
+    };
 
     marks
-        .advance("webhook:crm", &[(0, 41, 7), (1, 3, 0)])
+        .advance("webhook:crm", &[at(0, 41, 7), at(1, 3, 0)])
         .await
         .map_err(anyhow::Error::msg)?;
     // Behind the stored mark (an instance that lost its partition finishing late):
     // nothing moves. At the same offset, a later index moves it.
     marks
-        .advance("webhook:crm", &[(0, 40, 99), (1, 3, 1)])
+        .advance("webhook:crm", &[at(0, 40, 99), at(1, 3, 1)])
         .await
         .map_err(anyhow::Error::msg)?;
     // Another instance of the group (its own connection) reads the same marks.
@@ -454,14 +463,14 @@ async fn delivery_marks_move_forward_only_per_sink_and_partition() -> Result<()>
         .await
         .map_err(anyhow::Error::msg)?;
     assert_eq!(got, vec![Some((1, 3, 1)), Some((0, 41, 7)), None]);
-    // Offsets past 2^32 and 2^53 - 1 (Lua's exact integers) survive the round trip.
+    // Offsets past 2^32 and up to 2^53 - 1 (Lua's exact integers) survive the trip.
     let far = (1i64 << 53) - 1;
     marks
-        .advance("webhook:crm", &[(2, far, 0)])
+        .advance("webhook:crm", &[at(2, far, 0)])
         .await
         .map_err(anyhow::Error::msg)?;
     marks
-        .advance("webhook:crm", &[(2, far - 1, u32::MAX)])
+        .advance("webhook:crm", &[at(2, far - 1, u32::MAX)])
         .await
         .map_err(anyhow::Error::msg)?;
     assert_eq!(
@@ -508,6 +517,15 @@ async fn delivery_marks_move_forward_only_per_sink_and_partition() -> Result<()>
         (86_300..=86_400).contains(&ttl),
         "the marks' hash expires with the window: TTL {ttl}"
     );
+
+    // A mark keeps the receive time of its record, which tells it from the record at
+    // the same offset of a topic created again under the same name.
+    let stored: String = redis::cmd("HGET")
+        .arg("weir:delivered:g:weir.events")
+        .arg("webhook:crm:0")
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(stored, "41:7:1765000000041");
 
     // A value that is not a mark is an error that names the key, not a silent skip.
     let _: () = redis::cmd("HSET")

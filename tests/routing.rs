@@ -632,3 +632,79 @@ async fn a_counter_redis_cannot_apply_dead_letters_its_events_and_counts_the_res
         .await?;
     Ok(())
 }
+
+/// A topic deleted and created again (here: a broker on memory storage, restarted
+/// empty, and the topic made again) starts its offsets at 0, below what Redis stored of
+/// the old one: the counters' applied offsets and the topic sink's delivery marks.
+/// weir checks each stored offset against the end of its partition's log when it loads
+/// it; one at or past the end is from the old topic and is ignored, so the new topic's
+/// events are counted and forwarded, each once. (Before, they were taken for replays of
+/// the old offsets and skipped: the counters stood still.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_created_again_is_counted_and_forwarded_not_taken_for_replays() -> Result<()> {
+    let mut tansu = Tansu::start()?;
+    tansu.create_topic("weir.events", 4)?;
+    let clickhouse = ClickHouse::start()?;
+    let redis = Redis::start()?;
+    let cfg = format!(
+        "{}\n[[pipeline.topic]]\nname = \"likes\"\ntopic = \"weir.likes\"\nevents = [\"post_liked\"]\n",
+        config(&tansu, &clickhouse, &redis, "again")
+    );
+    let mut weir = Weir::start(&cfg)?;
+    weir.wait_for_partitions(Duration::from_secs(30))?;
+    let http = reqwest::Client::new();
+    let mut exp = Expected::default();
+    post_events(&weir, "old", 3_000, &mut exp).await?;
+    wait_for_counters(&http, &weir, &exp, Duration::from_secs(30)).await?;
+    let old_likes: i64 = exp.likes.values().sum();
+    let forwarded = weir_tests::read_topic(&tansu.bootstrap(), "weir.likes").await?;
+    assert_eq!(
+        forwarded.len() as i64,
+        old_likes,
+        "the old topic's likes forwarded"
+    );
+
+    // The broker loses its storage; the events topic is made again, empty.
+    weir.stop();
+    tansu.restart()?;
+    tansu.create_topic("weir.events", 4)?;
+    weir.restart()?;
+    weir.wait_for_partitions(Duration::from_secs(30))?;
+    post_events(&weir, "new", 1_000, &mut exp).await?;
+    // Counted on top of the old counts (Redis kept those), each new event once.
+    wait_for_counters(&http, &weir, &exp, Duration::from_secs(30)).await?;
+    let new_likes = exp.likes.values().sum::<i64>() - old_likes;
+    let forwarded = weir_tests::read_topic(&tansu.bootstrap(), "weir.likes").await?;
+    let mut ids: Vec<String> = forwarded
+        .iter()
+        .map(|(_, payload)| {
+            serde_json::from_slice::<Value>(payload).map(|e| e["event_id"].to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    ids.sort();
+    let n = ids.len();
+    ids.dedup();
+    assert_eq!(
+        (n, ids.len()),
+        (new_likes as usize, new_likes as usize),
+        "the new topic's likes forwarded, each once"
+    );
+    assert!(ids.iter().all(|id| id.starts_with("\"new-")), "{ids:?}");
+    let ignored = weir.metric_now("weir_stale_offsets_ignored_total", &[]);
+    assert!(
+        ignored >= 1.0,
+        "the old topic's stored offsets were found past the new logs' ends: {ignored}"
+    );
+    // And weir's tables hold every event of both topics once.
+    wait_for_rows(
+        &clickhouse,
+        "SELECT count() FROM again.events",
+        exp.kept,
+        &weir,
+    )
+    .await?;
+    clickhouse
+        .assert_each_once(&[("again.events", exp.kept)])
+        .await?;
+    Ok(())
+}

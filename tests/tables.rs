@@ -1,5 +1,6 @@
-//! weir's tables on a real ClickHouse server (18.16): what `ensure_schema` makes of
-//! tables that exist already.
+//! weir's tables on a real ClickHouse server (18.16, and chdb's current engine where
+//! a test says so): what `ensure_schema` makes of tables that exist already, and how
+//! a retried INSERT is named.
 
 use std::sync::Arc;
 
@@ -73,5 +74,80 @@ async fn a_routed_table_without_weirs_columns_is_refused_by_name() -> Result<()>
         views == 3,
         "{views} coordinates views, want events', dead letters', views'"
     );
+    Ok(())
+}
+
+/// An INSERT whose answer was lost is sent again, possibly to another replica after a
+/// failover, and a dead letter's `failed_at` is the time of the attempt: the retry's
+/// bytes differ, so block deduplication does not see it. On a current release weir
+/// names each INSERT by its rows (`insert_deduplication_token`), so a table that
+/// deduplicates INSERTs (every replicated one; here a plain MergeTree with
+/// `non_replicated_deduplication_window`, since chdb has no ZooKeeper) stores the
+/// retry once, while the same event's dead letter from another sink, in an INSERT of
+/// its own, is stored. 18.16 knows no such setting: weir sends none there, and the
+/// same INSERTs go through (three rows: its plain tables do not deduplicate).
+#[tokio::test]
+async fn a_retried_insert_is_stored_once_where_the_server_takes_a_token() -> Result<()> {
+    use weir::model::{DeadLetter, Origin, Stage};
+    use weir::sinks::clickhouse::InsertCompression;
+
+    let letter = |stage, plugin: &str| DeadLetter {
+        origin: Origin {
+            partition: 2,
+            offset: 4711,
+            index: 3,
+            received_ms: 1_765_000_000_000,
+        },
+        event_id: "e-1".into(),
+        app: "shop".into(),
+        name: "signup_completed".into(),
+        stage,
+        plugin: plugin.into(),
+        plugin_version: String::new(),
+        reason: "refused".into(),
+        raw: "{}".into(),
+    };
+    let webhook = letter(Stage::Webhook, "crm");
+    let topic = letter(Stage::Sink, "topic:signups");
+    for (ch, current) in [
+        (ClickHouse::current()?, true),
+        (ClickHouse::start()?, false),
+    ] {
+        let cfg = ClickHouseConfig {
+            url: ch.url(),
+            database: "tok".into(),
+            compression: InsertCompression::None,
+            ..ClickHouseConfig::default()
+        };
+        let s = ClickHouseSink::new(&cfg, Arc::from(Vec::new()));
+        s.ensure_schema().await?;
+        if current {
+            ch.query(
+                "ALTER TABLE tok.dead_letters MODIFY SETTING non_replicated_deduplication_window = 100",
+            )
+            .await?;
+        }
+        s.insert_dead_letters(&[&webhook], "engagement", 1, 1_765_000_000)
+            .await?;
+        // The retry, a second later.
+        s.insert_dead_letters(&[&webhook], "engagement", 1, 1_765_000_001)
+            .await?;
+        s.insert_dead_letters(&[&topic], "engagement", 1, 1_765_000_001)
+            .await?;
+        let rows = ch
+            .query("SELECT stage, plugin FROM tok.dead_letters ORDER BY stage, plugin, failed_at")
+            .await?;
+        let want = if current {
+            "sink\ttopic:signups\nwebhook\tcrm"
+        } else {
+            "sink\ttopic:signups\nwebhook\tcrm\nwebhook\tcrm"
+        };
+        ensure!(
+            rows == want,
+            "{} ({}): {rows:?}, want {want:?}",
+            if current { "current release" } else { "18.16" },
+            ch.url()
+        );
+    }
     Ok(())
 }

@@ -108,6 +108,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
             }
             let consumer =
                 bus::consumer(&config.kafka).context("cannot create the Kafka consumer")?;
+            // What counters and delivery marks stored in Redis is checked against each
+            // partition's log (a topic created again starts at offset 0 again).
+            let log_probe = Arc::new(bus::LogProbe::new(&config.kafka));
             // Every sink the worker writes, driven through one contract.
             let mut sinks: Vec<Box<dyn Sink>> = vec![Box::new(ClickHouseWriter::new(sink.clone()))];
             // Connects to Redis on first use: only once a pipeline version counts.
@@ -119,7 +122,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
                     Duration::from_millis(config.processor.retry_backoff_ms),
                     Arc::new(sink.clone()),
                 )
-                .context("cannot set up the Redis counter sink")?,
+                .context("cannot set up the Redis counter sink")?
+                .with_log_probe(log_probe.clone()),
             ));
             // What webhooks and topic sinks delivered, so that a replay does not
             // deliver it again: kept with the deduplication's state.
@@ -131,7 +135,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
                         &config.kafka.group,
                         &config.kafka.topic,
                     )
-                    .context("cannot set up delivery marks in Redis")?,
+                    .context("cannot set up delivery marks in Redis")?
+                    .with_log_probe(log_probe.clone()),
                 ))
             } else {
                 None

@@ -33,6 +33,11 @@ SETTING = re.compile(r"^\w+$")
 CODE = re.compile(r"Code: (\d+)\.")
 
 
+def quote(value):
+    """A setting's value as an SQL string literal."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 class Engine:
     def __init__(self, path):
         self.session = session.Session(path)
@@ -40,14 +45,26 @@ class Engine:
         self.lock = threading.Lock()
 
     def run(self, sql, fmt, database, settings):
+        # A request's settings are its own, as a server's are: the one session takes
+        # them for this statement and gets its earlier values back after it (an
+        # insert_deduplication_token must not name the next INSERT too).
         with self.lock:
-            for name, value in settings.items():
-                if not SETTING.match(name):
-                    raise ValueError(f"Code: 115. DB::Exception: Unknown setting {name}")
-                self.session.query(f"SET {name} = '{value}'")
-            if database:
-                self.session.query(f"USE `{database}`")
-            return self.session.query(sql, fmt).bytes()
+            earlier = {}
+            try:
+                for name, value in settings.items():
+                    if not SETTING.match(name):
+                        raise ValueError(f"Code: 115. DB::Exception: Unknown setting {name}")
+                    old = self.session.query(
+                        f"SELECT value FROM system.settings WHERE name = '{name}'",
+                        "TabSeparatedRaw").bytes().decode().rstrip("\n")
+                    self.session.query(f"SET {name} = {quote(value)}")
+                    earlier[name] = old
+                if database:
+                    self.session.query(f"USE `{database}`")
+                return self.session.query(sql, fmt).bytes()
+            finally:
+                for name, value in earlier.items():
+                    self.session.query(f"SET {name} = {quote(value)}")
 
     def insert(self, match, rows, database, settings):
         table = match.group(1).replace("`", "")

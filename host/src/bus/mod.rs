@@ -23,6 +23,7 @@ use tracing::{info, warn};
 
 use crate::metrics::events::{
     InternalEvent, PartitionsAssigned, PartitionsRevoked, ProducerReplaced, RebalanceFailed,
+    StaleOffsetIgnored,
 };
 use crate::model::IngestRecord;
 
@@ -325,6 +326,125 @@ pub fn consumer(cfg: &KafkaConfig) -> Result<Consumer, BusError> {
         .create_with_context(GroupContext::default())?;
     rdkafka::consumer::Consumer::subscribe(&consumer, &[&cfg.topic])?;
     Ok(consumer)
+}
+
+/// Checks a position a sink stored in Redis (the offset of the last increments
+/// applied, of the last event delivered) against the events topic as it is now. A
+/// position names a record the log held, and the record's receive time is stored with
+/// it; if the log no longer reaches the offset, or the record there was received at
+/// another time, the position is from an earlier topic of the same name (deleted and
+/// created again, or a broker that lost its storage), and the sink must not take the
+/// new topic's records for replays of it.
+pub struct LogProbe {
+    cfg: KafkaConfig,
+    timeout: Duration,
+}
+
+impl LogProbe {
+    /// Asks the brokers of `cfg` about its topic; each question times out after the
+    /// produce timeout.
+    pub fn new(cfg: &KafkaConfig) -> Self {
+        Self {
+            cfg: cfg.clone(),
+            timeout: Duration::from_millis(cfg.produce_timeout_ms),
+        }
+    }
+
+    /// True if the record at `offset` of `partition` is still in the topic and was
+    /// received at `received_ms` (not checked when `None`: a position stored by an
+    /// older weir). A record the log no longer holds at the start (retention) passes:
+    /// nothing can be read from below it anyway.
+    pub async fn holds(
+        &self,
+        partition: i32,
+        offset: i64,
+        received_ms: Option<i64>,
+    ) -> Result<bool, BusError> {
+        let cfg = self.cfg.clone();
+        let timeout = self.timeout;
+        let found =
+            tokio::task::spawn_blocking(move || record_time(&cfg, partition, offset, timeout))
+                .await
+                .map_err(|_| BusError::Client(KafkaError::Canceled))??;
+        let holds = match found {
+            Probe::PastTheEnd(_) | Probe::Foreign => false,
+            Probe::Gone => true,
+            Probe::Record(at) => received_ms.is_none_or(|want| want == at),
+        };
+        if !holds {
+            StaleOffsetIgnored {
+                topic: &self.cfg.topic,
+                partition,
+                stored: offset,
+                end: match found {
+                    Probe::PastTheEnd(end) => Some(end),
+                    _ => None,
+                },
+            }
+            .emit();
+        }
+        Ok(holds)
+    }
+}
+
+/// What the log holds at an offset.
+enum Probe {
+    /// The offset is at or past the end of the log (the end given).
+    PastTheEnd(i64),
+    /// No record there any more (retention, compaction).
+    Gone,
+    /// A record weir did not write.
+    Foreign,
+    /// A record, received at this time (ms).
+    Record(i64),
+}
+
+/// Reads the record at `offset` of `partition` (blocking).
+fn record_time(
+    cfg: &KafkaConfig,
+    partition: i32,
+    offset: i64,
+    timeout: Duration,
+) -> Result<Probe, BusError> {
+    use rdkafka::consumer::Consumer as _;
+    use rdkafka::message::Message as _;
+    // It reads one record by offset (`assign`, no group membership) and commits
+    // nothing; librdkafka wants a group id for `assign` all the same.
+    let consumer: BaseConsumer = client_config(cfg)
+        .set("group.id", format!("{}.probe", cfg.group))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "error")
+        .create()?;
+    let (low, high) = consumer.fetch_watermarks(&cfg.topic, partition, timeout)?;
+    if offset >= high {
+        return Ok(Probe::PastTheEnd(high));
+    }
+    if offset < low {
+        return Ok(Probe::Gone);
+    }
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(&cfg.topic, partition, Offset::Offset(offset))?;
+    consumer.assign(&list)?;
+    let deadline = Instant::now() + timeout;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match consumer.poll(left) {
+            Some(Ok(m)) if m.offset() == offset => {
+                return Ok(match IngestRecord::decode(m.payload()) {
+                    Ok(record) => Probe::Record(record.received_ms),
+                    Err(_) => Probe::Foreign,
+                });
+            }
+            // Compacted away, or the log moved on: no record at that offset.
+            Some(Ok(_)) | Some(Err(KafkaError::PartitionEOF(_))) => return Ok(Probe::Gone),
+            Some(Err(e)) => return Err(e.into()),
+            None => {}
+        }
+    }
+    Err(BusError::Client(KafkaError::MessageConsumption(
+        RDKafkaErrorCode::RequestTimedOut,
+    )))
 }
 
 /// Commits, synchronously, `next offset` per partition of the topic.

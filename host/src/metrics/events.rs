@@ -320,6 +320,30 @@ impl InternalEvent for ReplayedDeliveriesSkipped<'_> {
     }
 }
 
+/// A position a sink stored of a partition (counters applied, events delivered) names
+/// a record the partition's log does not hold (past its end, or another record
+/// there): it is from an earlier topic of the same name, and is ignored.
+pub struct StaleOffsetIgnored<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub stored: i64,
+    /// The log's end, when the position is past it.
+    pub end: Option<i64>,
+}
+
+impl InternalEvent for StaleOffsetIgnored<'_> {
+    fn emit(self) {
+        warn!(
+            topic = self.topic,
+            partition = self.partition,
+            stored = self.stored,
+            log_end = ?self.end,
+            "a stored position names a record this topic does not hold: the topic was created again since; its records are not taken for replays"
+        );
+        STALE_OFFSETS_IGNORED.inc();
+    }
+}
+
 /// Counter increments of a replayed Kafka record that Redis already held were not
 /// applied again.
 pub struct ReplayedIncrementsSkipped {

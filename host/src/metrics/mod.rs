@@ -210,6 +210,12 @@ pub static DELIVERY_REPLAYS_SKIPPED: LazyLock<IntCounterVec> = LazyLock::new(|| 
         &["sink"],
     )
 });
+pub static STALE_OFFSETS_IGNORED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        "weir_stale_offsets_ignored_total",
+        "Positions stored in Redis (counters applied, events delivered) that name a record their partition does not hold: from an earlier topic of the same name",
+    )
+});
 pub static DEAD_LETTERS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter_vec(
         "weir_dead_letters_total",
@@ -397,6 +403,7 @@ pub fn render() -> String {
     LazyLock::force(&SINK_FULL_WAIT);
     LazyLock::force(&REPLAYED_ROWS_SKIPPED);
     LazyLock::force(&DELIVERY_REPLAYS_SKIPPED);
+    LazyLock::force(&STALE_OFFSETS_IGNORED);
     LazyLock::force(&DEAD_LETTERS);
     LazyLock::force(&PROCESSOR_PAUSED);
     LazyLock::force(&PROCESSOR_PAUSES);

@@ -335,10 +335,10 @@ impl Dedup {
 }
 
 /// Moves marks forward, never back. KEYS[1] = the marks' hash; ARGV = pairs of field
-/// and mark (`offset:index`), then the hash's time to live in seconds.
+/// and mark (`offset:index:received_ms`), then the hash's time to live in seconds.
 const ADVANCE: &str = r"
 local function parse(m)
-  local o, i = string.match(m, '^(%-?%d+):(%d+)$')
+  local o, i = string.match(m, '^(%-?%d+):(%d+)')
   return tonumber(o), tonumber(i)
 end
 for n = 1, #ARGV - 1, 2 do
@@ -357,9 +357,10 @@ return 1
 
 /// The [`DeliveryMarks`] of one consumer group's webhooks and topic sinks, in the
 /// deduplication's Redis: one hash, `{prefix}:delivered:{group}:{topic}`, a field per
-/// sink and partition (`webhook:<name>:<partition>`), holding `offset:index`. It
-/// expires a window after its last change: a partition idle that long has long been
-/// committed past its marks. With `when_unavailable = "pass"` an unreachable Redis
+/// sink and partition (`webhook:<name>:<partition>`), holding `offset:index:received_ms`
+/// (the record's receive time tells it from a record of an earlier topic of the same
+/// name: see [`RedisMarks::with_log_probe`]). It expires a window after its last
+/// change: a partition idle that long has long been committed past its marks. With `when_unavailable = "pass"` an unreachable Redis
 /// neither holds deliveries back nor fails them: nothing is skipped (a replay
 /// delivers again) and nothing is marked, and weir says so in its log.
 pub struct RedisMarks {
@@ -369,6 +370,8 @@ pub struct RedisMarks {
     ttl_secs: u64,
     pass: bool,
     advance: redis::Script,
+    /// Where a loaded mark is checked against its partition's log.
+    probe: Option<std::sync::Arc<crate::bus::LogProbe>>,
 }
 
 impl RedisMarks {
@@ -391,7 +394,17 @@ impl RedisMarks {
             ttl_secs: cfg.window_secs,
             pass: cfg.when_unavailable == WhenUnavailable::Pass,
             advance: redis::Script::new(ADVANCE),
+            probe: None,
         })
+    }
+
+    /// Checks every mark it loads against its partition's log: a mark whose record
+    /// the log does not hold (past its end, or received at another time) is from an
+    /// earlier topic of the same name and is ignored (loaded as none), so the new
+    /// topic's events are delivered.
+    pub fn with_log_probe(mut self, probe: std::sync::Arc<crate::bus::LogProbe>) -> Self {
+        self.probe = Some(probe);
+        self
     }
 
     fn field(sink: &str, partition: i32) -> String {
@@ -406,10 +419,20 @@ impl RedisMarks {
     }
 }
 
-/// A stored mark, `offset:index`, of `partition`.
-fn parse_mark(partition: i32, mark: &str) -> Option<Slot> {
-    let (offset, index) = mark.split_once(':')?;
-    Some((partition, offset.parse().ok()?, index.parse().ok()?))
+/// A stored mark of `partition`, `offset:index:received_ms` (`offset:index` before the
+/// receive time was kept): its slot and the receive time.
+fn parse_mark(partition: i32, mark: &str) -> Option<(Slot, Option<i64>)> {
+    let mut parts = mark.split(':');
+    let offset = parts.next()?.parse().ok()?;
+    let index = parts.next()?.parse().ok()?;
+    let received = match parts.next() {
+        Some(r) => Some(r.parse().ok()?),
+        None => None,
+    };
+    parts
+        .next()
+        .is_none()
+        .then_some(((partition, offset, index), received))
 }
 
 impl DeliveryMarks for RedisMarks {
@@ -432,36 +455,43 @@ impl DeliveryMarks for RedisMarks {
                 }
                 Err(e) => return Err(self.error(e)),
             };
-            partitions
-                .iter()
-                .zip(stored)
-                .map(|(p, mark)| match mark {
-                    None => Ok(None),
-                    Some(m) => parse_mark(*p, &m).map(Some).ok_or_else(|| {
-                        format!(
-                            "Redis key {} field {}: {m:?} is not a delivery mark (offset:index)",
-                            self.key,
-                            Self::field(sink, *p)
-                        )
-                        .into()
-                    }),
-                })
-                .collect()
+            let mut marks = Vec::with_capacity(partitions.len());
+            for (p, mark) in partitions.iter().zip(stored) {
+                let Some(m) = mark else {
+                    marks.push(None);
+                    continue;
+                };
+                let (mark, received) = parse_mark(*p, &m).ok_or_else(|| -> BoxError {
+                    format!(
+                        "Redis key {} field {}: {m:?} is not a delivery mark (offset:index:received_ms)",
+                        self.key,
+                        Self::field(sink, *p)
+                    )
+                    .into()
+                })?;
+                let live = match &self.probe {
+                    Some(probe) => probe.holds(*p, mark.1, received).await?,
+                    None => true,
+                };
+                marks.push(live.then_some(mark));
+            }
+            Ok(marks)
         })
     }
 
     fn advance<'a>(
         &'a self,
         sink: &'a str,
-        slots: &'a [Slot],
+        origins: &'a [Origin],
     ) -> futures::future::BoxFuture<'a, Result<(), BoxError>> {
         Box::pin(async move {
-            if slots.is_empty() {
+            if origins.is_empty() {
                 return Ok(());
             }
             let mut call = self.advance.key(&self.key);
-            for (p, o, i) in slots {
-                call.arg(Self::field(sink, *p)).arg(format!("{o}:{i}"));
+            for o in origins {
+                call.arg(Self::field(sink, o.partition))
+                    .arg(format!("{}:{}:{}", o.offset, o.index, o.received_ms));
             }
             call.arg(self.ttl_secs);
             match call.invoke_async::<i64>(&mut self.conn.clone()).await {

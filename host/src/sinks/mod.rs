@@ -121,14 +121,18 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Where a sink that delivers on its own (a webhook, the counters) writes the events
 /// it gives up on. The ClickHouse sink is one (`dead_letters`).
 pub trait DeadLetterStore: Send + Sync + 'static {
-    /// Writes `dead`, recording the pipeline and control-plane version that kept them.
-    /// Dead letters the store already holds (same coordinates, event, stage and
-    /// plugin: written before a crash replayed their events) are not written again.
+    /// Writes `dead`, failed at `failed_ms` (ms since the epoch), recording the
+    /// pipeline and control-plane version that kept them. Dead letters the store
+    /// already holds (same coordinates, event, stage and plugin: written before a
+    /// crash replayed their events) are not written again. A caller that retries
+    /// passes the same `failed_ms` every time, so that a retry writes the same rows
+    /// (what a replicated table recognises as the same block).
     fn write_dead_letters<'a>(
         &'a self,
         dead: &'a [DeadLetter],
         pipeline: &'a str,
         control_version: u64,
+        failed_ms: i64,
     ) -> BoxFuture<'a, Result<(), BoxError>>;
 }
 
@@ -151,12 +155,14 @@ pub trait DeliveryMarks: Send + Sync + 'static {
         partitions: &'a [i32],
     ) -> BoxFuture<'a, Result<Vec<Option<Slot>>, BoxError>>;
 
-    /// Moves the marks of `sink` forward to `slots` (at most one per partition). A mark
-    /// never moves back: a slot below the stored mark leaves it as it is.
+    /// Moves the marks of `sink` forward to the events at `origins` (at most one per
+    /// partition; their receive time is kept with them, to tell a record of this topic
+    /// from one of an earlier topic of the same name). A mark never moves back: an
+    /// event below the stored mark leaves it as it is.
     fn advance<'a>(
         &'a self,
         sink: &'a str,
-        slots: &'a [Slot],
+        origins: &'a [Origin],
     ) -> BoxFuture<'a, Result<(), BoxError>>;
 }
 
@@ -215,10 +221,10 @@ impl Marks {
         self.known.retain(|p, _| !partitions.contains(p));
     }
 
-    /// Moves the sink's marks forward to `slots` (see [`DeliveryMarks::advance`]).
-    pub async fn advance(&self, slots: &[Slot]) -> Result<(), BoxError> {
+    /// Moves the sink's marks forward (see [`DeliveryMarks::advance`]).
+    pub async fn advance(&self, origins: &[Origin]) -> Result<(), BoxError> {
         match &self.store {
-            Some(store) => store.advance(&self.sink, slots).await,
+            Some(store) => store.advance(&self.sink, origins).await,
             None => Ok(()),
         }
     }
@@ -234,13 +240,15 @@ impl Marks {
     }
 }
 
-/// The highest of `slots` per partition: what [`DeliveryMarks::advance`] takes once
-/// they are all delivered.
-pub fn highest(slots: impl IntoIterator<Item = Slot>) -> Vec<Slot> {
-    let mut top: BTreeMap<i32, (i64, u32)> = BTreeMap::new();
-    for (p, o, i) in slots {
-        let at = top.entry(p).or_insert((o, i));
-        *at = (*at).max((o, i));
+/// The last of `origins` per partition (by offset and position in the record): what
+/// [`DeliveryMarks::advance`] takes once they are all delivered.
+pub fn highest(origins: impl IntoIterator<Item = Origin>) -> Vec<Origin> {
+    let mut top: BTreeMap<i32, Origin> = BTreeMap::new();
+    for o in origins {
+        let at = top.entry(o.partition).or_insert(o);
+        if (o.offset, o.index) > (at.offset, at.index) {
+            *at = o;
+        }
     }
-    top.into_iter().map(|(p, (o, i))| (p, o, i)).collect()
+    top.into_values().collect()
 }

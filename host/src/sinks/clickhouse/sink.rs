@@ -264,6 +264,8 @@ struct Endpoint {
     client: Client,
     /// Its database and tables are known to exist and match.
     ready: AtomicBool,
+    /// Its server takes `insert_deduplication_token` (known once `ready`).
+    tokens: AtomicBool,
 }
 
 /// Writes processed batches to ClickHouse: to the current endpoint, failing over to
@@ -297,6 +299,7 @@ impl ClickHouseSink {
                     admin: client.clone(),
                     client: client.with_database(&cfg.database),
                     ready: AtomicBool::new(false),
+                    tokens: AtomicBool::new(false),
                 }
             })
             .collect();
@@ -323,6 +326,7 @@ impl ClickHouseSink {
                 admin: e.admin.clone(),
                 client: e.client.clone(),
                 ready: AtomicBool::new(false),
+                tokens: AtomicBool::new(false),
             })
             .collect();
         Self {
@@ -345,6 +349,23 @@ impl ClickHouseSink {
 
     fn client(&self) -> &Client {
         &self.endpoint().client
+    }
+
+    /// The client for an INSERT into `table` of `rows` (each row's slot and what
+    /// else tells it apart, in the order written): on a server that takes one, with
+    /// the INSERT's `insert_deduplication_token` (see [`insert_token`]).
+    fn insert_client<'r>(
+        &self,
+        table: &str,
+        rows: impl Iterator<Item = (Slot, &'r str, &'r str)>,
+    ) -> Client {
+        let ep = self.endpoint();
+        if !ep.tokens.load(Ordering::Relaxed) {
+            return ep.client.clone();
+        }
+        ep.client
+            .clone()
+            .with_setting("insert_deduplication_token", insert_token(table, rows))
     }
 
     /// URL of the endpoint in use, as printed (credentials redacted).
@@ -490,6 +511,10 @@ impl ClickHouseSink {
                 info!(url = %ep.url, table = %fill.table, "Kafka coordinates of the table's rows copied into its coordinates view");
             }
         }
+        ep.tokens.store(
+            server >= ServerVersion::DEDUPLICATION_TOKEN,
+            Ordering::Relaxed,
+        );
         ep.ready.store(true, Ordering::Relaxed);
         info!(url = %ep.url, database = %self.database, routed = self.tables.len(), %server, "ClickHouse tables ready");
         Ok(())
@@ -747,7 +772,7 @@ impl ClickHouseSink {
         }
         failpoint("events")?;
         let mut insert = self
-            .client()
+            .insert_client("events", kept.iter().map(|k| (k.origin.slot(), "", "")))
             .insert::<EventRow<'_>>("events")
             .await
             .map_err(query_err("insert into events"))?;
@@ -791,7 +816,11 @@ impl ClickHouseSink {
         }
         failpoint("dead_letters")?;
         let mut insert = self
-            .client()
+            .insert_client(
+                "dead_letters",
+                dead.iter()
+                    .map(|d| (d.origin.slot(), d.stage.as_str(), d.plugin.as_str())),
+            )
             .insert::<DeadLetterRow<'_>>("dead_letters")
             .await
             .map_err(query_err("insert into dead_letters"))?;
@@ -846,7 +875,9 @@ impl ClickHouseSink {
             table.name,
             table.insert_columns()
         );
-        let mut insert = self.client().insert_formatted_with(sql);
+        let mut insert = self
+            .insert_client(&table.name, rows.iter().map(|r| (r.origin.slot(), "", "")))
+            .insert_formatted_with(sql);
         insert.send(body.into()).await.map_err(query_err(what()))?;
         insert.end().await.map_err(query_err(what()))
     }
@@ -925,6 +956,7 @@ impl crate::sinks::DeadLetterStore for ClickHouseSink {
         dead: &'a [DeadLetter],
         pipeline: &'a str,
         control_version: u64,
+        failed_ms: i64,
     ) -> futures::future::BoxFuture<'a, Result<(), crate::sinks::BoxError>> {
         Box::pin(async move {
             let stored = self.stored_dead_letters(dead).await?;
@@ -935,12 +967,40 @@ impl crate::sinks::DeadLetterStore for ClickHouseSink {
                 .iter()
                 .filter(|d| !stored.contains(&(d.origin.partition, dead_key(d))))
                 .collect();
-            let now = datetime(crate::model::now_ms());
-            self.insert_dead_letters(&dead, pipeline, control_version, now)
+            self.insert_dead_letters(&dead, pipeline, control_version, datetime(failed_ms))
                 .await
                 .map_err(Into::into)
         })
     }
+}
+
+/// The `insert_deduplication_token` of an INSERT into `table` of `rows`: a digest of
+/// the table's name and of each row's identity, in order (its event's Kafka
+/// coordinates; for a dead letter also its stage and plugin, since one event can be
+/// set aside by several sinks, in INSERTs of their own). A retry of the same INSERT
+/// (after an error whose INSERT ClickHouse may have committed, on the same server or
+/// on another replica after a failover) carries the same rows and so the same token,
+/// even where their bytes differ (a dead letter's `failed_at` is the time of the
+/// attempt): a replicated table stores it once. Any other INSERT holds other rows, so
+/// it has another token.
+pub fn insert_token<'r>(
+    table: &str,
+    rows: impl Iterator<Item = (Slot, &'r str, &'r str)>,
+) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(table.as_bytes());
+    h.update([0]);
+    for ((partition, offset, index), stage, plugin) in rows {
+        h.update(partition.to_be_bytes());
+        h.update(offset.to_be_bytes());
+        h.update(index.to_be_bytes());
+        for part in [stage, plugin] {
+            h.update((part.len() as u32).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+    }
+    format!("weir-{}", hex::encode(&h.finalize()[..16]))
 }
 
 /// Per partition, the lowest and highest offset of `origins`.
@@ -1391,6 +1451,35 @@ impl Sink for ClickHouseWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_insert_token_names_the_rows_not_their_bytes() {
+        let token = |table, rows: &[(Slot, &'static str, &'static str)]| {
+            insert_token(table, rows.iter().copied())
+        };
+        let rows = [
+            ((0, 10, 0), "", ""),
+            ((0, 10, 1), "", ""),
+            ((3, 7, 0), "", ""),
+        ];
+        let t = token("events", &rows);
+        assert!(t.starts_with("weir-") && t.len() == 5 + 32, "{t}");
+        // A retry: the same rows, the same token.
+        assert_eq!(token("events", &rows), t);
+        // Another table, another row, the rows in another order: another INSERT.
+        assert_ne!(token("profile_viewed", &rows), t);
+        assert_ne!(token("events", &rows[..2]), t);
+        let mut swapped = rows;
+        swapped.swap(0, 1);
+        assert_ne!(token("events", &swapped), t);
+        // One event set aside by two sinks, in two INSERTs: two tokens, or the
+        // second dead letter would be taken for a retry of the first.
+        let by = |stage, plugin| token("dead_letters", &[((1, 5, 0), stage, plugin)]);
+        assert_ne!(by("sink", "clickhouse:events"), by("webhook", "crm"));
+        assert_ne!(by("sink", "topic:a"), by("sink", "topic:b"));
+        // Lengths are part of the digest: the boundary between stage and plugin counts.
+        assert_ne!(by("ab", "c"), by("a", "bc"));
+    }
 
     #[test]
     fn refusals_are_told_from_outages_by_the_exception_code() {

@@ -26,6 +26,10 @@ impl ServerVersion {
     /// `LowCardinality(String)` for their few-valued strings (experimental before 19.3)
     /// and column codecs (`Delta` for times, `ZSTD` for JSON text; from 19.1 and 19.3).
     pub const CURRENT_FORM: Self = Self::new(20, 3);
+    /// From this release on an INSERT takes `insert_deduplication_token` (22.2): weir
+    /// names each INSERT by the rows it carries, so that a retry is recognised by its
+    /// name rather than by its bytes (see `sink::insert_token`).
+    pub const DEDUPLICATION_TOKEN: Self = Self::new(22, 2);
 
     pub const fn new(major: u32, minor: u32) -> Self {
         Self { major, minor }

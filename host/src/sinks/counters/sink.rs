@@ -41,12 +41,15 @@ pub enum CounterError {
     Refused { partition: i32, reason: String },
     #[error("cannot write the dead letters of refused increments: {0}")]
     DeadLetters(BoxError),
+    #[error("cannot check a stored offset against the partition's log: {0}")]
+    Log(crate::bus::BusError),
 }
 
-/// Atomically: check the partition's stored offset, apply the sums, store the new
-/// offset. KEYS[1] = offsets hash, KEYS[2..] = counter hashes. ARGV = partition,
-/// expected offset ('' = none), new offset, then per increment: key index, field,
-/// delta, ttl seconds ('0' = keep). Returns {1, new offset}, {0, the stored offset}
+/// Atomically: check the partition's stored position, apply the sums, store the new
+/// position ([`Position`]). KEYS[1] = offsets hash, KEYS[2..] = counter hashes. ARGV =
+/// partition, expected position ('' = none), new position, then per increment: key
+/// index, field, delta, ttl seconds ('0' = keep). Returns {1, new position}, {0, the
+/// stored position}
 /// when another instance moved it, or {2, why} when an increment cannot be applied (a
 /// key of another type, a field that is not an integer, a sum past +-9.2e18): Redis
 /// does not roll a script back, so everything is checked before anything is written,
@@ -223,6 +226,48 @@ fn hash_key(prefix: &str, app: &str, counter: &str) -> String {
     format!("{prefix}:c:{app}:{counter}")
 }
 
+/// A partition's position in Redis: the offset of the last record whose increments
+/// are applied and that record's receive time, stored as `offset:received_ms` (just
+/// `offset` when an older weir stored it). The receive time tells a record of this
+/// topic from one at the same offset of an earlier topic of the same name.
+#[derive(Debug, Clone, PartialEq)]
+struct Position {
+    offset: i64,
+    received_ms: Option<i64>,
+    /// As stored: what the script expects to find.
+    raw: String,
+}
+
+impl Position {
+    fn of(o: crate::model::Origin) -> Self {
+        Self {
+            offset: o.offset,
+            received_ms: Some(o.received_ms),
+            raw: format!("{}:{}", o.offset, o.received_ms),
+        }
+    }
+
+    fn parse(raw: String) -> Result<Self, String> {
+        let (offset, received) = match raw.split_once(':') {
+            Some((o, r)) => (o, Some(r)),
+            None => (raw.as_str(), None),
+        };
+        let Ok(offset) = offset.parse() else {
+            return Err(raw);
+        };
+        let received_ms = match received.map(str::parse) {
+            Some(Ok(r)) => Some(r),
+            Some(Err(_)) => return Err(raw),
+            None => None,
+        };
+        Ok(Self {
+            offset,
+            received_ms,
+            raw,
+        })
+    }
+}
+
 /// Writes counter increments to Redis, exactly once per Kafka record.
 pub struct CounterSink {
     conn: ConnectionManager,
@@ -230,8 +275,14 @@ pub struct CounterSink {
     prefix: String,
     offsets_key: String,
     max_pending: usize,
-    /// Per partition, the stored offset as this instance last saw it (`None`: none).
-    watermarks: HashMap<i32, Option<i64>>,
+    /// Per partition, the stored position as this instance last saw it (`None`: none).
+    watermarks: HashMap<i32, Option<Position>>,
+    /// Partitions whose stored offset is from an earlier topic of the same name (past
+    /// the end of the log): nothing is skipped as a replay of it, and the next
+    /// increments replace it.
+    stale: HashSet<i32>,
+    /// Where a stored position is checked against its partition's log, once loaded.
+    probe: Option<Arc<crate::bus::LogProbe>>,
     /// Increments not yet in Redis, per partition.
     pending: BTreeMap<i32, Vec<CountRow>>,
     pending_len: usize,
@@ -265,12 +316,32 @@ impl CounterSink {
             prefix: cfg.key_prefix.clone(),
             max_pending: cfg.max_pending,
             watermarks: HashMap::new(),
+            stale: HashSet::new(),
+            probe: None,
             pending: BTreeMap::new(),
             pending_len: 0,
             retry_backoff,
             retry: None,
             dead_letters,
             events: HashMap::new(),
+        })
+    }
+
+    /// Checks each stored position it loads against its partition's log (see
+    /// [`crate::bus::LogProbe`]): one from an earlier topic of the same name skips
+    /// nothing.
+    pub fn with_log_probe(mut self, probe: Arc<crate::bus::LogProbe>) -> Self {
+        self.probe = Some(probe);
+        self
+    }
+
+    /// A stored position of `partition` as Redis holds it.
+    fn position(&self, partition: i32, raw: String) -> Result<Position, CounterError> {
+        Position::parse(raw).map_err(|raw| {
+            CounterError::Reply(format!(
+                "position {raw:?} of partition {partition} in {} (want offset:received_ms)",
+                self.offsets_key
+            ))
         })
     }
 
@@ -359,29 +430,55 @@ impl CounterSink {
                 cmd.arg(p);
             }
             let mut conn = self.conn.clone();
-            let found: Vec<Option<i64>> =
+            let found: Vec<Option<String>> =
                 cmd.query_async(&mut conn).await.map_err(self.redis_err())?;
-            self.watermarks.extend(unknown.into_iter().zip(found));
+            for (p, raw) in unknown.into_iter().zip(found) {
+                let stored = raw.map(|raw| self.position(p, raw)).transpose()?;
+                if let (Some(probe), Some(at)) = (&self.probe, &stored)
+                    && !probe
+                        .holds(p, at.offset, at.received_ms)
+                        .await
+                        .map_err(CounterError::Log)?
+                {
+                    self.stale.insert(p);
+                }
+                self.watermarks.insert(p, stored);
+            }
         }
 
         let mut pipe = redis::pipe();
-        let mut sent: Vec<(i32, Option<i64>, i64, usize)> = Vec::new();
+        let mut sent: Vec<(i32, Option<i64>, Position, usize)> = Vec::new();
         let mut skipped = 0;
         let partitions: Vec<i32> = self.pending.keys().copied().collect();
         for partition in partitions {
-            let watermark = self.watermarks[&partition];
+            let watermark = self.watermarks[&partition].clone();
+            // What replays skip; the script still expects what Redis holds.
+            let skip_to = watermark
+                .as_ref()
+                .filter(|_| !self.stale.contains(&partition))
+                .map(|w| w.offset);
             let Some(rows) = self.pending.get_mut(&partition) else {
                 continue;
             };
             let before = rows.len();
-            rows.retain(|r| watermark.is_none_or(|w| r.origin.offset > w));
+            rows.retain(|r| skip_to.is_none_or(|w| r.origin.offset > w));
             skipped += before - rows.len();
-            let Some(new) = rows.iter().map(|r| r.origin.offset).max() else {
+            let Some(last) = rows
+                .iter()
+                .map(|r| r.origin)
+                .max_by_key(|o| (o.offset, o.index))
+            else {
                 continue;
             };
+            let new = Position::of(last);
             let n = rows.len();
-            pipe.add_command(self.script(partition, watermark, new, &self.pending[&partition]));
-            sent.push((partition, watermark, new, n));
+            pipe.add_command(self.script(
+                partition,
+                watermark.as_ref().map(|w| w.raw.as_str()),
+                &new.raw,
+                &self.pending[&partition],
+            ));
+            sent.push((partition, watermark.map(|w| w.offset), new, n));
         }
         self.pending.retain(|_, rows| !rows.is_empty());
         let pending = &self.pending;
@@ -419,13 +516,9 @@ impl CounterSink {
                 });
                 continue;
             }
-            let stored = if stored.is_empty() {
-                None
-            } else {
-                Some(stored.parse::<i64>().map_err(|_| {
-                    CounterError::Reply(format!("offset {stored:?} of partition {partition}"))
-                })?)
-            };
+            // Stored now by this topic's records (or moved by another instance
+            // reading them): no longer stale.
+            self.stale.remove(&partition);
             if ok == 1 {
                 self.watermarks.insert(partition, Some(new));
                 self.pending.remove(&partition);
@@ -433,11 +526,17 @@ impl CounterSink {
                 self.pending_len -= n;
                 applied += n;
             } else {
+                let stored = if stored.is_empty() {
+                    None
+                } else {
+                    Some(self.position(partition, stored)?)
+                };
+                let found = stored.as_ref().map(|s| s.offset);
                 self.watermarks.insert(partition, stored);
                 failure.get_or_insert(CounterError::Moved {
                     partition,
                     expected,
-                    found: stored,
+                    found,
                 });
             }
         }
@@ -533,9 +632,10 @@ impl CounterSink {
             dead.entry((pipeline, version)).or_default().push(letter);
             gone.insert(at);
         }
+        // A retry asks Redis again what it refuses and writes that, at its own time.
         for ((pipeline, version), letters) in &dead {
             self.dead_letters
-                .write_dead_letters(letters, pipeline, *version)
+                .write_dead_letters(letters, pipeline, *version, crate::model::now_ms())
                 .await
                 .map_err(CounterError::DeadLetters)?;
         }
@@ -625,8 +725,8 @@ impl CounterSink {
     fn script(
         &self,
         partition: i32,
-        expected: Option<i64>,
-        new: i64,
+        expected: Option<&str>,
+        new: &str,
         rows: &[CountRow],
     ) -> redis::Cmd {
         // (key index, field) -> sum.
@@ -646,7 +746,7 @@ impl CounterSink {
             cmd.arg(key);
         }
         cmd.arg(partition)
-            .arg(expected.map(|o| o.to_string()).unwrap_or_default())
+            .arg(expected.unwrap_or_default())
             .arg(new);
         let mut ttl_set = HashSet::new();
         for ((i, field), delta) in sums {
@@ -689,6 +789,7 @@ impl Sink for CounterSink {
     fn forget(&mut self, partitions: &HashSet<i32>) {
         for p in partitions {
             self.watermarks.remove(p);
+            self.stale.remove(p);
             if let Some(rows) = self.pending.remove(p) {
                 self.pending_len -= rows.len();
             }

@@ -47,8 +47,10 @@ pub struct TopicSink {
     timeout: Duration,
     /// The events of the current flush already acknowledged, or refused for good.
     sent: HashSet<Slot>,
-    /// The events of the current flush refused for good, not yet dead-lettered.
+    /// The events of the current flush refused for good, not yet dead-lettered, and
+    /// when the first was refused.
     refused: Vec<DeadLetter>,
+    refused_ms: i64,
     /// Where the events refused for good go, before their partition's mark passes them.
     dead_letters: Arc<dyn DeadLetterStore>,
     /// What this sink produced before a crash or a rebalance.
@@ -109,6 +111,7 @@ impl TopicSink {
             timeout: Duration::from_millis(kafka.produce_timeout_ms),
             sent: HashSet::new(),
             refused: Vec::new(),
+            refused_ms: 0,
             dead_letters,
             marks: Marks::new(marks, format!("topic:{}", cfg.name)),
         })
@@ -190,6 +193,9 @@ impl TopicSink {
                 Err((e, _)) if is_permanent(&e) => {
                     sent.insert(*i);
                     let reason = format!("topic {} refused the event's record: {e}", self.topic);
+                    if self.refused.is_empty() {
+                        self.refused_ms = crate::model::now_ms();
+                    }
                     self.refused.push(
                         DeadLetter::of(k.origin, k.event.clone(), Stage::Sink, reason)
                             .by(self.marks.sink(), ""),
@@ -225,17 +231,17 @@ impl Sink for TopicSink {
     /// all delivered. A failed step fails the attempt; the retry goes on from it.
     fn write<'a>(&'a mut self, flush: Flush<'a>) -> BoxFuture<'a, Result<Vec<Refusal>, BoxError>> {
         Box::pin(async move {
-            let mine: Vec<Slot> = flush
+            let mine: Vec<crate::model::Origin> = flush
                 .batch
                 .kept
                 .iter()
                 .filter(|k| self.takes(k))
-                .map(|k| k.origin.slot())
+                .map(|k| k.origin)
                 .collect();
             if mine.is_empty() {
                 return Ok(Vec::new());
             }
-            self.marks.load(mine.iter().map(|s| s.0)).await?;
+            self.marks.load(mine.iter().map(|o| o.partition)).await?;
             let n = self.produce(&flush.batch.kept).await.inspect_err(
                 |e| tracing::error!(error = %e, "flush to a Kafka topic sink failed"),
             )?;
@@ -246,7 +252,12 @@ impl Sink for TopicSink {
             }
             if let Some(first) = self.refused.first() {
                 self.dead_letters
-                    .write_dead_letters(&self.refused, flush.pipeline, flush.control_version)
+                    .write_dead_letters(
+                        &self.refused,
+                        flush.pipeline,
+                        flush.control_version,
+                        self.refused_ms,
+                    )
                     .await?;
                 EventsRefused {
                     sink: self.marks.sink(),

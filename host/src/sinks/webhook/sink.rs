@@ -13,7 +13,7 @@ use super::config::WebhookConfig;
 use crate::metrics::events::{
     InternalEvent, ReplayedDeliveriesSkipped, WebhookAttemptFailed, WebhookGaveUp,
 };
-use crate::model::{DeadLetter, Kept, Origin, Slot, Stage, Target};
+use crate::model::{DeadLetter, Kept, Origin, Stage, Target};
 use crate::sinks::{
     BoxError, DeadLetterStore, DeliveryMarks, Flush, Marks, Refusal, Sink, highest,
 };
@@ -437,9 +437,9 @@ impl Delivery {
         let Some((marks, sink)) = &self.marks else {
             return;
         };
-        let slots = highest(batch.iter().map(|i| -> Slot { i.origin.slot() }));
+        let last = highest(batch.iter().map(|i| i.origin));
         let mut backoff = self.backoff;
-        while let Err(e) = marks.advance(sink, &slots).await {
+        while let Err(e) = marks.advance(sink, &last).await {
             warn!(webhook = %self.name, error = %e, "cannot mark events delivered; retrying");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -473,11 +473,12 @@ impl Delivery {
                     raw: i.json.clone(),
                 });
         }
+        let failed_ms = crate::model::now_ms();
         for (version, dead) in by_version {
             let mut backoff = self.backoff;
             while let Err(e) = self
                 .dead_letters
-                .write_dead_letters(&dead, &self.pipeline, version)
+                .write_dead_letters(&dead, &self.pipeline, version, failed_ms)
                 .await
             {
                 warn!(webhook = %self.name, error = %e, "cannot write webhook dead letters; retrying");
