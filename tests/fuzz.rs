@@ -18,7 +18,7 @@
 
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
-use weir::ingest::envelope::{BodyFormat, Limits, parse_body};
+use weir::ingest::envelope::{BodyFormat, CODES, Limits, parse_body};
 use weir::ingest::sdk::{posthog, segment};
 
 const LIMITS: Limits = Limits {
@@ -26,21 +26,6 @@ const LIMITS: Limits = Limits {
     max_events: 1000,
     max_depth: 32,
 };
-
-/// Every code the parser may answer with (README, "Errors").
-const CODES: [&str; 11] = [
-    "malformed_json",
-    "invalid_utf8",
-    "invalid_event",
-    "missing_field",
-    "invalid_field",
-    "unknown_field",
-    "duplicate_key",
-    "too_deep",
-    "event_too_large",
-    "too_many_events",
-    "empty_batch",
-];
 
 fn parse(body: &[u8], format: BodyFormat) -> Result<Vec<weir::model::WireEvent>, String> {
     let mut n = 0;

@@ -338,6 +338,9 @@ pub fn consumer(cfg: &KafkaConfig) -> Result<Consumer, BusError> {
 pub struct LogProbe {
     cfg: KafkaConfig,
     timeout: Duration,
+    /// Its client, made at the first question and kept: the questions come when
+    /// partitions are assigned, one per partition and sink, and one at a time.
+    reader: Arc<Mutex<Option<BaseConsumer>>>,
 }
 
 impl LogProbe {
@@ -347,6 +350,7 @@ impl LogProbe {
         Self {
             cfg: cfg.clone(),
             timeout: Duration::from_millis(cfg.produce_timeout_ms),
+            reader: Arc::default(),
         }
     }
 
@@ -362,10 +366,22 @@ impl LogProbe {
     ) -> Result<bool, BusError> {
         let cfg = self.cfg.clone();
         let timeout = self.timeout;
-        let found =
-            tokio::task::spawn_blocking(move || record_time(&cfg, partition, offset, timeout))
-                .await
-                .map_err(|_| BusError::Client(KafkaError::Canceled))??;
+        let reader = self.reader.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            let mut reader = reader.lock().unwrap_or_else(|e| e.into_inner());
+            let consumer = match reader.take() {
+                Some(c) => c,
+                None => probe_client(&cfg)?,
+            };
+            let found = record_time(&consumer, &cfg.topic, partition, offset, timeout);
+            // A client that failed may be in any state: the next question makes another.
+            if found.is_ok() {
+                *reader = Some(consumer);
+            }
+            found
+        })
+        .await
+        .map_err(|_| BusError::Client(KafkaError::Canceled))??;
         let holds = match found {
             Probe::PastTheEnd(_) | Probe::Foreign => false,
             Probe::Gone => true,
@@ -399,25 +415,29 @@ enum Probe {
     Record(i64),
 }
 
-/// Reads the record at `offset` of `partition` (blocking).
-fn record_time(
-    cfg: &KafkaConfig,
-    partition: i32,
-    offset: i64,
-    timeout: Duration,
-) -> Result<Probe, BusError> {
-    use rdkafka::consumer::Consumer as _;
-    use rdkafka::message::Message as _;
-    // It reads one record by offset (`assign`, no group membership) and commits
-    // nothing; librdkafka wants a group id for `assign` all the same.
-    let consumer: BaseConsumer = client_config(cfg)
+/// The client of a [`LogProbe`]. It reads records by offset (`assign`, no group
+/// membership) and commits nothing; librdkafka wants a group id for `assign` all the
+/// same.
+fn probe_client(cfg: &KafkaConfig) -> Result<BaseConsumer, BusError> {
+    Ok(client_config(cfg)
         .set("group.id", format!("{}.probe", cfg.group))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "error")
-        .create()?;
-    let (low, high) = consumer.fetch_watermarks(&cfg.topic, partition, timeout)?;
+        .create()?)
+}
+
+/// Reads the record at `offset` of `partition` of `topic` (blocking).
+fn record_time(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    timeout: Duration,
+) -> Result<Probe, BusError> {
+    use rdkafka::consumer::Consumer as _;
+    let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
     if offset >= high {
         return Ok(Probe::PastTheEnd(high));
     }
@@ -425,21 +445,37 @@ fn record_time(
         return Ok(Probe::Gone);
     }
     let mut list = TopicPartitionList::new();
-    list.add_partition_offset(&cfg.topic, partition, Offset::Offset(offset))?;
+    list.add_partition_offset(topic, partition, Offset::Offset(offset))?;
     consumer.assign(&list)?;
+    let found = read_at(consumer, partition, offset, timeout);
+    let _ = consumer.unassign();
+    found
+}
+
+/// Polls the record at `offset` of the assigned `partition`. What an earlier question
+/// left in the client's queue (another partition, or this one below `offset`) is
+/// passed over; a first record past `offset` means there is none at it (compacted).
+fn read_at(
+    consumer: &BaseConsumer,
+    partition: i32,
+    offset: i64,
+    timeout: Duration,
+) -> Result<Probe, BusError> {
+    use rdkafka::message::Message as _;
     let deadline = Instant::now() + timeout;
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {
         match consumer.poll(left) {
+            Some(Ok(m)) if m.partition() != partition || m.offset() < offset => {}
             Some(Ok(m)) if m.offset() == offset => {
                 return Ok(match IngestRecord::decode(m.payload()) {
                     Ok(record) => Probe::Record(record.received_ms),
                     Err(_) => Probe::Foreign,
                 });
             }
-            // Compacted away, or the log moved on: no record at that offset.
-            Some(Ok(_)) | Some(Err(KafkaError::PartitionEOF(_))) => return Ok(Probe::Gone),
+            Some(Ok(_)) => return Ok(Probe::Gone),
+            Some(Err(KafkaError::PartitionEOF(p))) if p == partition => return Ok(Probe::Gone),
+            Some(Err(KafkaError::PartitionEOF(_))) | None => {}
             Some(Err(e)) => return Err(e.into()),
-            None => {}
         }
     }
     Err(BusError::Client(KafkaError::MessageConsumption(

@@ -39,7 +39,24 @@ pub struct Limits {
     pub max_depth: usize,
 }
 
-/// A refused request: always a 400, with a stable code and the place of the problem.
+/// Every code an [`EnvelopeError`] carries, as the README's table of 400 answers
+/// lists them (checked by a test); the fuzzers hold the parsers to it.
+pub const CODES: [&str; 11] = [
+    "malformed_json",
+    "invalid_utf8",
+    "invalid_event",
+    "missing_field",
+    "invalid_field",
+    "unknown_field",
+    "duplicate_key",
+    "too_deep",
+    "event_too_large",
+    "too_many_events",
+    "empty_batch",
+];
+
+/// A refused request: always a 400, with a stable code (one of [`CODES`]) and the
+/// place of the problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvelopeError {
     pub code: &'static str,
@@ -663,6 +680,23 @@ fn depth(text: &str) -> usize {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn the_readme_lists_every_code() {
+        let readme = include_str!("../../../README.md");
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with("  | 400 | `malformed_json`"))
+            .expect("the README's table of 400 answers");
+        let listed: Vec<&str> = row
+            .split('|')
+            .nth(2)
+            .unwrap_or_default()
+            .split(',')
+            .map(|c| c.trim().trim_matches('`'))
+            .collect();
+        assert_eq!(listed, CODES);
+    }
 
     /// The default limits of `[ingest]`, for the tests of every body parser.
     pub(crate) const LIMITS: Limits = Limits {

@@ -7,13 +7,14 @@
 //! each flush to every sink, retries the ones that failed, commits each partition only
 //! as far as every sink says it may ([`Sink::commit_limit`]), and tells every sink
 //! which partitions a rebalance took away ([`Sink::forget`]). An error of an attempt
-//! is retried; an event a sink can never take (its row refused for bad data, its
-//! record too large for the broker) is named in the attempt's answer as a
-//! [`Refusal`], and the worker sets it aside in `dead_letters` (stage `sink`) so that
-//! the partition goes on. A sink that delivers on its own, after the flush (webhooks,
-//! counters waiting for Redis), writes what it gives up on through a
-//! [`DeadLetterStore`] instead, before it lets the partition's commit pass the event. How a sink keeps its
-//! promise (write within the flush, or queue and deliver on its own) is its business;
+//! is retried; an event a sink can never take (its row refused for bad data) is named
+//! in the attempt's answer as a [`Refusal`], and the worker sets it aside in
+//! `dead_letters` (stage `sink`) so that the partition goes on. A sink that delivers on
+//! its own, after the flush (webhooks, counters waiting for Redis), or that marks its
+//! deliveries (topic sinks: a record too large for the broker), writes what it gives
+//! up on through a [`DeadLetterStore`] instead, before it lets the partition's commit
+//! (or its mark) pass the event. How a sink keeps its promise (write within the flush,
+//! or queue and deliver on its own) is its business;
 //! each guards itself against the replays of Kafka (a crash re-delivers what was not
 //! committed), so no sink's guard can hide events from another: ClickHouse by looking
 //! up the coordinates it stored, the counters by the offsets stored with their sums,
@@ -118,8 +119,8 @@ pub struct Refusal {
 /// Any error a sink reports through a shared contract.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Where a sink that delivers on its own (a webhook, the counters) writes the events
-/// it gives up on. The ClickHouse sink is one (`dead_letters`).
+/// Where a sink that sets events aside on its own (a webhook, the counters, a topic
+/// sink) writes them. The ClickHouse sink is one (`dead_letters`).
 pub trait DeadLetterStore: Send + Sync + 'static {
     /// Writes `dead`, failed at `failed_ms` (ms since the epoch), recording the
     /// pipeline and control-plane version that kept them. Dead letters the store
@@ -251,4 +252,48 @@ pub fn highest(origins: impl IntoIterator<Item = Origin>) -> Vec<Origin> {
         }
     }
     top.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(partition: i32, offset: i64, index: u32) -> Origin {
+        Origin {
+            partition,
+            offset,
+            index,
+            received_ms: offset * 10,
+        }
+    }
+
+    #[test]
+    fn the_last_event_of_each_partition_is_marked() {
+        let last = highest([
+            at(1, 5, 0),
+            at(0, 9, 1),
+            at(1, 5, 3),
+            at(0, 9, 0),
+            at(1, 4, 9),
+        ]);
+        assert_eq!(last, vec![at(0, 9, 1), at(1, 5, 3)]);
+        assert!(highest([]).is_empty());
+    }
+
+    #[test]
+    fn what_a_mark_covers_is_delivered_and_a_forgotten_partition_is_not() {
+        let mut marks = Marks::new(None, "webhook:crm".into());
+        // Without a store nothing is marked: every replayed event is delivered.
+        assert!(!marks.delivered((0, 0, 0)));
+        marks.known.insert(0, Some((0, 41, 7)));
+        marks.known.insert(1, None);
+        assert!(marks.delivered((0, 41, 7)));
+        assert!(marks.delivered((0, 41, 6)));
+        assert!(marks.delivered((0, 3, 99)));
+        assert!(!marks.delivered((0, 41, 8)));
+        assert!(!marks.delivered((0, 42, 0)));
+        assert!(!marks.delivered((1, 0, 0)));
+        marks.forget(&HashSet::from([0]));
+        assert!(!marks.delivered((0, 3, 99)));
+    }
 }

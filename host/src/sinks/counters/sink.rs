@@ -277,9 +277,9 @@ pub struct CounterSink {
     max_pending: usize,
     /// Per partition, the stored position as this instance last saw it (`None`: none).
     watermarks: HashMap<i32, Option<Position>>,
-    /// Partitions whose stored offset is from an earlier topic of the same name (past
-    /// the end of the log): nothing is skipped as a replay of it, and the next
-    /// increments replace it.
+    /// Partitions whose stored position is from an earlier topic of the same name (the
+    /// log does not hold its record): nothing is skipped as a replay of it, and the
+    /// next increments replace it.
     stale: HashSet<i32>,
     /// Where a stored position is checked against its partition's log, once loaded.
     probe: Option<Arc<crate::bus::LogProbe>>,
@@ -893,6 +893,26 @@ impl CounterReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positions_keep_the_receive_time_and_read_older_ones() {
+        let p = Position::parse("41:1765000000041".into()).unwrap();
+        assert_eq!((p.offset, p.received_ms), (41, Some(1_765_000_000_041)));
+        assert_eq!(p.raw, "41:1765000000041");
+        // Stored by weir before the receive time was kept: checked by offset only.
+        let old = Position::parse("41".into()).unwrap();
+        assert_eq!((old.offset, old.received_ms), (41, None));
+        for bad in ["", "x", "41:", "41:x", ":5"] {
+            assert_eq!(Position::parse(bad.into()), Err(bad.to_owned()), "{bad:?}");
+        }
+        let o = crate::model::Origin {
+            partition: 3,
+            offset: 7,
+            index: 2,
+            received_ms: 99,
+        };
+        assert_eq!(Position::of(o), Position::parse("7:99".into()).unwrap());
+    }
 
     #[test]
     fn days_are_utc_dates() {
