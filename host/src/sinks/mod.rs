@@ -145,9 +145,9 @@ pub trait DeadLetterStore: Send + Sync + 'static {
 ///
 /// A mark is a slot: the sink delivered (or dead-lettered) every event of the
 /// partition up to and including it, in order. A sink advances its marks right after a
-/// delivery is acknowledged, so only a crash in that instant (between the
-/// acknowledgement and the mark) delivers an event twice; a webhook also sends an
-/// `Idempotency-Key` for that case.
+/// delivery is acknowledged, so only a crash while a delivery is in flight or before
+/// its mark delivers an event twice; the event ids (and a webhook's
+/// `Idempotency-Key`) are there for the receiver in that case.
 pub trait DeliveryMarks: Send + Sync + 'static {
     /// The marks of `sink` for `partitions`, in their order (`None`: nothing marked).
     fn load<'a>(

@@ -8,9 +8,9 @@
 //! are committed only after every record was acknowledged. Once a flush's records are
 //! acknowledged (and those refused for good dead-lettered) the sink marks each
 //! partition's last event delivered ([`crate::sinks::DeliveryMarks`]); a replay after a
-//! crash or a rebalance skips what the marks cover. Only a crash between the
-//! acknowledgement and the mark produces records again, with the same `event_id` for
-//! consumers to deduplicate on. A record the producer or the broker
+//! crash or a rebalance skips what the marks cover. Only a crash while a flush's
+//! records are being produced, or before their mark, produces records again, with the
+//! same `event_id` for consumers to deduplicate on. A record the producer or the broker
 //! refuses for good (larger than `max_record_bytes` or the topic's limit, or refused
 //! by a broker's record policy) is not retried: the sink writes the event to
 //! `dead_letters` itself, through the dead-letter store, with stage `sink`,

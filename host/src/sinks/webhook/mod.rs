@@ -12,8 +12,9 @@
 //! event is committed only once it was delivered or dead-lettered, so a crash re-sends
 //! rather than loses; and a partition's events are delivered in order, each batch
 //! marked delivered ([`crate::sinks::DeliveryMarks`]) right after its answer, so a
-//! replay skips what was delivered. Only a crash between a 2xx and its mark, or a
-//! batch in flight while a rebalance gives its partition away, sends events again.
+//! replay skips what was delivered. Only a crash while a POST is in flight or before
+//! its mark, or a batch in flight while a rebalance gives its partition away, sends
+//! events again.
 
 mod config;
 mod sink;
