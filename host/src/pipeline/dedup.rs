@@ -111,6 +111,16 @@ pub enum DedupError {
     Reply { got: usize, want: usize },
 }
 
+/// The connection to the `[redis]` server that holds the deduplication window and
+/// the delivery marks, and its URL as printed (credentials redacted).
+fn connect_state(redis: &RedisConfig) -> Result<(ConnectionManager, String), DedupError> {
+    let url = crate::model::redact_url(&redis.url);
+    match connect(redis) {
+        Ok(conn) => Ok((conn, url)),
+        Err(source) => Err(DedupError::Redis { url, source }),
+    }
+}
+
 /// The deduplication window of one consumer group, in Redis.
 pub struct Dedup {
     conn: ConnectionManager,
@@ -149,14 +159,11 @@ impl Dedup {
         group: &str,
         retry_backoff: Duration,
     ) -> Result<Self, DedupError> {
-        let conn = connect(redis).map_err(|source| DedupError::Redis {
-            url: crate::model::redact_url(&redis.url),
-            source,
-        })?;
+        let (conn, url) = connect_state(redis)?;
         let marker = format!("{}:d:{group}", redis.key_prefix);
         Ok(Self {
             conn,
-            url: crate::model::redact_url(&redis.url),
+            url,
             key_prefix: format!("{marker}:").into_bytes(),
             marker,
             window_secs: cfg.window_secs,
@@ -360,9 +367,10 @@ return 1
 /// sink and partition (`webhook:<name>:<partition>`), holding `offset:index:received_ms`
 /// (the record's receive time tells it from a record of an earlier topic of the same
 /// name: see [`RedisMarks::with_log_probe`]). It expires a window after its last
-/// change: a partition idle that long has long been committed past its marks. With `when_unavailable = "pass"` an unreachable Redis
-/// neither holds deliveries back nor fails them: nothing is skipped (a replay
-/// delivers again) and nothing is marked, and weir says so in its log.
+/// change: a partition idle that long has long been committed past its marks. With
+/// `when_unavailable = "pass"` an unreachable Redis neither holds deliveries back nor
+/// fails them: nothing is skipped (a replay delivers again) and nothing is marked,
+/// and weir says so in its log.
 pub struct RedisMarks {
     conn: ConnectionManager,
     url: String,
@@ -382,11 +390,7 @@ impl RedisMarks {
         group: &str,
         topic: &str,
     ) -> Result<Self, DedupError> {
-        let url = crate::model::redact_url(&redis.url);
-        let conn = connect(redis).map_err(|source| DedupError::Redis {
-            url: url.clone(),
-            source,
-        })?;
+        let (conn, url) = connect_state(redis)?;
         Ok(Self {
             conn,
             url,
